@@ -1,0 +1,460 @@
+#include "agent/commands.h"
+
+#include <arpa/inet.h>
+#include <bpf/bpf.h>
+#include <bpf/libbpf.h>
+#include <linux/if_ether.h>
+#include <linux/pkt_cls.h>
+#include <net/if.h>
+#include <netinet/ip.h>
+#include <netinet/ip6.h>
+#include <signal.h>
+#include <spdlog/fmt/fmt.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "agent/events.h"
+#include "agent/loader.h"
+#include "agent/nft.h"
+#include "agent/state_file.h"
+#include "maps/compiler.h"
+#include "maps/pinned_maps.h"
+#include "maps/reasons.h"
+#include "vmfence_tc.skel.h"
+
+namespace vmfence {
+
+namespace fs = std::filesystem;
+
+int cmd_check(const std::string& config_dir) {
+  SpecLoad load = load_spec(config_dir);
+  Plan plan = compile(load.spec);
+  for (const auto& e : load.errors) std::printf("%s\n", e.str().c_str());
+  if (load.ok())
+    for (const auto& e : plan.errors) std::printf("%s\n", e.str().c_str());
+  if (!load.ok() || !plan.ok()) return 1;
+  std::printf("%s: OK (%zu VMs)\n", config_dir.c_str(), load.spec.vms.size());
+  return 0;
+}
+
+// --- down ---------------------------------------------------------------------
+
+// The running agent of this pin dir, if any (a stopped agent is not restarted by down).
+static pid_t running_agent() {
+  std::ifstream f(run_dir() + "/vms.json");
+  std::string text((std::istreambuf_iterator<char>(f)), {});
+  auto pos = text.find("\"pid\": ");
+  if (pos == std::string::npos) return 0;
+  pid_t pid = static_cast<pid_t>(std::atoi(text.c_str() + pos + 7));
+  std::ifstream comm("/proc/" + std::to_string(pid) + "/comm");
+  std::string name;
+  std::getline(comm, name);
+  return pid > 0 && pid != getpid() && name == "vmfence" ? pid : 0;
+}
+
+int cmd_down(const std::string& config_dir) {
+  (void)config_dir;  // everything vmfence owns is found under its pin dir and table
+  std::string dir = pin_dir();
+  if (pid_t pid = running_agent()) {
+    std::printf("stopping agent (pid %d)\n", pid);
+    kill(pid, SIGTERM);
+    for (int i = 0; i < 500 && kill(pid, 0) == 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  int rc = 0;
+  for (uint32_t ifindex : Datapath::linked_ifindexes(dir)) {
+    Datapath::detach(dir, ifindex);
+    char name[IF_NAMESIZE] = "";
+    std::printf("detached from %s (ifindex %u)\n", if_indextoname(ifindex, name) ? name : "?", ifindex);
+  }
+  std::error_code ec;
+  if (fs::exists(dir, ec)) {
+    auto n = fs::remove_all(dir, ec);
+    if (ec) {
+      std::fprintf(stderr, "vmfence down: remove %s: %s\n", dir.c_str(), ec.message().c_str());
+      rc = 1;
+    } else {
+      std::printf("removed %s (%ju pinned objects)\n", dir.c_str(), static_cast<uintmax_t>(n));
+    }
+  }
+  if (auto r = nft::remove(); !r) {
+    std::fprintf(stderr, "vmfence down: nftables: %s\n", r.message.c_str());
+    rc = 1;
+  } else {
+    std::printf("removed nftables table inet vmfence\n");
+  }
+  fs::remove(run_dir() + "/vms.json", ec);
+  return rc;
+}
+
+// --- status -------------------------------------------------------------------
+
+static uint32_t map_max_entries(int fd, uint32_t* type = nullptr) {
+  bpf_map_info info{};
+  uint32_t len = sizeof(info);
+  if (bpf_obj_get_info_by_fd(fd, &info, &len) != 0) return 0;
+  if (type) *type = info.type;
+  return info.max_entries;
+}
+
+static bool attached(const std::string& dir, uint32_t ifindex) {
+  return ifindex && fs::exists(Datapath::link_path(dir, ifindex, true)) &&
+         fs::exists(Datapath::link_path(dir, ifindex, false));
+}
+
+int cmd_status(bool json) {
+  std::string dir = pin_dir();
+  MapSet maps;
+  if (auto s = MapSet::open_pinned(dir, maps); !s) {
+    std::fprintf(stderr, "vmfence status: no datapath (%s)\n", s.message.c_str());
+    return 1;
+  }
+  std::string config_dir;
+  auto names = read_state_file(run_dir(), &config_dir);
+  auto name_of = [&](uint32_t vm_id) -> const StateVm* {
+    for (const auto& n : names)
+      if (n.vm_id == vm_id) return &n;
+    return nullptr;
+  };
+  std::string out;
+  if (json) out += "{\"pin_dir\": \"" + dir + "\", \"vms\": [";
+  bool first = true;
+  for (const auto& [ifindex, vm] : read_vms(maps)) {
+    const StateVm* n = name_of(vm.vm_id);
+    char ifname[IF_NAMESIZE] = "";
+    if (!if_indextoname(ifindex, ifname)) std::strcpy(ifname, "?");
+    vmfence_counters c{};
+    vmfence_state st{};
+    read_counters(maps, vm.slot, c);
+    read_state(maps, vm.slot, st);
+    std::string name = n ? n->name : fmt::format("vm#{:08x}", vm.vm_id);
+    bool no_policy = vm.flags & VMFENCE_VM_F_NO_POLICY;
+    if (json) {
+      out += first ? "\n  " : ",\n  ";
+      out += fmt::format(
+          "{{\"name\": \"{}\", \"interface\": \"{}\", \"ifindex\": {}, \"attached\": {}, \"mode\": \"{}\", "
+          "\"group\": \"{}\", \"policy_generation\": {}, \"quarantined\": {}, \"spec_removed\": {}, "
+          "\"counters\": {{\"from_vm_packets\": {}, \"from_vm_bytes\": {}, \"to_vm_packets\": {}, \"to_vm_bytes\": "
+          "{}, \"events_suppressed\": {}, \"events_lost\": {}}}, \"drops\": {{",
+          name, ifname, ifindex, attached(dir, ifindex) ? "true" : "false", datapath_mode_name(vm.mode),
+          n ? n->group : "", vm.policy_id, st.quarantined ? "true" : "false", no_policy ? "true" : "false",
+          c.from_vm_packets, c.from_vm_bytes, c.to_vm_packets, c.to_vm_bytes, c.events_suppressed, c.events_lost);
+      bool f2 = true;
+      for (int r = 1; r < VMFENCE_REASON_COUNT; ++r) {
+        out += fmt::format("{}\"{}\": {}", f2 ? "" : ", ", reason_name(r), c.drops[r]);
+        f2 = false;
+      }
+      out += "}}";
+    } else {
+      out += fmt::format("{} on {} (ifindex {}, {}) mode {} generation {}{}{}\n", name, ifname, ifindex,
+                         attached(dir, ifindex) ? "attached" : "NOT attached", datapath_mode_name(vm.mode),
+                         vm.policy_id, st.quarantined ? " QUARANTINED" : "", no_policy ? " SPEC REMOVED (drop all)" : "");
+      out += fmt::format("  from vm: {} packets {} bytes; to vm: {} packets {} bytes\n", c.from_vm_packets,
+                         c.from_vm_bytes, c.to_vm_packets, c.to_vm_bytes);
+      std::string drops;
+      for (int r = 1; r < VMFENCE_REASON_COUNT; ++r)
+        if (c.drops[r]) drops += fmt::format("{}{} {}", drops.empty() ? "" : ", ", reason_name(r), c.drops[r]);
+      out += "  drops: " + (drops.empty() ? std::string("none") : drops) + "\n";
+      if (c.events_suppressed || c.events_lost)
+        out += fmt::format("  events: {} suppressed (budget), {} lost (ring buffer full)\n", c.events_suppressed,
+                           c.events_lost);
+    }
+    first = false;
+  }
+  // VMs the agent knows whose interface is not there.
+  for (const auto& n : names) {
+    if (n.ifindex) continue;
+    if (json) {
+      out += (first ? "\n  " : ",\n  ") +
+             fmt::format("{{\"name\": \"{}\", \"interface\": \"{}\", \"ifindex\": 0, \"attached\": false, \"mode\": "
+                         "\"{}\", \"group\": \"{}\", \"policy_generation\": {}}}",
+                         n.name, n.interface, n.mode, n.group, n.policy_id);
+    } else {
+      out += fmt::format("{} on {}: interface not present (policy generation {} ready)\n", n.name, n.interface,
+                         n.policy_id);
+    }
+    first = false;
+  }
+  // Fill levels.
+  if (json) out += "\n], \"maps\": {";
+  else out += "maps:\n";
+  bool fm = true;
+  maps.for_each([&](const char* name, int fd) {
+    uint32_t type = 0;
+    uint32_t max = map_max_entries(fd, &type);
+    if (type == BPF_MAP_TYPE_RINGBUF || type == BPF_MAP_TYPE_ARRAY || type == BPF_MAP_TYPE_PERCPU_ARRAY) return;
+    bpf_map_info info{};
+    uint32_t len = sizeof(info);
+    bpf_obj_get_info_by_fd(fd, &info, &len);
+    size_t n = count_entries(fd, info.key_size);
+    if (json)
+      out += fmt::format("{}\"{}\": {{\"entries\": {}, \"max_entries\": {}}}", fm ? "" : ", ", name, n, max);
+    else
+      out += fmt::format("  {:<24} {:>7} / {:<7} ({:.1f}%)\n", name, n, max, max ? 100.0 * n / max : 0.0);
+    fm = false;
+  });
+  if (json) out += "}}\n";
+  std::fputs(out.c_str(), stdout);
+  return 0;
+}
+
+// --- wait ---------------------------------------------------------------------
+
+int cmd_wait(const std::string& vm, double timeout_s) {
+  std::string dir = pin_dir();
+  uint32_t id = name_id(vm);
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+  for (;;) {
+    MapSet maps;
+    if (MapSet::open_pinned(dir, maps)) {
+      for (const auto& [ifindex, v] : read_vms(maps))
+        if (v.vm_id == id && !(v.flags & VMFENCE_VM_F_NO_POLICY) && attached(dir, ifindex)) {
+          char ifname[IF_NAMESIZE] = "?";
+          if_indextoname(ifindex, ifname);
+          std::printf("%s: enforced on %s (ifindex %u, generation %u)\n", vm.c_str(), ifname, ifindex, v.policy_id);
+          return 0;
+        }
+    }
+    if (std::chrono::steady_clock::now() >= deadline) {
+      std::fprintf(stderr, "vmfence wait: %s not enforced after %.1f s\n", vm.c_str(), timeout_s);
+      return 1;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+}
+
+// --- explain ------------------------------------------------------------------
+
+std::optional<Target> parse_target(const std::string& text, std::string* why) {
+  Target t;
+  std::string rest = text, addr;
+  auto slash = rest.rfind('/');
+  std::string proto;
+  if (slash != std::string::npos && rest.find_first_of(".:", slash) == std::string::npos) {
+    proto = rest.substr(slash + 1);
+    rest = rest.substr(0, slash);
+  }
+  std::string port;
+  if (!rest.empty() && rest[0] == '[') {
+    auto close = rest.find(']');
+    if (close == std::string::npos) return *why = "missing ']'", std::nullopt;
+    addr = rest.substr(1, close - 1);
+    if (close + 1 < rest.size()) {
+      if (rest[close + 1] != ':') return *why = "expected ':' after ']'", std::nullopt;
+      port = rest.substr(close + 2);
+    }
+  } else if (std::count(rest.begin(), rest.end(), ':') == 1) {
+    addr = rest.substr(0, rest.find(':'));
+    port = rest.substr(rest.find(':') + 1);
+  } else {
+    addr = rest;
+  }
+  auto ip = parse_ip(addr);
+  if (!ip) return *why = "'" + addr + "' is not an IP address", std::nullopt;
+  t.addr = *ip;
+  if (!port.empty()) {
+    char* end = nullptr;
+    long p = std::strtol(port.c_str(), &end, 10);
+    if (!end || *end || p < 0 || p > 65535) return *why = "'" + port + "' is not a port", std::nullopt;
+    t.port = static_cast<uint16_t>(p);
+    t.has_port = true;
+  }
+  if (proto.empty()) proto = t.has_port ? "tcp" : (t.addr.family == 4 ? "icmp" : "icmpv6");
+  if (proto == "tcp") t.proto = Proto::tcp;
+  else if (proto == "udp") t.proto = Proto::udp;
+  else if (proto == "icmp") t.proto = Proto::icmp;
+  else if (proto == "icmpv6") t.proto = Proto::icmpv6;
+  else return *why = "'" + proto + "' is not tcp, udp, icmp or icmpv6", std::nullopt;
+  return t;
+}
+
+static std::string rule_text(const char* field, size_t i, const Rule& r) {
+  std::string s = fmt::format("{}[{}] {{{} {} {}", field, i, field[0] == 'e' ? "to" : "from", r.peer.str(),
+                              proto_name(r.proto));
+  for (size_t k = 0; k < r.ports.size(); ++k)
+    s += fmt::format("{}{}", k ? "," : " ", r.ports[k].lo == r.ports[k].hi
+                                                  ? std::to_string(r.ports[k].lo)
+                                                  : fmt::format("{}-{}", r.ports[k].lo, r.ports[k].hi));
+  return s + "}";
+}
+
+Explanation explain_spec(const Spec& spec, const VmSpec& vm, const Target& t) {
+  Explanation x;
+  for (const auto& other : spec.vms)
+    for (const auto& a : other.addresses)
+      if (a.family == t.addr.family && a.contains(t.addr)) {
+        if (other.group == vm.group) {
+          x.allowed = true;
+          x.rule = fmt::format("same group '{}' ({})", vm.group, other.name);
+        } else {
+          x.reason = "cross_group";
+          x.rule = fmt::format("{} is {} of group '{}', {} is in group '{}'", t.addr.str(), other.name, other.group,
+                               vm.name, vm.group);
+        }
+        return x;
+      }
+  if (vm.mode == Mode::direct) {
+    x.allowed = true;
+    x.rule = "mode direct: no policy (anti-spoofing and isolation only)";
+    return x;
+  }
+  bool imds = spec.host.imds && spec.host.imds->address.family == t.addr.family &&
+              spec.host.imds->address.addr == t.addr.addr;
+  if (imds) {
+    if (vm.imds && t.proto == Proto::tcp && t.port == spec.host.imds->port) {
+      x.allowed = true;
+      x.rule = fmt::format("imds: true (IMDS {}:{})", spec.host.imds->address.str(), spec.host.imds->port);
+      return x;
+    }
+  }
+  // Longest matching prefix wins; every rule whose prefix contains the target applies.
+  const Rule* best = nullptr;
+  size_t best_i = 0;
+  for (size_t i = 0; i < vm.egress.size(); ++i) {
+    const Rule& r = vm.egress[i];
+    if (r.peer.family != t.addr.family || !r.peer.contains(t.addr)) continue;
+    if (imds && r.peer.prefix_len < (t.addr.family == 4 ? 32 : 128)) continue;  // IMDS is fenced off
+    bool proto_ok = r.proto == Proto::any || r.proto == t.proto;
+    bool port_ok = r.ports.empty() || std::any_of(r.ports.begin(), r.ports.end(), [&](const PortRange& p) {
+                     return t.port >= p.lo && t.port <= p.hi;
+                   });
+    if (proto_ok && port_ok && (!best || r.peer.prefix_len > best->peer.prefix_len)) {
+      best = &r;
+      best_i = i;
+    }
+  }
+  if (best) {
+    x.allowed = true;
+    x.rule = rule_text("egress", best_i, *best);
+    return x;
+  }
+  x.reason = imds ? "imds_denied" : "egress_denied";
+  x.rule = imds ? std::string("IMDS needs \"imds\": true") : std::string("no egress rule matches: default deny");
+  return x;
+}
+
+// Replay a synthetic packet through a dry-run instance of the loaded
+// program: the kernel's own verdict, with no side effects.
+static std::string kernel_replay(const VmSpec& vm, const Target& t, bool* allowed, std::string* reason) {
+  std::string dir = pin_dir();
+  if (!fs::exists(dir + "/" VMFENCE_MAP_VMS)) return "no datapath loaded under " + dir;
+  uint32_t ifindex = if_nametoindex(vm.interface.c_str());
+  if (!ifindex) return "interface " + vm.interface + " not present";
+  const Cidr* src = nullptr;
+  for (const auto& a : vm.addresses)
+    if (a.family == t.addr.family) {
+      src = &a;
+      break;
+    }
+  if (!src) return "the VM has no IPv" + std::to_string(t.addr.family) + " address";
+
+  libbpf_set_print([](enum libbpf_print_level, const char*, va_list) { return 0; });
+  LIBBPF_OPTS(bpf_object_open_opts, opts, .pin_root_path = dir.c_str());
+  vmfence_tc* skel = vmfence_tc__open_opts(&opts);
+  if (!skel) return "open BPF object failed";
+  skel->rodata->dry_run = 1;
+  if (vmfence_tc__load(skel)) {
+    vmfence_tc__destroy(skel);
+    return "load dry-run program failed";
+  }
+  uint8_t pkt[128] = {};
+  auto* eth = reinterpret_cast<ethhdr*>(pkt);
+  std::memcpy(eth->h_source, vm.mac.data(), 6);
+  eth->h_dest[0] = 0x02;
+  eth->h_dest[5] = 0x01;
+  size_t l4 = 0;
+  uint8_t proto = static_cast<uint8_t>(t.proto);
+  if (t.addr.family == 4) {
+    eth->h_proto = htons(ETH_P_IP);
+    auto* ip = reinterpret_cast<iphdr*>(pkt + 14);
+    ip->version = 4;
+    ip->ihl = 5;
+    ip->ttl = 64;
+    ip->protocol = proto;
+    std::memcpy(&ip->saddr, src->addr.data() + 12, 4);
+    std::memcpy(&ip->daddr, t.addr.addr.data() + 12, 4);
+    l4 = 34;
+    ip->tot_len = htons(20 + 20);
+  } else {
+    eth->h_proto = htons(ETH_P_IPV6);
+    auto* ip6 = reinterpret_cast<ip6_hdr*>(pkt + 14);
+    ip6->ip6_vfc = 0x60;
+    ip6->ip6_nxt = proto;
+    ip6->ip6_hlim = 64;
+    ip6->ip6_plen = htons(20);
+    std::memcpy(&ip6->ip6_src, src->addr.data(), 16);
+    std::memcpy(&ip6->ip6_dst, t.addr.addr.data(), 16);
+    l4 = 54;
+  }
+  if (t.proto == Proto::tcp || t.proto == Proto::udp) {
+    uint16_t sport = htons(40000), dport = htons(t.port);
+    std::memcpy(pkt + l4, &sport, 2);
+    std::memcpy(pkt + l4 + 2, &dport, 2);
+    if (t.proto == Proto::tcp) {
+      pkt[l4 + 12] = 5 << 4;
+      pkt[l4 + 13] = 0x02;  // SYN
+    }
+  } else {
+    pkt[l4] = t.proto == Proto::icmp ? 8 : 128;  // echo request
+  }
+  __sk_buff ctx{};
+  ctx.ifindex = ifindex;
+  LIBBPF_OPTS(bpf_test_run_opts, run, .data_in = pkt, .data_size_in = static_cast<uint32_t>(l4 + 20),
+              .ctx_in = &ctx, .ctx_size_in = sizeof(ctx));
+  std::string err;
+  skel->bss->last_reason = 0;
+  if (bpf_prog_test_run_opts(bpf_program__fd(skel->progs.vmfence_from_vm), &run) != 0) {
+    err = std::string("BPF_PROG_TEST_RUN: ") + std::strerror(errno);
+  } else {
+    *allowed = static_cast<int>(run.retval) != TC_ACT_SHOT;
+    *reason = reason_name(skel->bss->last_reason);
+  }
+  vmfence_tc__destroy(skel);
+  return err;
+}
+
+int cmd_explain(const std::string& config_dir, const std::string& vm_name, const std::string& to) {
+  std::string why;
+  auto t = parse_target(to, &why);
+  if (!t) {
+    std::fprintf(stderr, "vmfence explain: --to %s: %s\n", to.c_str(), why.c_str());
+    return 2;
+  }
+  SpecLoad load = load_spec(config_dir);
+  if (!load.ok()) {
+    for (const auto& e : load.errors) std::fprintf(stderr, "%s\n", e.str().c_str());
+    return 1;
+  }
+  const VmSpec* vm = nullptr;
+  for (const auto& v : load.spec.vms)
+    if (v.name == vm_name) vm = &v;
+  if (!vm) {
+    std::fprintf(stderr, "vmfence explain: no VM named '%s' in %s/vms.d\n", vm_name.c_str(), config_dir.c_str());
+    return 2;
+  }
+  Explanation x = explain_spec(load.spec, *vm, *t);
+  std::string target = t->addr.str();
+  target = target.substr(0, target.find('/'));
+  std::printf("%s -> %s%s/%s: %s", vm->name.c_str(), target.c_str(),
+              t->has_port ? (":" + std::to_string(t->port)).c_str() : "", proto_name(t->proto),
+              x.allowed ? "ALLOW" : "DENY");
+  if (!x.allowed) std::printf(" (%s)", x.reason.c_str());
+  std::printf("\n  rule: %s\n", x.rule.c_str());
+  bool k_allowed = false;
+  std::string k_reason;
+  std::string err = kernel_replay(*vm, *t, &k_allowed, &k_reason);
+  if (!err.empty()) {
+    std::printf("  kernel: not replayed (%s)\n", err.c_str());
+    return 0;
+  }
+  bool agree = k_allowed == x.allowed && (x.allowed || k_reason == x.reason);
+  std::printf("  kernel: %s%s (BPF_PROG_TEST_RUN on the loaded program) - %s\n", k_allowed ? "ALLOW" : "DENY",
+              k_allowed ? "" : (" (" + k_reason + ")").c_str(), agree ? "agrees" : "DISAGREES");
+  return agree ? 0 : 3;
+}
+
+}  // namespace vmfence

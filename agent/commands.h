@@ -1,0 +1,35 @@
+// The CLI subcommands other than `run`.
+#pragma once
+
+#include <optional>
+#include <string>
+
+#include "agent/spec.h"
+
+namespace vmfence {
+
+int cmd_check(const std::string& config_dir);
+int cmd_down(const std::string& config_dir);
+int cmd_status(bool json);
+int cmd_wait(const std::string& vm, double timeout_s);
+int cmd_explain(const std::string& config_dir, const std::string& vm, const std::string& to);
+
+// A destination for `explain`: "IP", "IP:PORT/PROTO", "IP/PROTO", "[v6]:PORT/PROTO".
+struct Target {
+  Cidr addr;  // full length
+  Proto proto = Proto::tcp;
+  uint16_t port = 0;
+  bool has_port = false;
+};
+std::optional<Target> parse_target(const std::string& text, std::string* why);
+
+// The user-space verdict for a packet from `vm` to `t`, with the rule (or
+// the absence of one) that decides it.
+struct Explanation {
+  bool allowed = false;
+  std::string reason;  // drop reason name when denied
+  std::string rule;    // "egress[1] {to 0.0.0.0/0 tcp 80,443}", "same group 'mesh' (vm2)", ...
+};
+Explanation explain_spec(const Spec& spec, const VmSpec& vm, const Target& t);
+
+}  // namespace vmfence

@@ -1,0 +1,410 @@
+#include "agent/daemon.h"
+
+#include <fcntl.h>
+#include <linux/rtnetlink.h>
+#include <net/if.h>
+#include <netlink/msg.h>
+#include <netlink/netlink.h>
+#include <netlink/socket.h>
+#include <signal.h>
+#include <spdlog/spdlog.h>
+#include <sys/epoll.h>
+#include <sys/inotify.h>
+#include <sys/signalfd.h>
+#include <sys/timerfd.h>
+#include <systemd/sd-daemon.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <set>
+
+#include "agent/actions.h"
+#include "agent/events.h"
+#include "agent/journal.h"
+#include "agent/loader.h"
+#include "agent/nft.h"
+#include "agent/spec.h"
+#include "agent/state_file.h"
+#include "maps/compiler.h"
+#include "maps/pinned_maps.h"
+
+namespace vmfence {
+
+namespace {
+
+bool same_plan(const VmPlan& a, const VmPlan& b) {
+  auto eq = [](const auto& x, const auto& y) {
+    if (x.size() != y.size()) return false;
+    for (size_t i = 0; i < x.size(); ++i)
+      if (std::memcmp(&x[i], &y[i], sizeof(x[i])) != 0) return false;
+    return true;
+  };
+  return a.interface == b.interface && std::memcmp(&a.vm, &b.vm, sizeof(a.vm)) == 0 && eq(a.egress, b.egress) &&
+         eq(a.ingress, b.ingress) && eq(a.gateways, b.gateways) && eq(a.host_addresses, b.host_addresses) &&
+         eq(a.net_addresses, b.net_addresses);
+}
+
+class Daemon {
+ public:
+  explicit Daemon(std::string config_dir)
+      : config_dir_(std::move(config_dir)),
+        actions_(&journal_),
+        events_(journal_, actions_, [this](uint32_t id) { return vm_by_id(id); }) {}
+  ~Daemon();
+  int run();
+
+ private:
+  bool start();
+  void loop();
+  void reload(const char* why);
+  void apply_vm(const VmSpec& vm, const VmPlan& plan);
+  void on_link_event();
+  void link_changed(int type, uint32_t ifindex, const std::string& name);
+  void apply_nft();
+  void publish_state();
+  const VmSpec* vm_by_id(uint32_t id) const;
+  static int on_link_msg(nl_msg* msg, void* arg);
+
+  std::string config_dir_;
+  Spec spec_;                       // the VMs in force (last good of each)
+  std::map<uint32_t, size_t> by_id_;  // vm_id -> index in spec_.vms
+  Journal journal_;
+  ActionRunner actions_;
+  EventConsumer events_;
+  std::unique_ptr<Datapath> dp_;
+  std::unique_ptr<MapWriter> writer_;
+  nft::Monitor nft_monitor_;
+  nl_sock* link_sock_ = nullptr;
+  Fd epoll_, signal_fd_, inotify_, timer_;
+  bool reload_pending_ = false;
+  std::chrono::steady_clock::time_point reload_at_{};
+  bool running_ = true;
+};
+
+Daemon::~Daemon() {
+  if (link_sock_) nl_socket_free(link_sock_);
+}
+
+const VmSpec* Daemon::vm_by_id(uint32_t id) const {
+  auto it = by_id_.find(id);
+  return it == by_id_.end() ? nullptr : &spec_.vms[it->second];
+}
+
+void Daemon::apply_vm(const VmSpec& vm, const VmPlan& plan) {
+  uint32_t ifindex = if_nametoindex(vm.interface.c_str());
+  if (auto s = writer_->install(plan, ifindex); !s) {
+    spdlog::error("{}: install policy of vm {}: {}", vm.file, vm.name, s.message);
+    return;
+  }
+  if (ifindex) {
+    if (auto s = dp_->attach(ifindex); !s)
+      spdlog::error("vm {}: attach to {}: {}", vm.name, vm.interface, s.message);
+    else
+      spdlog::info("vm {} enforced on {} (ifindex {}, mode {})", vm.name, vm.interface, ifindex, mode_name(vm.mode));
+  } else {
+    spdlog::info("vm {}: interface {} not present yet; attaching when it appears", vm.name, vm.interface);
+  }
+}
+
+void Daemon::apply_nft() {
+  if (auto r = nft::apply(spec_); !r)
+    spdlog::error("nftables: {} (the previous ruleset stays in force)", r.message);
+}
+
+void Daemon::publish_state() {
+  std::vector<StateVm> vms;
+  for (const auto& vm : spec_.vms) {
+    StateVm s;
+    s.name = vm.name;
+    s.interface = vm.interface;
+    s.group = vm.group;
+    s.mode = mode_name(vm.mode);
+    s.vm_id = name_id(vm.name);
+    auto it = writer_->installed().find(vm.name);
+    if (it != writer_->installed().end()) {
+      s.slot = it->second.slot;
+      s.policy_id = it->second.policy_id;
+      s.ifindex = it->second.ifindex;
+    }
+    vms.push_back(s);
+  }
+  if (auto st = write_state_file(run_dir(), config_dir_, vms); !st) spdlog::warn("{}", st.message);
+}
+
+bool Daemon::start() {
+  SpecLoad load = load_spec(config_dir_);
+  Plan plan = compile(load.spec);
+  if (!load.ok() || !plan.ok()) {
+    for (const auto& e : load.errors) fprintf(stderr, "%s\n", e.str().c_str());
+    for (const auto& e : plan.errors) fprintf(stderr, "%s\n", e.str().c_str());
+    spdlog::error("{}: invalid configuration, nothing changed", config_dir_);
+    return false;
+  }
+  spec_ = std::move(load.spec);
+  for (size_t i = 0; i < spec_.vms.size(); ++i) by_id_[name_id(spec_.vms[i].name)] = i;
+
+  route_libbpf_log();
+  if (auto s = Datapath::load(pin_dir(), dp_); !s) {
+    spdlog::error("{}", s.message);
+    return false;
+  }
+  writer_ = std::make_unique<MapWriter>(dp_->maps());
+  writer_->adopt();
+  vmfence_config cfg{};
+  cfg.event_budget = VMFENCE_DEFAULT_EVENT_BUDGET;
+  cfg.budget_window_ns = VMFENCE_DEFAULT_BUDGET_WINDOW_NS;
+  for (const auto& p : plan.vms)
+    if (!p.net_addresses.empty()) cfg.flags |= VMFENCE_CFG_F_OWNER_NETS;
+  writer_->write_config(cfg);
+  for (size_t i = 0; i < spec_.vms.size(); ++i) apply_vm(spec_.vms[i], plan.vms[i]);
+  writer_->collect_garbage();
+  apply_nft();
+  publish_state();
+  spdlog::info("enforcing {} VMs from {} (maps pinned under {})", spec_.vms.size(), config_dir_, pin_dir());
+  return true;
+}
+
+int Daemon::on_link_msg(nl_msg* msg, void* arg) {
+  auto* self = static_cast<Daemon*>(arg);
+  nlmsghdr* h = nlmsg_hdr(msg);
+  if (h->nlmsg_type != RTM_NEWLINK && h->nlmsg_type != RTM_DELLINK) return NL_OK;
+  auto* ifi = static_cast<ifinfomsg*>(nlmsg_data(h));
+  nlattr* tb[IFLA_MAX + 1];
+  if (nlmsg_parse(h, sizeof(*ifi), tb, IFLA_MAX, nullptr) < 0 || !tb[IFLA_IFNAME]) return NL_OK;
+  self->link_changed(h->nlmsg_type, static_cast<uint32_t>(ifi->ifi_index), nla_get_string(tb[IFLA_IFNAME]));
+  return NL_OK;
+}
+
+void Daemon::link_changed(int type, uint32_t ifindex, const std::string& name) {
+  for (const auto& vm : spec_.vms) {
+    if (vm.interface != name) continue;
+    auto it = writer_->installed().find(vm.name);
+    if (it == writer_->installed().end()) return;
+    if (type == RTM_DELLINK) {
+      if (it->second.ifindex == ifindex) {
+        writer_->unbind(vm.name);
+        Datapath::detach(dp_->dir(), ifindex);
+        actions_.rearm(vm.name);
+        spdlog::info("vm {}: interface {} gone", vm.name, name);
+        publish_state();
+      }
+      return;
+    }
+    if (it->second.ifindex == ifindex) return;  // already enforced
+    auto t0 = std::chrono::steady_clock::now();
+    if (auto s = writer_->bind(vm.name, ifindex); !s) {
+      spdlog::error("vm {}: {}", vm.name, s.message);
+      return;
+    }
+    if (auto s = dp_->attach(ifindex); !s) {
+      spdlog::error("vm {}: attach to {}: {}", vm.name, name, s.message);
+      return;
+    }
+    actions_.rearm(vm.name);
+    auto us = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0).count();
+    spdlog::info("vm {} enforced on {} (ifindex {}) {} us after the link event", vm.name, name, ifindex, us);
+    publish_state();
+    return;
+  }
+  if (type == RTM_DELLINK && writer_->orphaned().count(ifindex)) Datapath::detach(dp_->dir(), ifindex);
+}
+
+void Daemon::on_link_event() { nl_recvmsgs_default(link_sock_); }
+
+void Daemon::reload(const char* why) {
+  SpecLoad load = load_spec(config_dir_);
+  std::set<std::string> bad_files;
+  for (const auto& e : load.errors) {
+    fprintf(stderr, "%s\n", e.str().c_str());
+    bad_files.insert(e.file);
+  }
+  if (bad_files.count(load.spec.host.file) || bad_files.count(config_dir_ + "/host.json")) {
+    spdlog::error("reload ({}): host.json invalid, everything keeps its last good policy", why);
+    return;
+  }
+  Spec next;
+  next.host = load.spec.host;
+  std::set<std::string> seen;
+  int changed = 0, removed = 0, kept = 0;
+  for (const auto& vm : load.spec.vms) {
+    if (bad_files.count(vm.file)) continue;
+    std::vector<SpecError> errs;
+    VmPlan plan = compile_vm(vm, load.spec.host, errs);
+    if (!errs.empty()) {
+      for (const auto& e : errs) fprintf(stderr, "%s\n", e.str().c_str());
+      bad_files.insert(vm.file);
+      continue;
+    }
+    seen.insert(vm.name);
+    auto it = writer_->installed().find(vm.name);
+    if (it == writer_->installed().end() || !same_plan(it->second.plan, plan)) {
+      apply_vm(vm, plan);
+      actions_.rearm(vm.name);
+      ++changed;
+    }
+    next.vms.push_back(vm);
+  }
+  // VMs no longer in a valid file: keep those whose file is invalid, remove the rest.
+  for (const auto& old : spec_.vms) {
+    if (seen.count(old.name)) continue;
+    if (bad_files.count(old.file)) {
+      next.vms.push_back(old);
+      ++kept;
+      continue;
+    }
+    writer_->remove(old.name);
+    ++removed;
+    spdlog::warn("vm {}: spec removed; its interface (if present) now drops everything", old.name);
+  }
+  std::sort(next.vms.begin(), next.vms.end(), [](const VmSpec& a, const VmSpec& b) { return a.name < b.name; });
+  spec_ = std::move(next);
+  by_id_.clear();
+  for (size_t i = 0; i < spec_.vms.size(); ++i) by_id_[name_id(spec_.vms[i].name)] = i;
+  vmfence_config cfg{};
+  cfg.event_budget = VMFENCE_DEFAULT_EVENT_BUDGET;
+  cfg.budget_window_ns = VMFENCE_DEFAULT_BUDGET_WINDOW_NS;
+  for (const auto& [name, vm] : writer_->installed())
+    if (!vm.plan.net_addresses.empty()) cfg.flags |= VMFENCE_CFG_F_OWNER_NETS;
+  writer_->write_config(cfg);
+  apply_nft();
+  publish_state();
+  spdlog::info("reload ({}): {} VMs changed, {} removed, {} kept at their last good policy", why, changed, removed,
+               kept);
+}
+
+int Daemon::run() {
+  if (!start()) return 1;
+
+  epoll_.reset(epoll_create1(EPOLL_CLOEXEC));
+  auto watch = [&](int fd, uint64_t tag) {
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.u64 = tag;
+    epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd, &ev);
+  };
+  enum : uint64_t { kSignal, kEvents, kLinks, kInotify, kNft, kTimer };
+
+  sigset_t mask;
+  sigemptyset(&mask);
+  sigaddset(&mask, SIGINT);
+  sigaddset(&mask, SIGTERM);
+  sigaddset(&mask, SIGHUP);
+  sigprocmask(SIG_BLOCK, &mask, nullptr);
+  signal_fd_.reset(signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK));
+  watch(signal_fd_.get(), kSignal);
+
+  if (auto s = events_.open(dp_->maps().events.get()); !s)
+    spdlog::error("{}", s.message);
+  else
+    watch(events_.fd(), kEvents);
+
+  link_sock_ = nl_socket_alloc();
+  nl_socket_disable_seq_check(link_sock_);
+  nl_socket_modify_cb(link_sock_, NL_CB_VALID, NL_CB_CUSTOM, &Daemon::on_link_msg, this);
+  if (nl_connect(link_sock_, NETLINK_ROUTE) == 0 && nl_socket_add_membership(link_sock_, RTNLGRP_LINK) == 0) {
+    nl_socket_set_nonblocking(link_sock_);
+    watch(nl_socket_get_fd(link_sock_), kLinks);
+  } else {
+    spdlog::error("link monitor: cannot subscribe to RTNLGRP_LINK; new interfaces are not attached");
+  }
+  // Interfaces that appeared between start() and the subscription.
+  for (const auto& vm : spec_.vms)
+    if (uint32_t idx = if_nametoindex(vm.interface.c_str())) link_changed(RTM_NEWLINK, idx, vm.interface);
+
+  inotify_.reset(inotify_init1(IN_NONBLOCK | IN_CLOEXEC));
+  std::filesystem::create_directories(config_dir_ + "/vms.d");
+  inotify_add_watch(inotify_.get(), (config_dir_ + "/vms.d").c_str(),
+                    IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE | IN_CREATE);
+  inotify_add_watch(inotify_.get(), config_dir_.c_str(), IN_CLOSE_WRITE | IN_MOVED_TO);
+  watch(inotify_.get(), kInotify);
+
+  if (auto r = nft_monitor_.open(); r)
+    watch(nft_monitor_.fd(), kNft);
+  else
+    spdlog::warn("nftables monitor: {}; relying on the periodic check", r.message);
+
+  timer_.reset(timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC));
+  itimerspec its{{0, 100 * 1000 * 1000}, {0, 100 * 1000 * 1000}};
+  timerfd_settime(timer_.get(), 0, &its, nullptr);
+  watch(timer_.get(), kTimer);
+
+  sd_notify(0, "READY=1");
+  auto last_check = std::chrono::steady_clock::now();
+  while (running_) {
+    epoll_event evs[16];
+    int timeout = -1;
+    if (reload_pending_) {
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(reload_at_ - std::chrono::steady_clock::now());
+      timeout = std::max<int>(0, static_cast<int>(left.count()));
+    }
+    int n = epoll_wait(epoll_.get(), evs, 16, timeout);
+    if (reload_pending_ && std::chrono::steady_clock::now() >= reload_at_) {
+      reload_pending_ = false;
+      reload("spec files changed");
+    }
+    for (int i = 0; i < n; ++i) {
+      switch (evs[i].data.u64) {
+        case kSignal: {
+          signalfd_siginfo si{};
+          while (read(signal_fd_.get(), &si, sizeof(si)) == sizeof(si)) {
+            if (si.ssi_signo == SIGHUP) {
+              sd_notify(0, "RELOADING=1");
+              reload("SIGHUP");
+              sd_notify(0, "READY=1");
+            } else {
+              spdlog::info("signal {}: exiting; enforcement stays in the kernel", si.ssi_signo);
+              running_ = false;
+            }
+          }
+          break;
+        }
+        case kEvents:
+          events_.consume();
+          break;
+        case kLinks:
+          on_link_event();
+          break;
+        case kInotify: {
+          char buf[4096];
+          while (read(inotify_.get(), buf, sizeof(buf)) > 0) {
+          }
+          // Writers replace several files at once: settle briefly first.
+          reload_pending_ = true;
+          reload_at_ = std::chrono::steady_clock::now() + std::chrono::milliseconds(5);
+          break;
+        }
+        case kNft:
+          if (nft_monitor_.handle_readable(spec_)) spdlog::warn("nftables: table inet vmfence was changed; restored");
+          break;
+        case kTimer: {
+          uint64_t ticks;
+          (void)!read(timer_.get(), &ticks, sizeof(ticks));
+          actions_.poll();
+          auto now = std::chrono::steady_clock::now();
+          if (now - last_check > std::chrono::seconds(2)) {
+            last_check = now;
+            if (!nft::table_intact()) {
+              spdlog::warn("nftables: table inet vmfence missing or changed; restoring");
+              apply_nft();
+            }
+          }
+          break;
+        }
+      }
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+int run_daemon(const std::string& config_dir) {
+  Daemon d(config_dir);
+  return d.run();
+}
+
+}  // namespace vmfence

@@ -1,0 +1,48 @@
+// Ring buffer consumer: decode each violation, log it, send it to journald,
+// and start the VM's action when the datapath says the threshold was reached.
+#pragma once
+
+#include <functional>
+#include <map>
+#include <string>
+
+#include "agent/actions.h"
+#include "agent/journal.h"
+#include "agent/spec.h"
+#include "agent/violation.h"
+#include "maps/status.h"
+#include "vmfence_abi.h"
+
+struct ring_buffer;
+
+namespace vmfence {
+
+// Decode one event; `vm` may be null (interface without a VM).
+Violation decode_event(const vmfence_event& e, const VmSpec* vm);
+// Address text of a 16-byte (IPv4-mapped) address.
+std::string addr_str(const uint8_t addr[16], int family);
+
+class EventConsumer {
+ public:
+  // lookup: vm_id -> spec (null when unknown).
+  using Lookup = std::function<const VmSpec*(uint32_t vm_id)>;
+  EventConsumer(const Journal& journal, ActionRunner& actions, Lookup lookup);
+  ~EventConsumer();
+  Status open(int events_map_fd);
+  int fd() const;  // epoll fd of the ring buffer
+  // Consume everything available; returns events handled.
+  int consume();
+  uint64_t handled() const { return handled_; }
+
+ private:
+  static int on_sample(void* ctx, void* data, size_t size);
+  void handle(const vmfence_event& e);
+
+  const Journal& journal_;
+  ActionRunner& actions_;
+  Lookup lookup_;
+  ring_buffer* rb_ = nullptr;
+  uint64_t handled_ = 0;
+};
+
+}  // namespace vmfence

@@ -1,0 +1,73 @@
+// Violations and action results to journald through libsystemd's native protocol.
+#include "agent/journal.h"
+
+#include <spdlog/spdlog.h>
+#include <sys/stat.h>
+#include <systemd/sd-journal.h>
+
+#include <atomic>
+#include <cstring>
+#include <string>
+
+namespace vmfence {
+
+namespace {
+
+constexpr const char* kJournalSocket = "/run/systemd/journal/socket";
+
+// Send failures (journald stopped after we started, socket full, ...) are
+// warned about on the first one and then every 1000th, never per event.
+std::atomic<uint64_t> g_send_failures{0};
+
+void report_send_failure(int r) {
+  uint64_t n = g_send_failures.fetch_add(1, std::memory_order_relaxed) + 1;
+  if (n == 1 || n % 1000 == 0) {
+    spdlog::warn("journal: sd_journal_send failed: {} ({} failure(s) so far)", std::strerror(-r), n);
+  }
+}
+
+}  // namespace
+
+Journal::Journal() {
+  struct stat st {};
+  available_ = ::stat(kJournalSocket, &st) == 0 && S_ISSOCK(st.st_mode);
+  if (!available_) {
+    spdlog::warn("no journal socket at {}: violations go to the log only", kJournalSocket);
+  }
+}
+
+void Journal::violation(const Violation& v) const {
+  if (!available_) return;
+  const std::string message = v.summary();
+  const std::string dport = std::to_string(v.dport);
+  int r = sd_journal_send("MESSAGE=%s", message.c_str(),
+                          "PRIORITY=4",
+                          "MESSAGE_ID=%s", kViolationMessageId,
+                          "SYSLOG_IDENTIFIER=vmfence",
+                          "VMFENCE_VM=%s", v.vm.c_str(),
+                          "VMFENCE_REASON=%s", v.reason.c_str(),
+                          "VMFENCE_SRC=%s", v.src.c_str(),
+                          "VMFENCE_DST=%s", v.dst.c_str(),
+                          "VMFENCE_PROTO=%s", v.proto.c_str(),
+                          "VMFENCE_DPORT=%s", dport.c_str(),
+                          "VMFENCE_MODE=%s", v.mode.c_str(),
+                          "VMFENCE_DIRECTION=%s", v.direction.c_str(),
+                          "VMFENCE_INTERFACE=%s", v.interface.c_str(),
+                          nullptr);
+  if (r < 0) report_send_failure(r);
+}
+
+void Journal::notice(int priority, const std::string& message, const std::string& vm,
+                     const char* message_id) const {
+  if (!available_) return;
+  if (priority < 0 || priority > 7) priority = 5;  // LOG_NOTICE
+  int r = sd_journal_send("MESSAGE=%s", message.c_str(),
+                          "PRIORITY=%d", priority,
+                          "MESSAGE_ID=%s", message_id ? message_id : kActionMessageId,
+                          "SYSLOG_IDENTIFIER=vmfence",
+                          "VMFENCE_VM=%s", vm.c_str(),
+                          nullptr);
+  if (r < 0) report_send_failure(r);
+}
+
+}  // namespace vmfence

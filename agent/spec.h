@@ -1,0 +1,130 @@
+// Spec: host.json + vms.d/*.json, parsed and validated (see DESIGN.md contract).
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace vmfence {
+
+// One error: printed as "FILE: json.path: message".
+struct SpecError {
+  std::string file;
+  std::string path;  // e.g. "egress[1].ports[0]"; "" for the document itself
+  std::string message;
+  std::string str() const;
+};
+
+// An address or prefix. IPv4 is stored IPv4-mapped in 16 bytes (::ffff:a.b.c.d),
+// prefix_len is in the family's own bits (0..32 for IPv4, 0..128 for IPv6).
+struct Cidr {
+  int family = 4;  // 4 or 6
+  std::array<uint8_t, 16> addr{};
+  uint8_t prefix_len = 0;
+  // Bits within the 128-bit mapped space (IPv4 adds 96).
+  uint8_t mapped_prefix_len() const { return family == 4 ? prefix_len + 96 : prefix_len; }
+  std::string str() const;  // canonical "10.0.0.0/8", "fec0::1/128"
+  bool contains(const Cidr& other) const;  // other is inside this (same family)
+  bool overlaps(const Cidr& other) const;
+  bool operator==(const Cidr&) const = default;
+};
+
+// Parse "10.0.0.0/8", "fec0::1/128" or a bare address (full length). Host bits
+// are kept as written (10.1.0.2/24 stays 10.1.0.2 with prefix 24).
+std::optional<Cidr> parse_cidr(const std::string& text, std::string* why = nullptr);
+std::optional<Cidr> parse_ip(const std::string& text);  // bare address only
+std::optional<std::array<uint8_t, 6>> parse_mac(const std::string& text);
+std::string mac_str(const std::array<uint8_t, 6>& mac);
+
+enum class Proto : uint8_t { any = 0, icmp = 1, tcp = 6, udp = 17, icmpv6 = 58 };
+const char* proto_name(Proto p);
+
+struct PortRange {
+  uint16_t lo = 0;
+  uint16_t hi = 65535;
+  bool operator==(const PortRange&) const = default;
+};
+
+// One egress ("to") or ingress ("from") rule.
+struct Rule {
+  Cidr peer;
+  Proto proto = Proto::any;
+  std::vector<PortRange> ports;  // empty = all ports
+};
+
+enum class Mode : uint8_t { filtered = 0, conntrack = 1, sampled = 2, direct = 3 };  // = enum vmfence_mode
+const char* mode_name(Mode m);
+
+enum class Action { alert, terminate };
+const char* action_name(Action a);
+
+struct ViolationPolicy {
+  Action action = Action::alert;
+  std::vector<std::string> command;  // argv, "{vm}" replaced
+  std::string systemd_unit;          // "microvm@{vm}.service"
+  std::string qmp_socket;            // path, "{vm}" replaced
+  uint32_t threshold = 1;
+  uint32_t window_ms = 1000;
+};
+
+struct VmSpec {
+  std::string file;  // where it came from (for errors and reloads)
+  std::string name;
+  std::string interface;
+  std::array<uint8_t, 6> mac{};
+  std::vector<Cidr> addresses;
+  std::vector<Cidr> gateway;  // full-length addresses
+  std::string group;          // defaults to name
+  Mode mode = Mode::filtered;
+  double sample_rate = 0.01;
+  std::vector<Rule> egress;
+  std::vector<Rule> ingress;
+  bool imds = false;
+  ViolationPolicy on_violation;  // effective: host default merged with the VM's fields
+};
+
+struct ImdsSpec {
+  Cidr address;  // full-length
+  uint16_t port = 80;
+};
+
+struct HostSpec {
+  std::string file;
+  std::vector<std::string> wan_interfaces;
+  std::vector<Cidr> masquerade;
+  std::optional<ImdsSpec> imds;
+  ViolationPolicy on_violation;
+};
+
+struct Spec {
+  HostSpec host;
+  std::vector<VmSpec> vms;  // sorted by name
+};
+
+struct SpecLoad {
+  Spec spec;
+  std::vector<SpecError> errors;  // empty = valid
+  bool ok() const { return errors.empty(); }
+};
+
+// Parse and validate DIR/host.json and DIR/vms.d/*.json (files starting with '.'
+// or not ending in .json are ignored: writers use rename from a temp file).
+// Cross-file checks: duplicate names, interfaces, MACs, overlapping addresses.
+SpecLoad load_spec(const std::filesystem::path& dir);
+
+// Parse one host.json / VM file from text (used by load_spec and the tests).
+// `file` is only used in error messages. The VM's on_violation is merged with
+// `host_default`.
+HostSpec parse_host(const std::string& file, const std::string& json, std::vector<SpecError>& errors);
+std::optional<VmSpec> parse_vm(const std::string& file, const std::string& json,
+                               const ViolationPolicy& host_default, std::vector<SpecError>& errors);
+// Cross-VM checks on an already parsed set.
+void validate_vms(const std::vector<VmSpec>& vms, std::vector<SpecError>& errors);
+
+// Stable 32-bit ids (FNV-1a) for VM and group names; the compiler checks collisions.
+uint32_t name_id(const std::string& name);
+
+}  // namespace vmfence

@@ -1,0 +1,118 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/* Every map of the datapath, one comment each. Names match VMFENCE_MAP_* in
+ * vmfence_abi.h (checked by tests/bpf); libbpf pins them by name under the
+ * pin root the agent sets, and re-uses a compatible pinned map on restart. */
+#ifndef VMFENCE_MAPS_BPF_H
+#define VMFENCE_MAPS_BPF_H
+
+/* ifindex -> VM (policy generation, mode, inline addresses). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, VMFENCE_MAX_VMS);
+	__type(key, __u32);
+	__type(value, struct vmfence_vm);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} vmfence_vms_v1 SEC(".maps");
+
+/* VM host address -> owner: anti-spoofing beyond the inline addresses, isolation. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, VMFENCE_MAX_OWNERS);
+	__type(key, struct vmfence_addr);
+	__type(value, struct vmfence_owner);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} vmfence_owners_v1 SEC(".maps");
+
+/* VM address prefixes (rare: routed blocks) -> owner. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, VMFENCE_MAX_OWNER_NETS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct vmfence_addr_key);
+	__type(value, struct vmfence_owner);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} vmfence_owner_nets_v1 SEC(".maps");
+
+/* (policy generation, destination prefix) -> port rules the VM may open. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, VMFENCE_MAX_POLICY_PREFIXES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct vmfence_policy_key);
+	__type(value, struct vmfence_policy_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} vmfence_egress_v1 SEC(".maps");
+
+/* (policy generation, source prefix) -> port rules peers may open to the VM. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, VMFENCE_MAX_POLICY_PREFIXES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct vmfence_policy_key);
+	__type(value, struct vmfence_policy_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} vmfence_ingress_v1 SEC(".maps");
+
+/* (vm, address) the VM may resolve with ARP/ND. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, VMFENCE_MAX_GATEWAYS);
+	__type(key, struct vmfence_gateway_key);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} vmfence_gateways_v1 SEC(".maps");
+
+/* Allowed flows, as seen from the VM; LRU so a flood evicts old flows
+ * (their later packets are re-checked), never allowed traffic of new ones. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, VMFENCE_MAX_FLOWS);
+	__type(key, struct vmfence_flow_key);
+	__type(value, struct vmfence_flow);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} vmfence_flows_v1 SEC(".maps");
+
+/* First fragments allowed -> generation, so later fragments may follow. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, VMFENCE_MAX_FRAGS);
+	__type(key, struct vmfence_frag_key);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} vmfence_frags_v1 SEC(".maps");
+
+/* Per-CPU counters by VM slot. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, VMFENCE_MAX_VMS);
+	__type(key, __u32);
+	__type(value, struct vmfence_counters);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} vmfence_counters_v1 SEC(".maps");
+
+/* Runtime state by VM slot: quarantine, violation window, event budget. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, VMFENCE_MAX_VMS);
+	__type(key, __u32);
+	__type(value, struct vmfence_state);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} vmfence_state_v1 SEC(".maps");
+
+/* Global knobs written by the agent. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct vmfence_config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} vmfence_config_v1 SEC(".maps");
+
+/* Violation events to the agent. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, VMFENCE_EVENTS_BYTES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} vmfence_events_v1 SEC(".maps");
+
+#endif

@@ -1,0 +1,303 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/* Packet parsing for the TC programs: Ethernet, ARP, IPv4, IPv6 with extension
+ * headers, TCP/UDP/ICMP/ICMPv6. Anything unexpected is a drop reason. */
+#ifndef VMFENCE_PARSE_BPF_H
+#define VMFENCE_PARSE_BPF_H
+
+#define TC_ACT_UNSPEC (-1)
+#define TC_ACT_OK 0
+#define TC_ACT_SHOT 2
+#define ETH_P_IP 0x0800
+#define ETH_P_ARP 0x0806
+#define ETH_P_IPV6 0x86DD
+#define ETH_HLEN 14
+#define TCP_FLAG_SYN 0x02
+#define IPPROTO_ICMPV6 58
+
+enum { FRAG_NONE = 0, FRAG_FIRST = 1, FRAG_LATER = 2 };
+
+union addr16 {
+	__u8 b[16];
+	__u32 w[4];
+	__u64 q[2];
+};
+
+struct pkt {
+	union addr16 saddr;     /* IPv4-mapped for IPv4 */
+	union addr16 daddr;
+	__u32 frag_id;          /* network order */
+	__u32 l4_off;           /* L4 header offset from the frame start */
+	__be16 sport;           /* ICMP: echo id; network order */
+	__be16 dport;
+	__u16 ethertype;        /* host order; 0 when the frame was too short */
+	__u8 proto;
+	__u8 family;
+	__u8 frag;              /* FRAG_* */
+	__u8 icmp_type;
+	__u8 icmp_code;
+	__u8 tcp_flags;
+	__u8 smac[6];
+};
+
+struct arp_eth {
+	__be16 htype;
+	__be16 ptype;
+	__u8 hlen;
+	__u8 plen;
+	__be16 op;
+	__u8 sha[6];
+	__u8 spa[4];
+	__u8 tha[6];
+	__u8 tpa[4];
+} __attribute__((packed));
+
+static __always_inline __u32 arp_ip(const __u8 *b)
+{
+	__u32 v;
+	__builtin_memcpy(&v, b, 4);
+	return v;
+}
+
+static __always_inline int mac_eq(const __u8 *a, const __u8 *b)
+{
+	return ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4]) |
+		(a[5] ^ b[5])) == 0;
+}
+
+static __always_inline void set_v4_mapped(union addr16 *a, __u32 v4)
+{
+	a->w[0] = 0;
+	a->w[1] = 0;
+	a->w[2] = bpf_htonl(0xffff);
+	a->w[3] = v4;
+}
+
+static __always_inline int is_v4_mapped(const union addr16 *a)
+{
+	return a->w[0] == 0 && a->w[1] == 0 && a->w[2] == bpf_htonl(0xffff);
+}
+
+static __always_inline int is_link_local(const union addr16 *a)
+{
+	return (a->w[0] & bpf_htonl(0xffc00000)) == bpf_htonl(0xfe800000);
+}
+
+static __always_inline int is_unspecified(const union addr16 *a)
+{
+	return (a->q[0] | a->q[1]) == 0;
+}
+
+static __always_inline int is_multicast(const union addr16 *a)
+{
+	if (is_v4_mapped(a)) {
+		__u32 v = bpf_ntohl(a->w[3]);
+		return (v >> 28) == 0xe || v == 0xffffffff;
+	}
+	return a->b[0] == 0xff;
+}
+
+static __always_inline int is_nd_or_mld(__u8 t)
+{
+	return t == 130 || t == 131 || t == 132 || t == 143 || (t >= 133 && t <= 137);
+}
+
+static __always_inline int is_icmp_error(const struct pkt *p)
+{
+	if (p->proto == IPPROTO_ICMP)
+		return p->icmp_type == 3 || p->icmp_type == 11 || p->icmp_type == 12;
+	if (p->proto == IPPROTO_ICMPV6)
+		return p->icmp_type >= 1 && p->icmp_type <= 4;
+	return 0;
+}
+
+/* L4 ports/type from off (bounds-checked by the helper). 0 or a drop reason. */
+static __always_inline __u8 parse_l4(struct __sk_buff *skb, __u32 off, struct pkt *p)
+{
+	__u8 buf[14];
+
+	switch (p->proto) {
+	case IPPROTO_TCP:
+		if (bpf_skb_load_bytes(skb, off, buf, 14))
+			return VMFENCE_REASON_MALFORMED;
+		__builtin_memcpy(&p->sport, &buf[0], 2);
+		__builtin_memcpy(&p->dport, &buf[2], 2);
+		p->tcp_flags = buf[13];
+		return 0;
+	case IPPROTO_UDP:
+		if (bpf_skb_load_bytes(skb, off, buf, 4))
+			return VMFENCE_REASON_MALFORMED;
+		__builtin_memcpy(&p->sport, &buf[0], 2);
+		__builtin_memcpy(&p->dport, &buf[2], 2);
+		return 0;
+	case IPPROTO_ICMP:
+	case IPPROTO_ICMPV6:
+		if (bpf_skb_load_bytes(skb, off, buf, 8))
+			return VMFENCE_REASON_MALFORMED;
+		p->icmp_type = buf[0];
+		p->icmp_code = buf[1];
+		/* Echo request/reply: the id plays the VM-side port. */
+		if ((p->proto == IPPROTO_ICMP && (buf[0] == 8 || buf[0] == 0)) ||
+		    (p->proto == IPPROTO_ICMPV6 && (buf[0] == 128 || buf[0] == 129))) {
+			int request = buf[0] == 8 || buf[0] == 128;
+			__be16 id;
+			__builtin_memcpy(&id, &buf[4], 2);
+			/* The VM-side port is the id: source on requests from the VM,
+			 * destination on replies to it (flow keys swap sides). */
+			if (request)
+				p->sport = id;
+			else
+				p->dport = id;
+		}
+		return 0;
+	default:
+		return 0;
+	}
+}
+
+/* IPv6 extension headers we walk; anything else is the upper layer. */
+static __always_inline int is_ipv6_ext(__u8 nh)
+{
+	return nh == 0 || nh == 43 || nh == 60 || nh == 44;
+}
+
+static __always_inline __u8 parse_ipv6(struct __sk_buff *skb, __u32 off, struct pkt *p)
+{
+	struct ipv6hdr ip6;
+	__u8 nh;
+
+	if (bpf_skb_load_bytes(skb, off, &ip6, sizeof(ip6)))
+		return VMFENCE_REASON_MALFORMED;
+	if (ip6.version != 6)
+		return VMFENCE_REASON_MALFORMED;
+	__builtin_memcpy(p->saddr.b, &ip6.saddr, 16);
+	__builtin_memcpy(p->daddr.b, &ip6.daddr, 16);
+	p->family = 6;
+	nh = ip6.nexthdr;
+	off += sizeof(ip6);
+	for (int i = 0; i < 6; i++) {
+		__u8 eh[8];
+
+		if (!is_ipv6_ext(nh))
+			break;
+		if (bpf_skb_load_bytes(skb, off, eh, 8))
+			return VMFENCE_REASON_MALFORMED;
+		if (nh == 44) {
+			__u16 fo = ((__u16)eh[2] << 8) | eh[3];
+			__builtin_memcpy(&p->frag_id, &eh[4], 4);
+			if (fo >> 3)
+				p->frag = FRAG_LATER;
+			else if (fo & 1)
+				p->frag = FRAG_FIRST;
+			off += 8;
+		} else {
+			off += ((__u32)eh[1] + 1) * 8;
+		}
+		nh = eh[0];
+	}
+	if (is_ipv6_ext(nh))
+		return VMFENCE_REASON_MALFORMED; /* too many extension headers */
+	p->proto = nh;
+	p->l4_off = off;
+	if (p->frag == FRAG_LATER)
+		return 0;
+	return parse_l4(skb, off, p);
+}
+
+static __always_inline __u8 parse_ipv4_at(struct __sk_buff *skb, __u32 off, struct pkt *p)
+{
+	struct iphdr ip;
+	__u16 fo;
+
+	if (bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)))
+		return VMFENCE_REASON_MALFORMED;
+	if (ip.version != 4 || ip.ihl < 5)
+		return VMFENCE_REASON_MALFORMED;
+	set_v4_mapped(&p->saddr, ip.saddr);
+	set_v4_mapped(&p->daddr, ip.daddr);
+	p->family = 4;
+	p->proto = ip.protocol;
+	p->frag_id = ip.id;
+	fo = bpf_ntohs(ip.frag_off);
+	if (fo & 0x1fff)
+		p->frag = FRAG_LATER;
+	else if (fo & 0x2000)
+		p->frag = FRAG_FIRST;
+	off += ip.ihl * 4;
+	p->l4_off = off;
+	if (p->frag == FRAG_LATER)
+		return 0;
+	return parse_l4(skb, off, p);
+}
+
+/* Parse a frame. Returns 0 or a drop reason; p->ethertype is set as soon as
+ * the Ethernet header is there (so the MAC check runs even on bad L3). */
+static __always_inline __u8 parse(struct __sk_buff *skb, void *data, void *data_end, struct pkt *p)
+{
+	struct ethhdr *eth = data;
+	struct iphdr *ip;
+
+	if ((void *)(eth + 1) > data_end)
+		return VMFENCE_REASON_MALFORMED;
+	__builtin_memcpy(p->smac, eth->h_source, 6);
+	p->ethertype = bpf_ntohs(eth->h_proto);
+	switch (p->ethertype) {
+	case ETH_P_ARP:
+		return 0;
+	case ETH_P_IPV6:
+		return parse_ipv6(skb, ETH_HLEN, p);
+	case ETH_P_IP:
+		break;
+	default:
+		return VMFENCE_REASON_BAD_ETHERTYPE; /* VLAN tags, PPPoE, ... */
+	}
+	/* Fast path: IPv4 without options, TCP/UDP, direct packet access. */
+	ip = data + ETH_HLEN;
+	if ((void *)(ip + 1) > data_end)
+		return VMFENCE_REASON_MALFORMED;
+	if (ip->ihl == 5 && ip->version == 4 && !(ip->frag_off & bpf_htons(0x3fff)) &&
+	    (ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP)) {
+		__u8 *l4 = (void *)(ip + 1);
+
+		if ((void *)(l4 + (ip->protocol == IPPROTO_TCP ? 14 : 4)) > data_end)
+			return VMFENCE_REASON_MALFORMED;
+		set_v4_mapped(&p->saddr, ip->saddr);
+		set_v4_mapped(&p->daddr, ip->daddr);
+		p->family = 4;
+		p->proto = ip->protocol;
+		p->l4_off = ETH_HLEN + sizeof(*ip);
+		__builtin_memcpy(&p->sport, l4, 2);
+		__builtin_memcpy(&p->dport, l4 + 2, 2);
+		if (ip->protocol == IPPROTO_TCP) {
+			if ((void *)(l4 + 14) > data_end)
+				return VMFENCE_REASON_MALFORMED;
+			p->tcp_flags = l4[13];
+		}
+		return 0;
+	}
+	return parse_ipv4_at(skb, ETH_HLEN, p);
+}
+
+/* The header embedded in an ICMP error: the offending packet as the VM sent
+ * it. Returns 0 on success. */
+static __always_inline int parse_icmp_inner(struct __sk_buff *skb, const struct pkt *outer, struct pkt *inner)
+{
+	__u32 off = outer->l4_off + 8;
+
+	if (outer->proto == IPPROTO_ICMP) {
+		if (parse_ipv4_at(skb, off, inner))
+			return -1;
+	} else {
+		struct ipv6hdr ip6;
+		if (bpf_skb_load_bytes(skb, off, &ip6, sizeof(ip6)))
+			return -1;
+		__builtin_memcpy(inner->saddr.b, &ip6.saddr, 16);
+		__builtin_memcpy(inner->daddr.b, &ip6.daddr, 16);
+		inner->family = 6;
+		inner->proto = ip6.nexthdr;
+		if (parse_l4(skb, off + sizeof(ip6), inner))
+			return -1;
+	}
+	return 0;
+}
+
+#endif

@@ -1,0 +1,261 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * vmfence_abi.h - every struct, constant and map name shared by the BPF
+ * datapath (bpf/) and the C++ agent (agent/, maps/).
+ *
+ * Rules: fixed-width types only, explicit padding, no includes except the
+ * type header, byte order stated per field. When a pinned map's key or value
+ * layout changes, bump VMFENCE_ABI_VERSION: map names carry it as a suffix so
+ * an agent never adopts a pinned map of another layout.
+ */
+#ifndef VMFENCE_ABI_H
+#define VMFENCE_ABI_H
+
+#ifdef __bpf__
+/* BPF side: vmlinux.h already defines __u8..__u64. */
+#else
+#include <linux/types.h>
+#endif
+
+#define VMFENCE_ABI_VERSION 1
+
+/* Pin directory and map names (the suffix is the ABI version). */
+#define VMFENCE_PIN_DIR        "/sys/fs/bpf/vmfence"
+#define VMFENCE_MAP_VMS        "vmfence_vms_v1"       /* ifindex -> vm         */
+#define VMFENCE_MAP_OWNERS     "vmfence_owners_v1"    /* host addr -> owning vm */
+#define VMFENCE_MAP_OWNER_NETS "vmfence_owner_nets_v1" /* addr LPM -> owning vm */
+#define VMFENCE_MAP_EGRESS     "vmfence_egress_v1"    /* (policy, dst) LPM     */
+#define VMFENCE_MAP_INGRESS    "vmfence_ingress_v1"   /* (policy, src) LPM     */
+#define VMFENCE_MAP_GATEWAYS   "vmfence_gateways_v1"  /* (vm, addr) -> 1       */
+#define VMFENCE_MAP_FLOWS      "vmfence_flows_v1"     /* 5-tuple LRU           */
+#define VMFENCE_MAP_FRAGS      "vmfence_frags_v1"     /* fragment id LRU       */
+#define VMFENCE_MAP_COUNTERS   "vmfence_counters_v1"  /* per-CPU, per vm       */
+#define VMFENCE_MAP_STATE      "vmfence_state_v1"     /* per vm runtime state  */
+#define VMFENCE_MAP_CONFIG     "vmfence_config_v1"    /* global knobs, 1 entry */
+#define VMFENCE_MAP_EVENTS     "vmfence_events_v1"    /* violation ring buffer */
+#define VMFENCE_LINK_DIR       VMFENCE_PIN_DIR "/links"
+
+/* Map sizes (documented in README "Bounded state"). */
+#define VMFENCE_MAX_VMS             16384
+#define VMFENCE_MAX_OWNERS          65536 /* VM host addresses (/32, /128) */
+#define VMFENCE_MAX_OWNER_NETS      4096  /* VM addresses that are prefixes */
+#define VMFENCE_MAX_POLICY_PREFIXES 262144
+#define VMFENCE_MAX_GATEWAYS        65536
+#define VMFENCE_MAX_FLOWS           262144
+#define VMFENCE_MAX_FRAGS           16384
+#define VMFENCE_EVENTS_BYTES        (1u << 20)
+/* Port rules that apply to one destination prefix (after the compiler has
+ * merged in the rules of every covering, less specific prefix). */
+#define VMFENCE_MAX_PORT_RULES      16
+
+/* VM modes (field `mode`). */
+enum vmfence_mode {
+	VMFENCE_MODE_FILTERED  = 0, /* every packet gets the full check        */
+	VMFENCE_MODE_CONNTRACK = 1, /* first packet of a flow, then cached     */
+	VMFENCE_MODE_SAMPLED   = 2, /* 1 in 1/sample_rate packets checked      */
+	VMFENCE_MODE_DIRECT    = 3, /* anti-spoofing and isolation only        */
+};
+
+/* Why a packet was dropped. Shared with user space: names in maps/reasons.cpp.
+ * Distinct from TC_ACT_*. Append only (counters are indexed by it). */
+enum vmfence_reason {
+	VMFENCE_REASON_NONE            = 0,
+	VMFENCE_REASON_UNKNOWN_IFINDEX = 1,  /* no VM bound to this interface */
+	VMFENCE_REASON_MALFORMED       = 2,  /* truncated or invalid headers  */
+	VMFENCE_REASON_BAD_ETHERTYPE   = 3,  /* VLAN tags, unknown L3         */
+	VMFENCE_REASON_SPOOFED_MAC     = 4,
+	VMFENCE_REASON_SPOOFED_IP      = 5,
+	VMFENCE_REASON_SPOOFED_ARP     = 6,
+	VMFENCE_REASON_SPOOFED_ND      = 7,  /* NA/NS lies, rogue RA/redirect */
+	VMFENCE_REASON_ARP_DENIED      = 8,  /* ARP/NS for a foreign target   */
+	VMFENCE_REASON_CROSS_GROUP     = 9,  /* VM to VM across groups        */
+	VMFENCE_REASON_EGRESS_DENIED   = 10, /* not allowlisted               */
+	VMFENCE_REASON_INGRESS_DENIED  = 11, /* unsolicited inbound           */
+	VMFENCE_REASON_FRAGMENT        = 12, /* fragment of no allowed packet */
+	VMFENCE_REASON_IMDS_DENIED     = 13, /* IMDS without imds: true       */
+	VMFENCE_REASON_QUARANTINED     = 14, /* VM quarantined after violation*/
+	VMFENCE_REASON_NO_POLICY       = 15, /* spec removed, iface remains   */
+	VMFENCE_REASON_NOT_FOR_VM      = 16, /* to-VM packet for another addr */
+	VMFENCE_REASON_COUNT           = 17,
+};
+
+/* Hook that saw the packet. */
+enum vmfence_direction {
+	VMFENCE_DIR_FROM_VM = 0, /* TC ingress on the TAP */
+	VMFENCE_DIR_TO_VM   = 1, /* TC egress on the TAP  */
+};
+
+/* vmfence_vm.flags */
+#define VMFENCE_VM_F_QUARANTINE   0x1 /* terminate action: quarantine on violation */
+#define VMFENCE_VM_F_NO_POLICY    0x2 /* spec removed: drop everything             */
+#define VMFENCE_VM_F_MORE_ADDRS   0x4 /* addresses beyond the inline v4/v6 ones    */
+
+/* Addresses are 16 bytes; IPv4 is stored IPv4-mapped (::ffff:a.b.c.d) so one
+ * LPM trie serves both families. Network byte order. */
+#define VMFENCE_V4_PREFIX_BITS 96
+
+/* VMFENCE_MAP_VMS: key __u32 ifindex (host order). Written only by the agent,
+ * one whole-value update per change (RCU): a packet sees the old or the new
+ * policy, never a mix. The VM's first IPv4 and IPv6 address are inline so the
+ * anti-spoofing check needs no lookup; VMFENCE_VM_F_MORE_ADDRS sends the
+ * datapath to the owner maps for the rest. */
+struct vmfence_vm {
+	__u32 vm_id;            /* FNV-1a of the VM name                   */
+	__u32 group_id;         /* FNV-1a of the group name                */
+	__u32 policy_id;        /* generation; keys its egress/ingress LPM  */
+	__u32 slot;             /* index into counters / state arrays      */
+	__u32 sample_threshold; /* sampled: check when prandom < this       */
+	__u32 window_ms;        /* on_violation.window_ms                  */
+	__u16 threshold;        /* on_violation.threshold                  */
+	__u8  mac[6];           /* the VM's MAC                             */
+	__u8  mode;             /* enum vmfence_mode                        */
+	__u8  flags;            /* VMFENCE_VM_F_*                           */
+	__u8  v4_plen;          /* prefix of v4_addr; 0 = none inline      */
+	__u8  v6_plen;          /* prefix of v6_addr; 0 = none inline      */
+	__u8  v4_addr[4];       /* network order */
+	__u8  v6_addr[16];      /* network order */
+};
+
+/* VMFENCE_MAP_OWNERS key: a VM's full-length address. */
+struct vmfence_addr {
+	__u8  addr[16];         /* network order, IPv4-mapped */
+};
+
+/* VMFENCE_MAP_OWNER_NETS key: a VM's address that is a prefix (e.g. a routed
+ * /28). prefixlen counts bits of the mapped address (IPv4 /28 = 124). */
+struct vmfence_addr_key {
+	__u32 prefixlen;
+	__u8  addr[16];         /* network order, IPv4-mapped */
+};
+
+struct vmfence_owner {
+	__u32 vm_id;
+	__u32 group_id;
+};
+
+/* VMFENCE_MAP_CONFIG value (array, key 0). */
+#define VMFENCE_CFG_F_OWNER_NETS 0x1 /* VMFENCE_MAP_OWNER_NETS is not empty */
+struct vmfence_config {
+	__u32 flags;            /* VMFENCE_CFG_F_*                        */
+	__u32 event_budget;     /* events per VM per budget window        */
+	__u64 budget_window_ns; /* 0 = VMFENCE_DEFAULT_BUDGET_WINDOW_NS   */
+};
+
+/* VMFENCE_MAP_EGRESS / _INGRESS key: (policy_id, peer prefix). prefixlen =
+ * 32 (policy_id, always fully matched) + bits of addr. Longest prefix wins;
+ * the value already holds the rules of every covering prefix, so the longest
+ * match alone decides. */
+struct vmfence_policy_key {
+	__u32 prefixlen;
+	__u32 policy_id;        /* host order; only ever matched whole */
+	__u8  addr[16];         /* network order, IPv4-mapped          */
+};
+
+#define VMFENCE_PROTO_ANY 0
+
+struct vmfence_port_rule {
+	__u16 port_lo;          /* host order, inclusive */
+	__u16 port_hi;          /* host order, inclusive */
+	__u8  proto;            /* IPPROTO_* or VMFENCE_PROTO_ANY */
+	__u8  pad[3];
+};
+
+/* vmfence_policy_value.flags */
+#define VMFENCE_POLICY_F_IMDS 0x1 /* prefix is the IMDS address: deny reason IMDS */
+
+struct vmfence_policy_value {
+	__u16 count;            /* used entries of rules[] */
+	__u8  flags;            /* VMFENCE_POLICY_F_*      */
+	__u8  pad;
+	struct vmfence_port_rule rules[VMFENCE_MAX_PORT_RULES];
+};
+
+/* VMFENCE_MAP_GATEWAYS key. */
+struct vmfence_gateway_key {
+	__u32 vm_id;
+	__u8  addr[16];         /* network order, IPv4-mapped */
+};
+
+/* VMFENCE_MAP_FLOWS: flows allowed by policy, keyed as seen from the VM
+ * whichever side opened them, so both hooks look up the same key. */
+struct vmfence_flow_key {
+	__u8  vm_addr[16];      /* network order, IPv4-mapped     */
+	__u8  peer_addr[16];    /* network order, IPv4-mapped     */
+	__u16 vm_port;          /* network order; ICMP echo id    */
+	__u16 peer_port;        /* network order; 0 for ICMP      */
+	__u32 vm_id;
+	__u8  proto;
+	__u8  pad[3];
+};
+
+#define VMFENCE_FLOW_OPENED_BY_VM   0
+#define VMFENCE_FLOW_OPENED_BY_PEER 1
+struct vmfence_flow {
+	__u32 policy_id;        /* generation the verdict was computed under */
+	__u8  opened_by;        /* VMFENCE_FLOW_OPENED_BY_*                   */
+	__u8  pad[3];
+};
+
+/* VMFENCE_MAP_FRAGS: first fragments the policy allowed. */
+struct vmfence_frag_key {
+	__u8  saddr[16];
+	__u8  daddr[16];
+	__u32 id;               /* IPv4 id or IPv6 fragment id, network order */
+	__u32 vm_id;
+	__u8  proto;
+	__u8  pad[3];
+};
+
+/* VMFENCE_MAP_COUNTERS: per-CPU array indexed by vmfence_vm.slot (slot 0 =
+ * packets on an interface with no VM). */
+struct vmfence_counters {
+	__u64 from_vm_packets;
+	__u64 from_vm_bytes;
+	__u64 to_vm_packets;
+	__u64 to_vm_bytes;
+	__u64 events_suppressed; /* over the per-VM event budget */
+	__u64 events_lost;       /* ring buffer full             */
+	__u64 drops[VMFENCE_REASON_COUNT];
+	__u64 pad;
+};
+
+/* VMFENCE_MAP_STATE: array indexed by slot; written by the datapath, zeroed by
+ * the agent when a slot gets a new VM. */
+struct vmfence_state {
+	__u64 budget_window_ns;    /* start of the event budget window       */
+	__u64 violation_window_ns; /* start of the on_violation window       */
+	__u32 budget_used;         /* events sent in this budget window      */
+	__u32 violations;          /* violations in this on_violation window */
+	__u32 quarantined;         /* 1: all traffic dropped (terminate)     */
+	__u32 pad;
+};
+
+#define VMFENCE_EVENT_F_TRIGGER 0x1 /* reached on_violation.threshold: act */
+#define VMFENCE_EVENT_F_QUARANTINED 0x2 /* the datapath quarantined the VM */
+
+/* Ring buffer record, one per reported drop. */
+struct vmfence_event {
+	__u64 timestamp_ns;     /* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
+	__u32 vm_id;
+	__u32 ifindex;
+	__u32 policy_id;
+	__u8  reason;           /* enum vmfence_reason    */
+	__u8  direction;        /* enum vmfence_direction */
+	__u8  mode;             /* enum vmfence_mode      */
+	__u8  family;           /* 4, 6, or 0 (ARP/L2)    */
+	__u8  saddr[16];        /* network order, IPv4-mapped */
+	__u8  daddr[16];
+	__u16 sport;            /* host order */
+	__u16 dport;            /* host order */
+	__u8  proto;
+	__u8  flags;            /* VMFENCE_EVENT_F_* */
+	__u8  pad[2];
+	__u8  smac[6];
+	__u16 ethertype;        /* host order */
+};
+
+/* Defaults for vmfence_config: events per VM per window. */
+#define VMFENCE_DEFAULT_EVENT_BUDGET    64
+#define VMFENCE_DEFAULT_BUDGET_WINDOW_NS 1000000000ull
+
+#endif /* VMFENCE_ABI_H */

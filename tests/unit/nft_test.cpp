@@ -1,0 +1,606 @@
+// Unit tests for agent/nft: the ruleset builder (rules and the exact libnftnl
+// expressions, which mirror `nft --debug=netlink` for the same rule text), and, as
+// root, the real kernel in a private network namespace per test: atomic replace,
+// other tables untouched, remove, verify, the monitor's repair, failed applies.
+#include "nft.h"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <sched.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <array>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+using namespace vmfence;
+namespace nft = vmfence::nft;
+
+namespace {
+
+// Local helpers, so these tests do not depend on spec.cpp's parser.
+Cidr v4(const char* addr, uint8_t plen = 32) {
+  Cidr c;
+  c.family = 4;
+  c.addr[10] = 0xff;
+  c.addr[11] = 0xff;
+  EXPECT_EQ(inet_pton(AF_INET, addr, &c.addr[12]), 1) << addr;
+  c.prefix_len = plen;
+  return c;
+}
+
+Cidr v6(const char* addr, uint8_t plen = 128) {
+  Cidr c;
+  c.family = 6;
+  EXPECT_EQ(inet_pton(AF_INET6, addr, c.addr.data()), 1) << addr;
+  c.prefix_len = plen;
+  return c;
+}
+
+VmSpec vm(const std::string& name, std::vector<Cidr> addrs, bool imds) {
+  VmSpec v;
+  v.name = name;
+  v.interface = "vm-" + name;
+  v.group = name;
+  v.addresses = std::move(addrs);
+  v.imds = imds;
+  return v;
+}
+
+// host: wan0, masquerade 10.0.0.0/8 + fd00::/8, IMDS 169.254.169.254:80;
+// vm1 (imds, ssh from 100.64.0.0/10), vm2 (no imds)
+Spec sample_spec() {
+  Spec s;
+  s.host.wan_interfaces = {"wan0"};
+  s.host.masquerade = {v4("10.0.0.0", 8), v6("fd00::", 8)};
+  s.host.imds = ImdsSpec{v4("169.254.169.254"), 80};
+  VmSpec a = vm("vm1", {v4("10.1.0.2"), v6("fd00:1::2")}, true);
+  Rule ssh;
+  ssh.peer = v4("100.64.0.0", 10);
+  ssh.proto = Proto::tcp;
+  ssh.ports = {{22, 22}};
+  a.ingress = {ssh};
+  VmSpec b = vm("vm2", {v4("10.2.0.2")}, false);
+  s.vms = {a, b};
+  return s;
+}
+
+std::vector<std::string> texts(const nft::Ruleset& rs, const std::string& chain) {
+  std::vector<std::string> out;
+  for (const auto* r : rs.in_chain(chain)) out.push_back(r->text());
+  return out;
+}
+
+const nft::RuleDesc* find_rule(const nft::Ruleset& rs, const std::string& text) {
+  for (const auto& r : rs.rules)
+    if (r.text() == text) return &r;
+  return nullptr;
+}
+
+std::string exprs_of(const nft::Ruleset& rs, const std::string& text) {
+  const auto* r = find_rule(rs, text);
+  EXPECT_NE(r, nullptr) << "no rule `" << text << "` in\n" << rs.text();
+  return r ? nft::rule_exprs(*r) : "";
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// Builder (no privileges needed)
+// ---------------------------------------------------------------------------
+
+TEST(NftBuild, ChainsAreFixed) {
+  const auto rs = nft::build_ruleset(Spec{});
+  ASSERT_EQ(rs.chains.size(), 5u);
+  EXPECT_EQ(rs.chains[0].name, "prerouting");
+  EXPECT_EQ(rs.chains[0].text(), "type filter hook prerouting priority -150; policy accept;");
+  EXPECT_EQ(rs.chains[1].text(), "type filter hook forward priority 0; policy accept;");
+  EXPECT_EQ(rs.chains[2].text(), "type nat hook postrouting priority 100; policy accept;");
+  EXPECT_EQ(rs.chains[3].name, "imds_forward");
+  EXPECT_EQ(rs.chains[3].hook, "");
+  EXPECT_EQ(rs.chains[4].name, "wan_to_vm");
+  // Empty spec: only the established/related rule.
+  ASSERT_EQ(rs.rules.size(), 1u);
+  EXPECT_EQ(rs.rules[0].text(), "ct state established,related accept comment \"replies to flows the VMs opened\"");
+}
+
+TEST(NftBuild, MasqueradeV4) {
+  Spec s;
+  s.host.wan_interfaces = {"wan0", "wan1"};
+  s.host.masquerade = {v4("10.0.0.0", 8)};
+  const auto rs = nft::build_ruleset(s);
+  EXPECT_EQ(texts(rs, "postrouting"),
+            (std::vector<std::string>{
+                "oifname \"wan0\" ip saddr 10.0.0.0/8 counter masquerade comment \"masquerade 10.0.0.0/8 out wan0\"",
+                "oifname \"wan1\" ip saddr 10.0.0.0/8 counter masquerade comment \"masquerade 10.0.0.0/8 out wan1\"",
+            }));
+  // Exactly what nft generates for `oifname "wan0" ip saddr 10.0.0.0/8 counter masquerade`.
+  EXPECT_EQ(nft::rule_exprs(*rs.in_chain("postrouting")[0]),
+            "[ meta load oifname => reg 1 ]\n"
+            "[ cmp eq reg 1 0x306e6177 0x00000000 0x00000000 0x00000000 ]\n"
+            "[ meta load nfproto => reg 1 ]\n"
+            "[ cmp eq reg 1 0x00000002 ]\n"
+            "[ payload load 1b @ network header + 12 => reg 1 ]\n"
+            "[ cmp eq reg 1 0x0000000a ]\n"
+            "[ counter pkts 0 bytes 0 ]\n"
+            "[ masq ]\n");
+}
+
+TEST(NftBuild, MasqueradeV6AndUnalignedPrefixes) {
+  Spec s;
+  s.host.wan_interfaces = {"wan0"};
+  s.host.masquerade = {v6("fd00::", 12), v6("2001:db8::", 32), v4("100.64.0.0", 10)};
+  const auto rs = nft::build_ruleset(s);
+  EXPECT_EQ(exprs_of(rs, "oifname \"wan0\" ip6 saddr fd00::/12 counter masquerade comment \"masquerade fd00::/12 out wan0\""),
+            "[ meta load oifname => reg 1 ]\n"
+            "[ cmp eq reg 1 0x306e6177 0x00000000 0x00000000 0x00000000 ]\n"
+            "[ meta load nfproto => reg 1 ]\n"
+            "[ cmp eq reg 1 0x0000000a ]\n"
+            "[ payload load 16b @ network header + 8 => reg 1 ]\n"
+            "[ bitwise reg 1 = ( reg 1 & 0x0000f0ff 0x00000000 0x00000000 0x00000000 ) ^ 0x00000000 0x00000000 0x00000000 0x00000000 ]\n"
+            "[ cmp eq reg 1 0x000000fd 0x00000000 0x00000000 0x00000000 ]\n"
+            "[ counter pkts 0 bytes 0 ]\n"
+            "[ masq ]\n");
+  // Byte-aligned IPv6 prefix: only the prefix bytes are loaded.
+  EXPECT_NE(exprs_of(rs, "oifname \"wan0\" ip6 saddr 2001:db8::/32 counter masquerade comment \"masquerade 2001:db8::/32 out wan0\"")
+                .find("[ payload load 4b @ network header + 8 => reg 1 ]\n[ cmp eq reg 1 0xb80d0120 ]\n"),
+            std::string::npos);
+  EXPECT_NE(exprs_of(rs, "oifname \"wan0\" ip saddr 100.64.0.0/10 counter masquerade comment \"masquerade 100.64.0.0/10 out wan0\"")
+                .find("[ bitwise reg 1 = ( reg 1 & 0x0000c0ff ) ^ 0x00000000 ]\n[ cmp eq reg 1 0x00004064 ]\n"),
+            std::string::npos);
+}
+
+TEST(NftBuild, HostBitsAreCleared) {
+  Spec s;
+  s.vms = {vm("vm1", {v4("10.1.0.2", 24)}, false)};
+  s.host.wan_interfaces = {"wan0"};
+  const auto rs = nft::build_ruleset(s);
+  EXPECT_EQ(texts(rs, "wan_to_vm"),
+            (std::vector<std::string>{"ip daddr 10.1.0.0/24 counter drop comment \"vm1: unsolicited from the WAN\""}));
+  EXPECT_NE(nft::rule_exprs(*rs.in_chain("wan_to_vm")[0]).find("[ payload load 3b @ network header + 16 => reg 1 ]\n"
+                                                               "[ cmp eq reg 1 0x0000010a ]\n"),
+            std::string::npos);
+}
+
+TEST(NftBuild, ImdsOnlyForImdsVms) {
+  const auto rs = nft::build_ruleset(sample_spec());
+  // IMDSv2: TTL restored on replies of NATed IMDS flows.
+  EXPECT_EQ(texts(rs, "prerouting"),
+            (std::vector<std::string>{"ip saddr 169.254.169.254 tcp sport 80 ct status snat ip ttl set 64 comment "
+                                      "\"IMDSv2: restore the TTL of IMDS replies to NATed VMs\""}));
+  EXPECT_EQ(nft::rule_exprs(*rs.in_chain("prerouting")[0]),
+            "[ meta load nfproto => reg 1 ]\n"
+            "[ cmp eq reg 1 0x00000002 ]\n"
+            "[ payload load 4b @ network header + 12 => reg 1 ]\n"
+            "[ cmp eq reg 1 0xfea9fea9 ]\n"
+            "[ meta load l4proto => reg 1 ]\n"
+            "[ cmp eq reg 1 0x00000006 ]\n"
+            "[ payload load 2b @ transport header + 0 => reg 1 ]\n"
+            "[ cmp eq reg 1 0x00005000 ]\n"
+            "[ ct load status => reg 1 ]\n"
+            "[ bitwise reg 1 = ( reg 1 & 0x00000010 ) ^ 0x00000000 ]\n"
+            "[ cmp neq reg 1 0x00000000 ]\n"
+            "[ payload load 2b @ network header + 8 => reg 1 ]\n"
+            "[ bitwise reg 1 = ( reg 1 & 0x0000ff00 ) ^ 0x00000040 ]\n"
+            "[ payload write reg 1 => 2b @ network header + 8 csum_type 1 csum_off 10 csum_flags 0x0 ]\n");
+
+  EXPECT_EQ(texts(rs, "imds_forward"),
+            (std::vector<std::string>{
+                "ip saddr 10.1.0.2 tcp dport 80 accept comment \"vm1: IMDS\"",
+                "ip saddr 10.1.0.2 counter drop comment \"vm1: IMDS, other ports\"",
+                "ip saddr 10.2.0.2 counter drop comment \"vm2: no IMDS\"",
+            }));
+  EXPECT_EQ(nft::rule_exprs(*rs.in_chain("imds_forward")[0]),
+            "[ meta load nfproto => reg 1 ]\n"
+            "[ cmp eq reg 1 0x00000002 ]\n"
+            "[ payload load 4b @ network header + 12 => reg 1 ]\n"
+            "[ cmp eq reg 1 0x0200010a ]\n"
+            "[ meta load l4proto => reg 1 ]\n"
+            "[ cmp eq reg 1 0x00000006 ]\n"
+            "[ payload load 2b @ transport header + 2 => reg 1 ]\n"
+            "[ cmp eq reg 1 0x00005000 ]\n"
+            "[ immediate reg 0 accept ]\n");
+
+  const auto post = texts(rs, "postrouting");
+  ASSERT_EQ(post.size(), 4u);
+  EXPECT_EQ(post[0], "ip saddr 10.1.0.2 ip daddr 169.254.169.254 tcp dport 80 counter masquerade comment "
+                     "\"vm1: IMDS from the hypervisor's address\"");
+  EXPECT_EQ(post[1], "ip daddr 169.254.169.254 accept comment \"IMDS: no translation for other sources\"");
+  EXPECT_EQ(post[2], "oifname \"wan0\" ip saddr 10.0.0.0/8 counter masquerade comment \"masquerade 10.0.0.0/8 out wan0\"");
+  EXPECT_EQ(post[3], "oifname \"wan0\" ip6 saddr fd00::/8 counter masquerade comment \"masquerade fd00::/8 out wan0\"");
+  for (const auto& t : post) EXPECT_EQ(t.find("10.2.0.2"), std::string::npos) << t;  // vm2: no IMDS NAT
+
+  // forward sends IMDS-bound packets to imds_forward
+  EXPECT_NE(find_rule(rs, "ip daddr 169.254.169.254 jump imds_forward comment \"IMDS: only VMs with imds true\""), nullptr);
+}
+
+TEST(NftBuild, ImdsV6Address) {
+  Spec s = sample_spec();
+  s.host.imds = ImdsSpec{v6("fd00:ec2::254"), 80};
+  const auto rs = nft::build_ruleset(s);
+  EXPECT_EQ(texts(rs, "prerouting"),
+            (std::vector<std::string>{"ip6 saddr fd00:ec2::254 tcp sport 80 ct status snat ip6 hoplimit set 64 comment "
+                                      "\"IMDSv2: restore the TTL of IMDS replies to NATed VMs\""}));
+  EXPECT_NE(nft::rule_exprs(*rs.in_chain("prerouting")[0])
+                .find("[ immediate reg 1 0x00000040 ]\n"
+                      "[ payload write reg 1 => 1b @ network header + 7 csum_type 0 csum_off 0 csum_flags 0x0 ]\n"),
+            std::string::npos);
+  EXPECT_EQ(texts(rs, "imds_forward"),
+            (std::vector<std::string>{"ip6 saddr fd00:1::2 tcp dport 80 accept comment \"vm1: IMDS\"",
+                                      "ip6 saddr fd00:1::2 counter drop comment \"vm1: IMDS, other ports\""}));
+}
+
+TEST(NftBuild, NoImdsConfigured) {
+  Spec s = sample_spec();
+  s.host.imds.reset();
+  const auto rs = nft::build_ruleset(s);
+  EXPECT_TRUE(rs.in_chain("prerouting").empty());
+  EXPECT_TRUE(rs.in_chain("imds_forward").empty());
+  EXPECT_EQ(rs.in_chain("postrouting").size(), 2u);  // only the masquerades
+  // No imds:true VM: no TTL rewrite either.
+  Spec t = sample_spec();
+  for (auto& v : t.vms) v.imds = false;
+  const auto rt = nft::build_ruleset(t);
+  EXPECT_TRUE(rt.in_chain("prerouting").empty());
+  EXPECT_EQ(texts(rt, "imds_forward"),
+            (std::vector<std::string>{"ip saddr 10.1.0.2 counter drop comment \"vm1: no IMDS\"",
+                                      "ip saddr 10.2.0.2 counter drop comment \"vm2: no IMDS\""}));
+}
+
+TEST(NftBuild, WanToVmEstablishedOnly) {
+  Spec s = sample_spec();
+  s.vms[0].ingress.clear();
+  s.host.wan_interfaces = {"wan0", "wan1"};
+  const auto rs = nft::build_ruleset(s);
+  const auto fwd = texts(rs, "forward");
+  ASSERT_EQ(fwd.size(), 4u);
+  EXPECT_EQ(fwd[0], "ct state established,related accept comment \"replies to flows the VMs opened\"");
+  EXPECT_EQ(fwd[2], "iifname \"wan0\" jump wan_to_vm comment \"from the WAN\"");
+  EXPECT_EQ(fwd[3], "iifname \"wan1\" jump wan_to_vm comment \"from the WAN\"");
+  EXPECT_EQ(nft::rule_exprs(*rs.in_chain("forward")[0]),
+            "[ ct load state => reg 1 ]\n"
+            "[ bitwise reg 1 = ( reg 1 & 0x00000006 ) ^ 0x00000000 ]\n"
+            "[ cmp neq reg 1 0x00000000 ]\n"
+            "[ immediate reg 0 accept ]\n");
+  EXPECT_EQ(nft::rule_exprs(*rs.in_chain("forward")[2]),
+            "[ meta load iifname => reg 1 ]\n"
+            "[ cmp eq reg 1 0x306e6177 0x00000000 0x00000000 0x00000000 ]\n"
+            "[ immediate reg 0 jump -> wan_to_vm ]\n");
+  EXPECT_EQ(texts(rs, "wan_to_vm"),
+            (std::vector<std::string>{
+                "ip daddr 10.1.0.2 counter drop comment \"vm1: unsolicited from the WAN\"",
+                "ip6 daddr fd00:1::2 counter drop comment \"vm1: unsolicited from the WAN\"",
+                "ip daddr 10.2.0.2 counter drop comment \"vm2: unsolicited from the WAN\"",
+            }));
+  EXPECT_EQ(nft::rule_exprs(*rs.in_chain("wan_to_vm")[1]),
+            "[ meta load nfproto => reg 1 ]\n"
+            "[ cmp eq reg 1 0x0000000a ]\n"
+            "[ payload load 16b @ network header + 24 => reg 1 ]\n"
+            "[ cmp eq reg 1 0x010000fd 0x00000000 0x00000000 0x02000000 ]\n"
+            "[ counter pkts 0 bytes 0 ]\n"
+            "[ immediate reg 0 drop ]\n");
+}
+
+TEST(NftBuild, IngressRuleExceptions) {
+  Spec s = sample_spec();
+  Rule r1;  // tcp 22 + 1000-2000 from the admin network
+  r1.peer = v4("100.64.0.0", 10);
+  r1.proto = Proto::tcp;
+  r1.ports = {{22, 22}, {1000, 2000}};
+  Rule r2;  // ping from anywhere (IPv4)
+  r2.peer = v4("0.0.0.0", 0);
+  r2.proto = Proto::icmp;
+  Rule r3;  // anything from one IPv6 host
+  r3.peer = v6("2001:db8::7");
+  Rule r4;  // icmpv6 with an IPv4 peer: cannot match, skipped
+  r4.peer = v4("192.0.2.0", 24);
+  r4.proto = Proto::icmpv6;
+  Rule r5;  // udp, all ports
+  r5.peer = v4("198.51.100.0", 24);
+  r5.proto = Proto::udp;
+  s.vms[0].ingress = {r1, r2, r3, r4, r5};
+  const auto rs = nft::build_ruleset(s);
+  EXPECT_EQ(texts(rs, "wan_to_vm"),
+            (std::vector<std::string>{
+                "ip saddr 100.64.0.0/10 ip daddr 10.1.0.2 tcp dport 22 accept comment \"vm1: ingress[0]\"",
+                "ip saddr 100.64.0.0/10 ip daddr 10.1.0.2 tcp dport 1000-2000 accept comment \"vm1: ingress[0]\"",
+                "ip daddr 10.1.0.2 meta l4proto icmp accept comment \"vm1: ingress[1]\"",
+                "ip6 saddr 2001:db8::7 ip6 daddr fd00:1::2 accept comment \"vm1: ingress[2]\"",
+                "ip saddr 198.51.100.0/24 ip daddr 10.1.0.2 meta l4proto udp accept comment \"vm1: ingress[4]\"",
+                "ip daddr 10.1.0.2 counter drop comment \"vm1: unsolicited from the WAN\"",
+                "ip6 daddr fd00:1::2 counter drop comment \"vm1: unsolicited from the WAN\"",
+                "ip daddr 10.2.0.2 counter drop comment \"vm2: unsolicited from the WAN\"",
+            }));
+  EXPECT_EQ(nft::rule_exprs(*rs.in_chain("wan_to_vm")[1]),
+            "[ meta load nfproto => reg 1 ]\n"
+            "[ cmp eq reg 1 0x00000002 ]\n"
+            "[ payload load 4b @ network header + 12 => reg 1 ]\n"
+            "[ bitwise reg 1 = ( reg 1 & 0x0000c0ff ) ^ 0x00000000 ]\n"
+            "[ cmp eq reg 1 0x00004064 ]\n"
+            "[ payload load 4b @ network header + 16 => reg 1 ]\n"
+            "[ cmp eq reg 1 0x0200010a ]\n"
+            "[ meta load l4proto => reg 1 ]\n"
+            "[ cmp eq reg 1 0x00000006 ]\n"
+            "[ payload load 2b @ transport header + 2 => reg 1 ]\n"
+            "[ cmp gte reg 1 0x0000e803 ]\n"
+            "[ cmp lte reg 1 0x0000d007 ]\n"
+            "[ immediate reg 0 accept ]\n");
+  // 0.0.0.0/0: no address match, only the family
+  EXPECT_EQ(nft::rule_exprs(*rs.in_chain("wan_to_vm")[2]),
+            "[ meta load nfproto => reg 1 ]\n"
+            "[ cmp eq reg 1 0x00000002 ]\n"
+            "[ payload load 4b @ network header + 16 => reg 1 ]\n"
+            "[ cmp eq reg 1 0x0200010a ]\n"
+            "[ meta load l4proto => reg 1 ]\n"
+            "[ cmp eq reg 1 0x00000001 ]\n"
+            "[ immediate reg 0 accept ]\n");
+}
+
+TEST(NftBuild, FingerprintFollowsContent) {
+  const auto a = nft::build_ruleset(sample_spec());
+  const auto b = nft::build_ruleset(sample_spec());
+  EXPECT_EQ(a.fingerprint(), b.fingerprint());
+  Spec s = sample_spec();
+  s.vms[1].imds = true;
+  EXPECT_NE(nft::build_ruleset(s).fingerprint(), a.fingerprint());
+  EXPECT_NE(a.text().find("table inet vmfence {\n\tchain prerouting {\n"), std::string::npos);
+}
+
+// ---------------------------------------------------------------------------
+// Kernel tests: root, each in a fresh network namespace of its own
+// ---------------------------------------------------------------------------
+
+namespace {
+
+std::string run(const std::string& cmd, int* status = nullptr) {
+  std::string out;
+  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
+  if (!p) return out;
+  std::array<char, 4096> buf;
+  size_t n;
+  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
+  const int st = pclose(p);
+  if (status) *status = st;
+  return out;
+}
+
+size_t count(const std::string& hay, const std::string& needle) {
+  size_t n = 0;
+  for (size_t pos = hay.find(needle); pos != std::string::npos; pos = hay.find(needle, pos + 1)) ++n;
+  return n;
+}
+
+// Wait until the monitor's fd is readable (events arrive right after the change).
+bool wait_readable(int fd, int timeout_ms = 2000) {
+  pollfd p{fd, POLLIN, 0};
+  return poll(&p, 1, timeout_ms) == 1;
+}
+
+class NftKernel : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (geteuid() != 0) {
+      const char* ci = std::getenv("CI");
+      if (ci && std::string(ci) == "true") FAIL() << "needs root (CAP_NET_ADMIN) and CI=true: cannot skip";
+      GTEST_SKIP() << "needs root (CAP_NET_ADMIN)";
+    }
+    orig_ = open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC);
+    ASSERT_GE(orig_, 0);
+    ASSERT_EQ(unshare(CLONE_NEWNET), 0) << "unshare(CLONE_NEWNET): " << strerror(errno);
+    // A fresh namespace has no tables at all.
+    ASSERT_EQ(run("nft list tables"), "");
+  }
+  void TearDown() override {
+    if (orig_ >= 0) {
+      EXPECT_EQ(setns(orig_, CLONE_NEWNET), 0);
+      close(orig_);
+    }
+  }
+  int orig_ = -1;
+};
+
+}  // namespace
+
+TEST_F(NftKernel, ApplyTwiceLeavesOneTable) {
+  const Spec spec = sample_spec();
+  ASSERT_TRUE(nft::apply(spec)) << nft::apply(spec).message;
+  const auto r = nft::apply(spec);
+  ASSERT_TRUE(r) << r.message;
+  const std::string tables = run("nft -j list tables");
+  EXPECT_EQ(count(tables, "\"name\": \"vmfence\""), 1u) << tables;
+  EXPECT_TRUE(nft::verify(nft::build_ruleset(spec))) << nft::verify(nft::build_ruleset(spec)).message;
+  EXPECT_TRUE(nft::table_intact());
+  // One copy of each rule.
+  const std::string listing = run("nft list table inet vmfence");
+  EXPECT_EQ(count(listing, "comment \"masquerade 10.0.0.0/8 out wan0\""), 1u) << listing;
+}
+
+TEST_F(NftKernel, NftListsExactlyOurRuleText) {
+  // nft decodes our expressions back into the same rule text: the kernel holds
+  // what RuleDesc::text() says (counters aside).
+  Spec spec = sample_spec();
+  Rule r;
+  r.peer = v4("100.64.0.0", 10);
+  r.proto = Proto::tcp;
+  r.ports = {{1000, 2000}};
+  Rule ping;
+  ping.peer = v4("0.0.0.0", 0);
+  ping.proto = Proto::icmp;
+  Rule any6;
+  any6.peer = v6("2001:db8::", 32);
+  Rule udp;
+  udp.peer = v4("198.51.100.7");
+  udp.proto = Proto::udp;
+  spec.vms[1].ingress = {r, ping, udp};
+  spec.vms[0].ingress.push_back(any6);
+  const auto rs = nft::build_ruleset(spec);
+  ASSERT_TRUE(nft::apply(rs));
+  std::string listing = run("nft list table inet vmfence");
+  for (size_t pos; (pos = listing.find("counter packets 0 bytes 0")) != std::string::npos;)
+    listing.replace(pos, std::strlen("counter packets 0 bytes 0"), "counter");
+  for (const auto& rule : rs.rules) EXPECT_NE(listing.find("\t\t" + rule.text() + "\n"), std::string::npos) << rule.text() << "\n" << listing;
+  EXPECT_NE(listing.find("comment \"managed by vmfence, ruleset "), std::string::npos) << listing;
+  EXPECT_NE(listing.find("type nat hook postrouting priority srcnat; policy accept;"), std::string::npos);
+}
+
+TEST_F(NftKernel, OperatorTableSurvivesApplyAndRemove) {
+  int st = 0;
+  run("nft add table inet opsguard && nft add chain inet opsguard guard '{ type filter hook forward priority 0; }' "
+      "&& nft add rule inet opsguard guard counter accept && nft add table ip vmfence",
+      &st);
+  ASSERT_EQ(st, 0);
+  const std::string before = run("nft list table inet opsguard");
+  ASSERT_TRUE(nft::apply(sample_spec()));
+  EXPECT_EQ(run("nft list table inet opsguard"), before);
+  ASSERT_TRUE(nft::remove());
+  EXPECT_EQ(run("nft list table inet opsguard"), before);
+  // Only inet vmfence is ours: an `ip vmfence` table (someone else's) stays.
+  EXPECT_EQ(run("nft list tables"), "table inet opsguard\ntable ip vmfence\n");
+}
+
+TEST_F(NftKernel, RemoveLeavesNothingAndIsIdempotent) {
+  ASSERT_TRUE(nft::remove()) << "remove with no table must succeed";
+  ASSERT_TRUE(nft::apply(sample_spec()));
+  ASSERT_TRUE(nft::remove());
+  EXPECT_EQ(run("nft list ruleset"), "");
+  EXPECT_FALSE(nft::table_intact());
+  const auto again = nft::remove();
+  EXPECT_TRUE(again) << again.message;
+  EXPECT_EQ(nft::verify(nft::build_ruleset(sample_spec())).err, ENOENT);
+}
+
+TEST_F(NftKernel, VerifyNoticesEdits) {
+  const Spec spec = sample_spec();
+  const auto rs = nft::build_ruleset(spec);
+  ASSERT_TRUE(nft::apply(rs));
+  ASSERT_TRUE(nft::verify(rs));
+
+  run("nft add rule inet vmfence forward accept");
+  auto v = nft::verify(rs);
+  EXPECT_EQ(v.err, EPROTO);
+  EXPECT_NE(v.message.find("chain forward has 4 rules, expected 3"), std::string::npos) << v.message;
+
+  ASSERT_TRUE(nft::apply(rs));
+  // Same rule count, different content (a masquerade replaced by an accept).
+  const std::string handles = run("nft -a list chain inet vmfence postrouting");
+  const auto pos = handles.find("out wan0\" # handle ");
+  ASSERT_NE(pos, std::string::npos) << handles;
+  const std::string handle = handles.substr(pos + std::strlen("out wan0\" # handle "));
+  int st = 0;
+  run("nft replace rule inet vmfence postrouting handle " + handle.substr(0, handle.find('\n')) +
+          " oifname wan0 ip saddr 10.0.0.0/8 counter accept comment '\"masquerade 10.0.0.0/8 out wan0\"'",
+      &st);
+  ASSERT_EQ(st, 0);
+  v = nft::verify(rs);
+  EXPECT_EQ(v.err, EPROTO);
+  EXPECT_NE(v.message.find("chain postrouting rule 3 differs"), std::string::npos) << v.message;
+  EXPECT_FALSE(nft::table_intact());
+
+  ASSERT_TRUE(nft::apply(rs));
+  run("nft delete chain inet vmfence prerouting");
+  v = nft::verify(rs);
+  EXPECT_EQ(v.err, EPROTO) << v.message;
+}
+
+TEST_F(NftKernel, MonitorRepairsDeletedTable) {
+  const Spec spec = sample_spec();
+  ASSERT_TRUE(nft::apply(spec));
+  nft::Monitor mon;
+  ASSERT_TRUE(mon.open());
+  ASSERT_GE(mon.fd(), 0);
+  // Our own apply is an event too, but the table is intact: nothing to do.
+  ASSERT_TRUE(nft::apply(spec));
+  ASSERT_TRUE(wait_readable(mon.fd()));
+  EXPECT_FALSE(mon.handle_readable(spec));
+
+  // An unrelated table's change is not ours: drained, not checked.
+  run("nft add table inet opsguard");
+  ASSERT_TRUE(wait_readable(mon.fd()));
+  EXPECT_FALSE(mon.drain());
+
+  int st = 0;
+  run("nft delete table inet vmfence", &st);
+  ASSERT_EQ(st, 0);
+  ASSERT_TRUE(wait_readable(mon.fd()));
+  EXPECT_TRUE(mon.handle_readable(spec));
+  EXPECT_TRUE(nft::verify(nft::build_ruleset(spec))) << nft::verify(nft::build_ruleset(spec)).message;
+  EXPECT_NE(run("nft list tables").find("table inet opsguard"), std::string::npos);
+
+  // An edit (a rule flushed from a chain) is repaired too.
+  run("nft flush chain inet vmfence wan_to_vm", &st);
+  ASSERT_EQ(st, 0);
+  ASSERT_TRUE(wait_readable(mon.fd()));
+  EXPECT_TRUE(mon.handle_readable(spec));
+  EXPECT_TRUE(nft::table_intact());
+
+  // `nft flush ruleset` removes everything; ours comes back.
+  run("nft flush ruleset", &st);
+  ASSERT_TRUE(wait_readable(mon.fd()));
+  EXPECT_TRUE(mon.handle_readable(spec));
+  EXPECT_TRUE(nft::table_intact());
+  // The repair's own events do not trigger another repair.
+  if (wait_readable(mon.fd(), 200)) {
+    EXPECT_FALSE(mon.handle_readable(spec));
+  }
+}
+
+TEST_F(NftKernel, FailedApplyKeepsPreviousTable) {
+  const Spec good = sample_spec();
+  const auto good_rs = nft::build_ruleset(good);
+  ASSERT_TRUE(nft::apply(good_rs));
+  // Spec validation rejects such a name; here it reaches the kernel, which
+  // rejects a 41-byte comparison against a 16-byte interface name.
+  Spec bad = good;
+  bad.host.wan_interfaces = {std::string(40, 'w')};
+  const auto r = nft::apply(bad);
+  ASSERT_FALSE(r);
+  EXPECT_NE(r.err, 0);
+  EXPECT_NE(r.message.find("kernel rejected message"), std::string::npos) << r.message;
+  EXPECT_NE(r.message.find("add rule inet vmfence"), std::string::npos) << r.message;
+  EXPECT_NE(r.message.find(std::strerror(r.err)), std::string::npos) << r.message;
+  // The transaction was aborted as a whole: the previous table is in force.
+  const auto v = nft::verify(good_rs);
+  EXPECT_TRUE(v) << v.message;
+  EXPECT_TRUE(nft::table_intact());  // table_intact still compares to the last good apply
+  EXPECT_EQ(count(run("nft list tables"), "vmfence"), 1u);
+}
+
+TEST_F(NftKernel, FailedFirstApplyLeavesNothing) {
+  Spec bad = sample_spec();
+  bad.host.wan_interfaces = {std::string(40, 'w')};
+  ASSERT_FALSE(nft::apply(bad));
+  EXPECT_EQ(run("nft list ruleset"), "");
+}
+
+TEST_F(NftKernel, ManyVmsInOneBatch) {
+  Spec s = sample_spec();
+  s.vms.clear();
+  for (int i = 0; i < 2000; ++i) {
+    const std::string a = "10." + std::to_string(i / 250 + 1) + "." + std::to_string(i % 250) + ".2";
+    VmSpec v = vm("vm" + std::to_string(i), {v4(a.c_str())}, i % 2 == 0);
+    Rule r;
+    r.peer = v4("100.64.0.0", 10);
+    r.proto = Proto::tcp;
+    r.ports = {{22, 22}};
+    v.ingress = {r};
+    s.vms.push_back(v);
+  }
+  const auto rs = nft::build_ruleset(s);
+  ASSERT_GT(rs.rules.size(), 8000u);
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto r = nft::apply(rs);
+  ASSERT_TRUE(r) << r.message;
+  const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_LT(ms, 10000) << "applying " << rs.rules.size() << " rules took " << ms << " ms";
+  EXPECT_TRUE(nft::verify(rs));
+  ASSERT_TRUE(nft::apply(rs));
+  EXPECT_EQ(count(run("nft list tables"), "vmfence"), 1u);
+}
