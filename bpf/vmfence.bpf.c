@@ -392,8 +392,10 @@ static __always_inline int nd_options_ok(struct __sk_buff *skb, const struct vmf
 	return 1;
 }
 
-/* ICMPv6 neighbour discovery and MLD from the VM. Returns -1 when the packet
- * is not ND/MLD (the caller goes on with policy), else a verdict. */
+#define NOT_ND 1000 /* not a TC verdict: the packet is not ND/MLD */
+
+/* ICMPv6 neighbour discovery and MLD from the VM. Returns NOT_ND when the
+ * packet is not ND/MLD (the caller goes on with policy), else a verdict. */
 static __always_inline int from_vm_nd(struct __sk_buff *skb, const struct vmfence_vm *vm, struct pkt *p,
 				      int src_owned)
 {
@@ -414,7 +416,7 @@ static __always_inline int from_vm_nd(struct __sk_buff *skb, const struct vmfenc
 	case 136: /* neighbour advertisement */
 		break;
 	default:
-		return -1;
+		return NOT_ND;
 	}
 	if (!src_ok)
 		return drop(skb, vm, p, VMFENCE_REASON_SPOOFED_IP, VMFENCE_DIR_FROM_VM);
@@ -478,7 +480,7 @@ int vmfence_from_vm(struct __sk_buff *skb)
 	src_owned = vm_owns(vm, &p.saddr);
 	if (p.proto == IPPROTO_ICMPV6 && p.frag == FRAG_NONE) {
 		ret = from_vm_nd(skb, vm, &p, src_owned);
-		if (ret != -1)
+		if (ret != NOT_ND)
 			return ret;
 	}
 	if (!src_owned)

@@ -288,7 +288,7 @@ for at, name in ((46, "ingress"), (47, "egress")):
 		echo "tcx/$dir $(bpftool prog show id "$id" 2>/dev/null | awk 'NR==1 {for (i = 1; i < NF; i++) if ($i == "name") print $(i + 1)}')"
 	done
 	for dir in ingress egress; do
-		nsx "$ns" tc filter show dev "$dev" "$dir" 2>/dev/null | grep -E '^filter .* (bpf|matchall)' | sed "s|^|tc/$dir |"
+		nsx "$ns" tc filter show dev "$dev" "$dir" 2>/dev/null | grep -E '^filter ' | sed "s|^|tc/$dir |"
 	done
 	return 0
 }
