@@ -98,6 +98,9 @@ void Daemon::apply_vm(const VmSpec& vm, const VmPlan& plan) {
   uint32_t ifindex = if_nametoindex(vm.interface.c_str());
   if (auto s = writer_->install(plan, ifindex); !s) {
     spdlog::error("{}: install policy of vm {}: {}", vm.file, vm.name, s.message);
+    // Fail closed: the programs still go on the interface; with no VM entry
+    // (or its previous one) they drop what the policy cannot vouch for.
+    if (ifindex) dp_->attach(ifindex);
     return;
   }
   if (ifindex) {
@@ -162,6 +165,7 @@ bool Daemon::start() {
   writer_->write_config(cfg);
   for (size_t i = 0; i < spec_.vms.size(); ++i) apply_vm(spec_.vms[i], plan.vms[i]);
   writer_->collect_garbage();
+  Datapath::remove_stale_pins(dp_->dir());
   apply_nft();
   publish_state();
   spdlog::info("enforcing {} VMs from {} (maps pinned under {})", spec_.vms.size(), config_dir_, pin_dir());
@@ -197,7 +201,8 @@ void Daemon::link_changed(int type, uint32_t ifindex, const std::string& name) {
     if (it->second.ifindex == ifindex) return;  // already enforced
     auto t0 = std::chrono::steady_clock::now();
     if (auto s = writer_->bind(vm.name, ifindex); !s) {
-      spdlog::error("vm {}: {}", vm.name, s.message);
+      spdlog::error("vm {}: {} (interface attached anyway: it drops everything)", vm.name, s.message);
+      dp_->attach(ifindex);
       return;
     }
     if (auto s = dp_->attach(ifindex); !s) {

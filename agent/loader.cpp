@@ -7,6 +7,7 @@
 
 #include <cstdarg>
 #include <filesystem>
+#include <set>
 
 #include "vmfence_tc.skel.h"
 
@@ -101,6 +102,19 @@ Status Datapath::attach(uint32_t ifindex) {
     if (err) return Status::error(e, "pin link " + path);
   }
   return {};
+}
+
+void Datapath::remove_stale_pins(const std::string& dir) {
+  MapSet current;
+  std::set<std::string> names;
+  current.for_each([&](const char* name, int) { names.insert(name); });
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
+    std::string n = e.path().filename();
+    if (e.is_directory() || n.rfind("vmfence_", 0) != 0 || names.count(n)) continue;
+    spdlog::info("removing stale pinned map {} (other layout version)", n);
+    ::unlink(e.path().c_str());
+  }
 }
 
 void Datapath::detach(const std::string& dir, uint32_t ifindex) {

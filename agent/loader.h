@@ -34,6 +34,9 @@ class Datapath {
   static void detach(const std::string& dir, uint32_t ifindex);
   // Pin paths of ifindex's links.
   static std::string link_path(const std::string& dir, uint32_t ifindex, bool from_vm);
+  // Unpin maps of other layout versions (a previous release's vmfence_*_vN)
+  // once the programs on every interface use the current ones.
+  static void remove_stale_pins(const std::string& dir);
   // ifindexes with pinned links under dir.
   static std::vector<uint32_t> linked_ifindexes(const std::string& dir);
 

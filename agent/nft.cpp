@@ -536,7 +536,7 @@ class Batch {
  private:
   char* reserve() {
     constexpr size_t kMaxMsg = 16384;  // far above any message we build
-    if (buf_.size() - len_ < kMaxMsg) buf_.resize(len_ + kMaxMsg + 65536);
+    if (buf_.size() - len_ < kMaxMsg) buf_.resize(std::max(buf_.size() * 2, len_ + kMaxMsg));
     return buf_.data() + len_;
   }
   void commit(nlmsghdr* nlh) {
@@ -1019,10 +1019,7 @@ Result apply(const Ruleset& rs) {
     return Result{ENOMEM, "nftables: out of memory building the batch"};
   }
   Result res = b.send_and_wait();
-  if (!res) {
-    spdlog::error("{} (previous ruleset left in force)", res.message);
-    return res;
-  }
+  if (!res) return res;  // the caller logs it; the kernel kept the previous table
   {
     std::lock_guard lock(g_mu);
     g_applied = rs;

@@ -174,6 +174,17 @@ Status MapWriter::zero_slot(uint32_t slot) {
   return {};
 }
 
+// A new interface for a VM is a new VM instance (the manager restarted it
+// after a termination): it starts out of quarantine.
+void MapWriter::clear_quarantine(uint32_t slot) {
+  vmfence_state st{};
+  if (bpf_map_lookup_elem(maps_.state.get(), &slot, &st) == 0 && st.quarantined) {
+    st.quarantined = 0;
+    st.violations = 0;
+    bpf_map_update_elem(maps_.state.get(), &slot, &st, BPF_ANY);
+  }
+}
+
 Status MapWriter::write_policy(int fd, const std::vector<PolicyEntry>& entries, uint32_t policy_id) {
   for (size_t i = 0; i < entries.size(); ++i) {
     vmfence_policy_key k = entries[i].key;
@@ -235,6 +246,7 @@ Status MapWriter::install(const VmPlan& plan, uint32_t ifindex) {
   if (it != vms_.end()) {
     const InstalledVm& old = it->second;
     if (old.ifindex && old.ifindex != ifindex) bpf_map_delete_elem(maps_.vms.get(), &old.ifindex);
+    if (ifindex && old.ifindex != ifindex) clear_quarantine(next.slot);
     delete_policy(maps_.egress.get(), old.plan.egress, old.policy_id);
     delete_policy(maps_.ingress.get(), old.plan.ingress, old.policy_id);
     auto gone = [](const auto& list, const auto& x) {
@@ -261,6 +273,7 @@ Status MapWriter::bind(const std::string& name, uint32_t ifindex) {
   if (bpf_map_update_elem(maps_.vms.get(), &ifindex, &vm, BPF_ANY) != 0)
     return Status::error(errno, "write VM entry for " + name);
   if (it->second.ifindex && it->second.ifindex != ifindex) bpf_map_delete_elem(maps_.vms.get(), &it->second.ifindex);
+  if (it->second.ifindex != ifindex) clear_quarantine(it->second.slot);
   it->second.ifindex = ifindex;
   orphaned_.erase(ifindex);
   return {};

@@ -76,6 +76,7 @@ class MapWriter {
   void delete_policy(int fd, const std::vector<PolicyEntry>& entries, uint32_t policy_id);
   uint32_t alloc_slot(uint32_t vm_id);
   Status zero_slot(uint32_t slot);
+  void clear_quarantine(uint32_t slot);
 
   MapSet& maps_;
   std::map<std::string, InstalledVm> vms_;

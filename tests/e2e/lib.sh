@@ -170,9 +170,25 @@ spawn() {
 	E2E_BG_PIDS+=("$!")
 }
 
-# serve_tcp NS PORT: TCP server (IPv4 + IPv6) answering "vmfence-e2e NS PORT".
+# serve_tcp NS PORT: TCP server (IPv4 + IPv6) that answers every connection
+# with "vmfence-e2e NS PORT peer=ADDR" (ADDR: the source it saw) and closes.
 serve_tcp() {
-	spawn "$1" socat "TCP6-LISTEN:$2,ipv6only=0,fork,reuseaddr" "SYSTEM:echo vmfence-e2e $1 $2"
+	spawn "$1" "$PY" -u -c '
+import socket, sys
+ns, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("::", port))
+s.listen(64)
+while True:
+    c, a = s.accept()
+    try:
+        c.sendall(("vmfence-e2e %s %d peer=%s\n" % (ns, port, a[0].replace("::ffff:", ""))).encode())
+    except OSError:
+        pass
+    c.close()
+' "$1" "$2"
 }
 
 # serve_udp NS PORT: UDP echo server (IPv4 + IPv6) that also records every
@@ -215,6 +231,11 @@ tcp_probe() {
 	out=$(nsx "$1" timeout 6 nc -N -w 2 "$2" "$3" </dev/null 2>&1)
 	[ "${E2E_VERBOSE:-0}" = 1 ] && echo "    tcp $1 -> $2:$3: ${out:-<nothing>}"
 	case $out in *vmfence-e2e*) return 0 ;; *) return 1 ;; esac
+}
+
+# tcp_peer NS HOST PORT: the source address the server saw (after any NAT).
+tcp_peer() {
+	nsx "$1" timeout 6 nc -N -w 2 "$2" "$3" </dev/null 2>/dev/null | sed -n 's/^vmfence-e2e .* peer=//p'
 }
 
 # udp_probe NS HOST PORT: send a token, expect it echoed.
@@ -417,6 +438,42 @@ expect_no_log() {
 		_log_since_mark | grep -E -- "$re" | head -n 5 | sed 's/^/    | /'
 	else
 		_pass "$d"
+	fi
+}
+
+# counters_match_log: for every VM in `vmfence status --json`, each reason's drop
+# counter equals the violation lines logged for that VM and reason, unless
+# events were suppressed (budget) or lost (ring full) for it. Every drop in the
+# datapath is either reported or counted as suppressed/lost, so a mismatch
+# means drops nobody hears about (or a status/ABI mix-up). Call after the
+# traffic has settled (waits 1 s for the log to catch up).
+counters_match_log() {
+	if [ "$ENFORCE" != 1 ] || [ -z "$DAEMON_PID" ]; then _skip "status counters match the violation log (no daemon)"; return 0; fi
+	sleep 1
+	local out
+	if ! out=$(vmf status --json 2>&1 | "$PY" -c '
+import json, re, sys, collections
+st = json.load(sys.stdin)
+logged = collections.Counter()
+for line in open(sys.argv[1], errors="replace"):
+    m = re.search(r"violation vm=(\S+) reason=(\S+)", line)
+    if m:
+        logged[(m.group(1), m.group(2))] += 1
+bad = []
+for vm in st["vms"]:
+    c = vm["counters"]
+    slack = c.get("events_suppressed", 0) + c.get("events_lost", 0)
+    for reason, n in vm["drops"].items():
+        l = logged[(vm["name"], reason)]
+        if n < l or (slack == 0 and n != l):
+            bad.append("%s %s: counter %d, logged %d (suppressed+lost %d)" % (vm["name"], reason, n, l, slack))
+print("\n".join(bad))
+sys.exit(1 if bad else 0)
+' "$DLOG" 2>&1); then
+		_fail "status drop counters match the violation log"
+		echo "$out" | sed 's/^/    | /'
+	else
+		_pass "status drop counters match the violation log"
 	fi
 }
 

@@ -207,6 +207,12 @@ make_vm() {  # make_vm NS TAP MAC N
   must ip -n "$ns" link set eth0 up
   must ip -n "$ns" route add default via "10.$n.0.1"
   must ip -n "$ns" -6 route add default via "fd00:$n::1"
+  # Static IPv6 neighbours: this test is about NAT; neighbour discovery through
+  # the datapath is the BPF tests' business.
+  local hv_mac
+  hv_mac=$(ip -n "$HV" -j link show "$tap" | jq -r '.[0].address')
+  must ip -n "$ns" -6 neigh replace "fd00:$n::1" lladdr "$hv_mac" dev eth0 nud permanent
+  must ip -n "$HV" -6 neigh replace "fd00:$n::2" lladdr "$mac" dev "$tap" nud permanent
 }
 make_vm "$VM1" vm-vm1 02:00:00:00:01:02 1
 make_vm "$VM2" vm-vm2 02:00:00:00:02:02 2
@@ -356,11 +362,18 @@ check "a rule deleted by hand is restored within 5 s" wait_for 5 masquerade_back
 stop_daemon
 check "stopped daemon leaves the table in place (fail closed)" has_table inet vmfence
 check "stopped daemon: NAT keeps working" internet_v4 "$VM1"
-start_daemon
+# Control for the IMDSv2 rule: without the TTL restore, the token reply (TTL 1)
+# dies at hv's forward step. Nobody repairs it while the daemon is stopped...
+must hv_nft flush chain inet vmfence prerouting
+check_not "control: without vmfence's TTL restore the IMDSv2 token never arrives" \
+  quiet helper "$VM1" PUT 169.254.169.254 80 /latest/api/token
+start_daemon  # ...and the restart replaces the tampered table
 check "restart: exactly one inet vmfence table" test "$(count_vmfence_tables)" = 1
 check "restart: each masquerade rule once" \
   test "$(hv_nft list table inet vmfence | grep -c 'masquerade 10.0.0.0/8 out wan0')" = 1
 check "restart: vm1 still reaches the internet" internet_v4 "$VM1"
+check "restart: the IMDSv2 token arrives again" \
+  test "$(helper "$VM1" PUT 169.254.169.254 80 /latest/api/token 2>/dev/null)" = vmfence-test-token
 check "restart: the operator's table is untouched" has_table inet opsguard
 
 # ---------------------------------------------------------------------------

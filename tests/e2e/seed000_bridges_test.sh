@@ -138,6 +138,7 @@ expect_ok "vm1 -> internet tcp/443 still works" tcp_probe vm1 198.51.100.2 443
 expect_ok "vm1 still pings its gateway" ping_probe vm1 10.1.0.1
 if enforced; then
 	expect_ok "daemon still running" kill -0 "$DAEMON_PID"
-	expect_ok "vmfence status --json works" vmf status --json
+	expect_ok "vmfence status --json works" eval 'vmf status --json >/dev/null'
 fi
+counters_match_log
 e2e_finish

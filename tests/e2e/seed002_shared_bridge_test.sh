@@ -135,4 +135,5 @@ mark_log
 expect_ok "acme1 -> acme2 tcp/22 still works" tcp_probe acme1 10.100.1.3 22
 expect_ok "host -> globex1 tcp/80 still works" tcp_probe hv 10.100.2.2 80
 expect_no_log "no violation for these" 'violation vm=(acme|globex)[12] reason='
+counters_match_log
 e2e_finish

@@ -171,4 +171,5 @@ section "still healthy after the attacks"
 expect_ok "vm1 -> vm2 tcp/22 over IPv6 still works" tcp_probe vm1 fec0::2 22
 expect_ok "vm2 -> vm1 ping over IPv6 still works" ping_probe vm2 fec0::1
 expect_ok "vm1 -> internet tcp/443 over IPv6 still works" tcp_probe vm1 2001:db8:100::2 443
+counters_match_log
 e2e_finish

@@ -1,0 +1,163 @@
+// Spec -> map entries: the compiler's folding of covering prefixes, barriers
+// (IPv4 under an IPv6 ::/0, IMDS), port merging and limits.
+#include <arpa/inet.h>
+#include <gtest/gtest.h>
+
+#include <cstring>
+
+#include "agent/spec.h"
+#include "maps/compiler.h"
+
+namespace vmfence {
+namespace {
+
+VmSpec vm_from(const std::string& json, std::vector<SpecError>* errs = nullptr) {
+  std::vector<SpecError> e;
+  auto vm = parse_vm("vm.json", json, ViolationPolicy{}, e);
+  EXPECT_TRUE(e.empty()) << (e.empty() ? "" : e[0].str());
+  if (errs) *errs = e;
+  return *vm;
+}
+
+HostSpec host_with_imds() {
+  std::vector<SpecError> e;
+  return parse_host("host.json", R"({"imds": {"address": "169.254.169.254", "port": 80}})", e);
+}
+
+const PolicyEntry* find(const std::vector<PolicyEntry>& es, const std::string& cidr) {
+  auto c = parse_cidr(cidr);
+  auto addr = masked_addr(*c);
+  for (const auto& e : es)
+    if (e.key.prefixlen == 32u + c->mapped_prefix_len() && std::memcmp(e.key.addr, addr.data(), 16) == 0) return &e;
+  return nullptr;
+}
+
+const char* kBase = R"("name": "vm1", "interface": "tap1", "mac": "02:00:00:00:01:02",
+                       "addresses": ["10.1.0.2/32", "fec0::1/128"], "gateway": ["10.1.0.1"])";
+
+TEST(Compiler, VmEntryCarriesIdentityModeAndInlineAddresses) {
+  std::vector<SpecError> errs;
+  VmSpec vm = vm_from(std::string("{") + kBase + R"(, "group": "g", "mode": "sampled", "sample_rate": 0.5})");
+  VmPlan p = compile_vm(vm, HostSpec{}, errs);
+  EXPECT_EQ(p.vm.vm_id, name_id("vm1"));
+  EXPECT_EQ(p.vm.group_id, name_id("g"));
+  EXPECT_EQ(p.vm.mode, VMFENCE_MODE_SAMPLED);
+  EXPECT_EQ(p.vm.sample_threshold, 0x80000000u);
+  EXPECT_EQ(p.vm.v4_plen, 32);
+  EXPECT_EQ(p.vm.v6_plen, 128);
+  uint32_t v4;
+  std::memcpy(&v4, p.vm.v4_addr, 4);
+  EXPECT_EQ(v4, inet_addr("10.1.0.2"));
+  EXPECT_FALSE(p.vm.flags & VMFENCE_VM_F_MORE_ADDRS);
+  EXPECT_EQ(p.host_addresses.size(), 2u);
+  ASSERT_EQ(p.gateways.size(), 1u);
+  EXPECT_EQ(p.gateways[0].vm_id, p.vm.vm_id);
+}
+
+TEST(Compiler, MoreSpecificPrefixInheritsCoveringRules) {
+  std::vector<SpecError> errs;
+  VmSpec vm = vm_from(std::string("{") + kBase + R"(, "egress": [
+      {"to": "0.0.0.0/0", "proto": "tcp", "ports": ["443"]},
+      {"to": "203.0.113.7/32", "proto": "udp", "ports": ["51900"]}]})");
+  VmPlan p = compile_vm(vm, HostSpec{}, errs);
+  ASSERT_TRUE(errs.empty());
+  const PolicyEntry* host = find(p.egress, "203.0.113.7/32");
+  ASSERT_NE(host, nullptr);
+  ASSERT_EQ(host->value.count, 2);  // its own udp 51900 and the inherited tcp 443
+  const PolicyEntry* all = find(p.egress, "0.0.0.0/0");
+  ASSERT_NE(all, nullptr);
+  EXPECT_EQ(all->value.count, 1);
+  EXPECT_EQ(all->value.rules[0].proto, 6);
+  EXPECT_EQ(all->value.rules[0].port_lo, 443);
+}
+
+TEST(Compiler, Ipv6DefaultRouteDoesNotCoverIpv4) {
+  std::vector<SpecError> errs;
+  VmSpec vm = vm_from(std::string("{") + kBase + R"(, "egress": [{"to": "::/0", "proto": "tcp"}]})");
+  VmPlan p = compile_vm(vm, HostSpec{}, errs);
+  const PolicyEntry* v4root = find(p.egress, "0.0.0.0/0");
+  ASSERT_NE(v4root, nullptr) << "a barrier entry must fence off the IPv4-mapped space";
+  EXPECT_EQ(v4root->value.count, 0);
+}
+
+TEST(Compiler, ImdsIsFencedFromBroadRules) {
+  std::vector<SpecError> errs;
+  HostSpec host = host_with_imds();
+  VmSpec denied = vm_from(std::string("{") + kBase + R"(, "egress": [{"to": "0.0.0.0/0", "proto": "tcp"}]})");
+  VmPlan p = compile_vm(denied, host, errs);
+  const PolicyEntry* imds = find(p.egress, "169.254.169.254/32");
+  ASSERT_NE(imds, nullptr);
+  EXPECT_EQ(imds->value.count, 0);
+  EXPECT_TRUE(imds->value.flags & VMFENCE_POLICY_F_IMDS);
+
+  VmSpec allowed = vm_from(std::string("{") + kBase + R"(, "imds": true})");
+  VmPlan q = compile_vm(allowed, host, errs);
+  imds = find(q.egress, "169.254.169.254/32");
+  ASSERT_NE(imds, nullptr);
+  ASSERT_EQ(imds->value.count, 1);
+  EXPECT_EQ(imds->value.rules[0].proto, 6);
+  EXPECT_EQ(imds->value.rules[0].port_lo, 80);
+  EXPECT_EQ(imds->value.rules[0].port_hi, 80);
+}
+
+TEST(Compiler, OverlappingPortRangesMerge) {
+  std::vector<SpecError> errs;
+  VmSpec vm = vm_from(std::string("{") + kBase + R"(, "egress": [
+      {"to": "10.9.0.0/16", "proto": "tcp", "ports": ["80-90", "85-100", "101"]},
+      {"to": "10.9.0.0/16", "proto": "any"}]})");
+  VmPlan p = compile_vm(vm, HostSpec{}, errs);
+  const PolicyEntry* e = find(p.egress, "10.9.0.0/16");
+  ASSERT_NE(e, nullptr);
+  ASSERT_EQ(e->value.count, 1);  // "any" covers every tcp range
+  EXPECT_EQ(e->value.rules[0].proto, VMFENCE_PROTO_ANY);
+}
+
+TEST(Compiler, TooManyPortRulesForOnePrefixIsAnError) {
+  std::string rules;
+  for (int i = 0; i < VMFENCE_MAX_PORT_RULES + 1; ++i)
+    rules += std::string(i ? "," : "") + "\"" + std::to_string(1000 + 2 * i) + "\"";
+  std::vector<SpecError> errs;
+  VmSpec vm = vm_from(std::string("{") + kBase + R"(, "egress": [{"to": "0.0.0.0/0", "proto": "tcp", "ports": [)" +
+                      rules + "]}]}");
+  compile_vm(vm, HostSpec{}, errs);
+  ASSERT_EQ(errs.size(), 1u);
+  EXPECT_EQ(errs[0].file, "vm.json");
+  EXPECT_EQ(errs[0].path, "egress");
+  EXPECT_NE(errs[0].message.find("at most 16"), std::string::npos);
+}
+
+TEST(Compiler, PrefixAddressesGoToTheOwnerTrie) {
+  std::vector<SpecError> errs;
+  VmSpec vm = vm_from(R"({"name": "r", "interface": "tap9", "mac": "02:00:00:00:09:02",
+                          "addresses": ["10.9.0.2/32", "10.9.1.0/28", "fec0::9/128"]})");
+  VmPlan p = compile_vm(vm, HostSpec{}, errs);
+  EXPECT_TRUE(p.vm.flags & VMFENCE_VM_F_MORE_ADDRS);
+  ASSERT_EQ(p.net_addresses.size(), 1u);
+  EXPECT_EQ(p.net_addresses[0].prefixlen, 96u + 28);
+  EXPECT_EQ(p.host_addresses.size(), 2u);
+}
+
+TEST(Compiler, TerminateSetsQuarantineAndThreshold) {
+  std::vector<SpecError> errs;
+  ViolationPolicy host;
+  host.action = Action::terminate;
+  host.command = {"true"};
+  host.threshold = 3;
+  host.window_ms = 500;
+  std::vector<SpecError> e;
+  auto vm = parse_vm("vm.json", std::string("{") + kBase + "}", host, e);
+  ASSERT_TRUE(vm);
+  VmPlan p = compile_vm(*vm, HostSpec{}, errs);
+  EXPECT_TRUE(p.vm.flags & VMFENCE_VM_F_QUARANTINE);
+  EXPECT_EQ(p.vm.threshold, 3);
+  EXPECT_EQ(p.vm.window_ms, 500u);
+}
+
+TEST(Compiler, SampleThresholdBounds) {
+  EXPECT_EQ(sample_threshold(1.0), 0xffffffffu);
+  EXPECT_EQ(sample_threshold(0.0), 0u);
+  EXPECT_NEAR(sample_threshold(0.01) / 4294967296.0, 0.01, 1e-9);
+}
+
+}  // namespace
+}  // namespace vmfence
