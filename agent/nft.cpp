@@ -353,12 +353,16 @@ std::string rule_comment(const nftnl_rule* r) {
   uint32_t len = 0;
   const void* data = nftnl_rule_get_data(r, NFTNL_RULE_USERDATA, &len);
   std::string out;
-  auto cb = [](const nftnl_udata* attr, void* arg) -> int {
-    if (nftnl_udata_type(attr) == NFTNL_UDATA_RULE_COMMENT) {
-      const char* s = static_cast<const char*>(nftnl_udata_get(attr));
-      *static_cast<std::string*>(arg) = std::string(s, strnlen(s, nftnl_udata_len(attr)));
+  auto cb = [](const nftnl_udata* attr, void* arg) -> int {  // called from C: must not throw
+    try {
+      if (nftnl_udata_type(attr) == NFTNL_UDATA_RULE_COMMENT) {
+        const char* s = static_cast<const char*>(nftnl_udata_get(attr));
+        *static_cast<std::string*>(arg) = std::string(s, strnlen(s, nftnl_udata_len(attr)));
+      }
+      return 0;
+    } catch (...) {
+      return -1;
     }
-    return 0;
   };
   nftnl_udata_parse(data, len, cb, &out);
   return out;
@@ -373,13 +377,17 @@ std::string udata_comment(const Obj* o, uint16_t attr, uint8_t type, Getter get)
     uint8_t type;
     std::string out;
   } ctx{type, {}};
-  auto cb = [](const nftnl_udata* a, void* arg) -> int {
+  auto cb = [](const nftnl_udata* a, void* arg) -> int {  // called from C: must not throw
     auto* c = static_cast<Ctx*>(arg);
-    if (nftnl_udata_type(a) == c->type) {
-      const char* s = static_cast<const char*>(nftnl_udata_get(a));
-      c->out = std::string(s, strnlen(s, nftnl_udata_len(a)));
+    try {
+      if (nftnl_udata_type(a) == c->type) {
+        const char* s = static_cast<const char*>(nftnl_udata_get(a));
+        c->out = std::string(s, strnlen(s, nftnl_udata_len(a)));
+      }
+      return 0;
+    } catch (...) {
+      return -1;
     }
-    return 0;
   };
   nftnl_udata_parse(data, len, cb, &ctx);
   return ctx.out;
@@ -611,11 +619,18 @@ Result dump(uint16_t type, const char* what, BuildReq build, OnMsg on_msg) {
     const uint32_t portid = mnl_socket_get_portid(sock.get());
     struct Ctx {
       OnMsg* on_msg;
+      bool oom = false;
     } ctx{&on_msg};
-    auto cb = [](const nlmsghdr* m, void* data) -> int {
+    auto cb = [](const nlmsghdr* m, void* data) -> int {  // called from C: must not throw
       auto* c = static_cast<Ctx*>(data);
-      (*c->on_msg)(m);
-      return MNL_CB_OK;
+      try {
+        (*c->on_msg)(m);
+        return MNL_CB_OK;
+      } catch (...) {
+        c->oom = true;
+        errno = ENOMEM;
+        return MNL_CB_ERROR;
+      }
     };
     int ret;
     for (;;) {
@@ -628,6 +643,7 @@ Result dump(uint16_t type, const char* what, BuildReq build, OnMsg on_msg) {
       if (ret <= MNL_CB_STOP) break;
     }
     if (ret >= 0) return {};
+    if (ctx.oom) return Result{ENOMEM, std::string("nftables: dump ") + what + ": out of memory"};
     if (errno == EINTR) continue;  // NLM_F_DUMP_INTR: start over
     return errno_result(errno, std::string("nftables: dump ") + what);
   }

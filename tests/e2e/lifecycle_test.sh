@@ -4,7 +4,8 @@
 #
 #   hv:   br-vm1 10.1.0.1/24 + TAP vm-vm1, br-vm2 10.2.0.1/24 + TAP vm-vm2,
 #         wan0 198.51.100.1/24 -> "inet" 198.51.100.2 (TCP 443, 8080);
-#         host.json masquerades 10.0.0.0/8 out of wan0 (so an nft table exists)
+#         host.json masquerades 10.0.0.0/8 out of wan0 and so vmfence's nft
+#         table also drops unsolicited WAN -> VM traffic
 #   vm1, vm2 at 10.N.0.2, each its own group, egress tcp/443 only.
 # Unrelated objects the test puts in place first and that must survive
 # everything: a pinned BPF map in a sibling bpffs dir, an nft table in hv, a
@@ -82,7 +83,8 @@ enforced_flows() { # LABEL
 	expect_ok "$1: vm2 -> internet tcp/443 (allowed, new connection)" tcp_probe vm2 198.51.100.2 443
 	expect_blocked "$1: vm1 -> internet tcp/8080" tcp_probe vm1 198.51.100.2 8080
 	expect_blocked "$1: vm1 -> vm2 tcp/22 (other group)" tcp_probe vm1 10.2.0.2 22
-	expect_blocked "$1: internet -> vm2 tcp/22 (unsolicited)" tcp_probe inet 10.2.0.2 22
+	expect_blocked "$1: hypervisor 10.2.0.1 -> vm2 tcp/22 (unsolicited: the TAP hook)" tcp_probe hv 10.2.0.2 22
+	expect_blocked "$1: internet -> vm2 tcp/22 (unsolicited from the WAN: the nft table)" tcp_probe inet 10.2.0.2 22
 }
 
 if enforced; then
@@ -92,7 +94,7 @@ if enforced; then
 	enforced_flows running
 	expect_log "running: egress_denied vm=vm1 dport=8080 logged" "$(violation_re vm1 egress_denied 'dport=8080')"
 	expect_log "running: cross_group vm=vm1 logged" "$(violation_re vm1 cross_group 'dst=10\.2\.0\.2')"
-	expect_log "running: ingress_denied vm=vm2 logged" "$(violation_re vm2 ingress_denied 'dir=to_vm')"
+	expect_log "running: ingress_denied vm=vm2 logged" "$(violation_re vm2 ingress_denied 'dir=to_vm src=10\.2\.0\.1 dst=10\.2\.0\.2 proto=tcp')"
 	expect_ok "running: maps pinned under $PIN" has_pins
 	expect_ok "running: vmfence programs on vm-vm1 ingress and egress" progs_on_both_hooks vm-vm1
 	expect_ok "running: vmfence programs on vm-vm2 ingress and egress" progs_on_both_hooks vm-vm2
@@ -141,5 +143,6 @@ expect_ok "vm1's source address arrives unmasqueraded (10.1.0.2)" eval 'test "$(
 expect_ok "vm1 -> vm2 tcp/22 flows" tcp_probe vm1 10.2.0.2 22
 expect_ok "vm1 pings vm2" ping_probe vm1 10.2.0.2
 expect_ok "internet -> vm2 tcp/22 flows" tcp_probe inet 10.2.0.2 22
+expect_ok "hypervisor -> vm2 tcp/22 flows" tcp_probe hv 10.2.0.2 22
 expect_ok "unrelated objects intact at the end" unrelated_intact
 e2e_finish
