@@ -66,6 +66,7 @@ class Daemon {
   void link_changed(int type, uint32_t ifindex, const std::string& name);
   void apply_nft();
   void publish_state();
+  void report_lost_events();
   const VmSpec* vm_by_id(uint32_t id) const;
   static int on_link_msg(nl_msg* msg, void* arg);
 
@@ -83,6 +84,7 @@ class Daemon {
   bool reload_pending_ = false;
   std::chrono::steady_clock::time_point reload_at_{};
   bool running_ = true;
+  std::map<uint32_t, std::pair<uint64_t, uint64_t>> reported_;  // vm_id -> suppressed, lost
 };
 
 Daemon::~Daemon() {
@@ -281,6 +283,29 @@ void Daemon::reload(const char* why) {
                kept);
 }
 
+// Events the datapath did not send (over the per-VM budget, or ring buffer
+// full) are counted in the kernel; say how many, once a second per VM.
+void Daemon::report_lost_events() {
+  for (uint32_t id : events_.take_active_vms()) {
+    const VmSpec* vm = vm_by_id(id);
+    if (!vm) continue;
+    auto it = writer_->installed().find(vm->name);
+    if (it == writer_->installed().end()) continue;
+    vmfence_counters c{};
+    if (!read_counters(dp_->maps(), it->second.slot, c)) continue;
+    auto& seen = reported_[id];
+    uint64_t suppressed = c.events_suppressed - std::min<uint64_t>(seen.first, c.events_suppressed);
+    uint64_t lost = c.events_lost - std::min<uint64_t>(seen.second, c.events_lost);
+    seen = {c.events_suppressed, c.events_lost};
+    if (!suppressed && !lost) continue;
+    std::string msg = fmt::format("vm {}: {} violation events suppressed (over the budget of {}/s), {} lost (ring "
+                                  "buffer full); drop counters stay exact (vmfence status)",
+                                  vm->name, suppressed, VMFENCE_DEFAULT_EVENT_BUDGET, lost);
+    spdlog::warn("{}", msg);
+    journal_.notice(4, msg, vm->name);
+  }
+}
+
 int Daemon::run() {
   if (!start()) return 1;
 
@@ -339,6 +364,7 @@ int Daemon::run() {
 
   sd_notify(0, "READY=1");
   auto last_check = std::chrono::steady_clock::now();
+  auto last_report = last_check;
   while (running_) {
     epoll_event evs[16];
     int timeout = -1;
@@ -390,6 +416,10 @@ int Daemon::run() {
           (void)!read(timer_.get(), &ticks, sizeof(ticks));
           actions_.poll();
           auto now = std::chrono::steady_clock::now();
+          if (now - last_report > std::chrono::seconds(1)) {
+            last_report = now;
+            report_lost_events();
+          }
           if (now - last_check > std::chrono::seconds(2)) {
             last_check = now;
             if (!nft::table_intact()) {

@@ -75,6 +75,7 @@ int EventConsumer::on_sample(void* ctx, void* data, size_t size) {
 
 void EventConsumer::handle(const vmfence_event& e) {
   ++handled_;
+  active_.insert(e.vm_id);
   const VmSpec* vm = lookup_(e.vm_id);
   Violation v = decode_event(e, vm);
   spdlog::warn("violation vm={} reason={} dir={} src={} dst={} proto={} sport={} dport={} mode={}{}",

@@ -4,6 +4,8 @@
 
 #include <functional>
 #include <map>
+#include <set>
+#include <utility>
 #include <string>
 
 #include "agent/actions.h"
@@ -33,6 +35,9 @@ class EventConsumer {
   // Consume everything available; returns events handled.
   int consume();
   uint64_t handled() const { return handled_; }
+  // VMs that had events since the last call (the only ones whose budget
+  // can have run out), then forgets them.
+  std::set<uint32_t> take_active_vms() { return std::exchange(active_, {}); }
 
  private:
   static int on_sample(void* ctx, void* data, size_t size);
@@ -43,6 +48,7 @@ class EventConsumer {
   Lookup lookup_;
   ring_buffer* rb_ = nullptr;
   uint64_t handled_ = 0;
+  std::set<uint32_t> active_;
 };
 
 }  // namespace vmfence
