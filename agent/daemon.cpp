@@ -409,7 +409,7 @@ int Daemon::run() {
           break;
         }
         case kNft:
-          if (nft_monitor_.handle_readable(spec_)) spdlog::warn("nftables: table inet vmfence was changed; restored");
+          nft_monitor_.handle_readable(spec_);  // logs what it found and repaired
           break;
         case kTimer: {
           uint64_t ticks;

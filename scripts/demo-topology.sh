@@ -32,6 +32,19 @@ RUN=/run/vmfence-demo
 
 die() { echo "demo-topology: $*" >&2; exit 1; }
 
+# A static HTTP server: ADDR PORT DIR. (python -m http.server resolves its own
+# address with getfqdn first, which stalls for seconds in a namespace without DNS.)
+HTTPD='
+import functools, http.server, socketserver, sys
+class Server(http.server.ThreadingHTTPServer):
+    def server_bind(self):
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[3])
+Server((sys.argv[1], int(sys.argv[2])), handler).serve_forever()
+'
+
+
 ns_exists() { [ -e "/run/netns/$1" ]; }
 
 start_bg() { # NAME NS cmd...: a background server, pid in $RUN/NAME.pid
@@ -101,10 +114,17 @@ up() {
 
 	echo "hello from the demo internet" >"$RUN/www/index.html"
 	echo "i-0vmfencedemo" >"$RUN/imds/latest/meta-data/instance-id"
-	start_bg web80 "$P-wan" "$PY" -m http.server --bind 198.51.100.2 --directory "$RUN/www" 80
-	start_bg web443 "$P-wan" "$PY" -m http.server --bind 198.51.100.2 --directory "$RUN/www" 443
-	start_bg imds "$P-wan" "$PY" -m http.server --bind 169.254.169.254 --directory "$RUN/imds" 80
+	start_bg web80 "$P-wan" "$PY" -c "$HTTPD" 198.51.100.2 80 "$RUN/www"
+	start_bg web443 "$P-wan" "$PY" -c "$HTTPD" 198.51.100.2 443 "$RUN/www"
+	start_bg imds "$P-wan" "$PY" -c "$HTTPD" 169.254.169.254 80 "$RUN/imds"
 	start_bg dns "$P-wan" socat UDP4-RECVFROM:53,bind=198.51.100.2,fork SYSTEM:cat
+	local i
+	for i in $(seq 50); do
+		[ "$(nsenter --net="/run/netns/$P-wan" -- ss -Hltn | wc -l)" -ge 3 ] && break
+		sleep 0.1
+	done
+	[ "$(nsenter --net="/run/netns/$P-wan" -- ss -Hltn | wc -l)" -ge 3 ] ||
+		die "the demo HTTP servers did not start (see $RUN/*.log)"
 
 	cat <<EOF
 demo-topology: up

@@ -226,6 +226,12 @@ class World {
     read_state(dp_->maps(), slot, s);
     return s;
   }
+  // The VMFENCE_MAP_VMS entry of an interface, if any.
+  std::optional<vmfence_vm> vm_entry(uint32_t ifindex) const {
+    vmfence_vm v{};
+    if (bpf_map_lookup_elem(dp_->maps().vms.get(), &ifindex, &v) != 0) return std::nullopt;
+    return v;
+  }
   size_t flow_count() const { return count_entries(dp_->maps().flows.get(), sizeof(vmfence_flow_key)); }
 
   // Violation events submitted since the last call.

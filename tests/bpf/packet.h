@@ -379,7 +379,7 @@ class Packet {
   }
   void ext_header(uint8_t type, std::vector<uint8_t> opts) {
     set_next(type);
-    while ((opts.size() + 2) % 8) opts.push_back(opts.size() % 8 == 6 ? 1 : 0);  // Pad1 / PadN
+    while ((opts.size() + 2) % 8) opts.push_back(0);  // Pad1
     nh_at_ = b_.size();
     put8(59);
     put8(static_cast<uint8_t>((opts.size() + 2) / 8 - 1));

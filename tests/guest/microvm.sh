@@ -124,6 +124,7 @@ run() {
   tmp=$(mktemp -d)
   # shellcheck disable=SC2064
   trap "rm -rf '$tmp'" EXIT
+  trap 'exit 143' TERM INT HUP  # so that the EXIT trap runs
   mkdir -p "$tmp/r/guest"; cp "$script" "$tmp/r/guest/script.sh"
   (cd "$tmp/r" && find . | /bin/busybox cpio -o -H newc 2>/dev/null) > "$tmp/run.cpio"
   cat "$out/initrd.base" "$tmp/run.cpio" > "$tmp/initrd"
@@ -134,14 +135,15 @@ run() {
   [ -n "${KV_PIDFILE:-}" ] && extra+=(-pidfile "$KV_PIDFILE")
   log=${KV_LOG:-$tmp/serial.log}
   rc=0
-  timeout -k 5 "${KV_TIMEOUT:-120}" ip netns exec "$ns" qemu-system-x86_64 \
+  # --foreground: QEMU stays in our process group, so killing the group stops it.
+  timeout --foreground -k 5 "${KV_TIMEOUT:-120}" ip netns exec "$ns" qemu-system-x86_64 \
     -accel "${KV_ACCEL:-tcg}" -M pc -m "${KV_MEM:-256}" -smp 1 \
     -nodefaults -no-user-config -display none -no-reboot -serial stdio \
     -kernel "$out/vmlinux" -initrd "$tmp/initrd" \
     -append "console=ttyS0 quiet panic=-1 i8042.noaux i8042.nokbd vm_ip=$ip vm_gw=$gw" \
     -netdev "tap,id=n0,ifname=$tap,script=no,downscript=no" \
     -device "virtio-net-pci,netdev=n0,mac=$mac,romfile=" "${extra[@]}" \
-    </dev/null 2>&1 | tr -d '\r' > "$log" || rc=$?
+    </dev/null 2>&1 | stdbuf -oL tr -d '\r' > "$log" || rc=$?  # line by line: tests watch the log
   sed -n '/^===KV-BEGIN===$/,/^===KV-END=== EXIT=/p' "$log"
   local ex; ex=$(sed -n 's/^===KV-END=== EXIT=\([0-9]*\)$/\1/p' "$log" | tail -1)
   if [ -n "$ex" ]; then return "$ex"; fi

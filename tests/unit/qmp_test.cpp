@@ -370,14 +370,23 @@ class RealGuest {
     subnet_ = "10.231." + std::to_string(k % 250) + ".";
   }
   ~RealGuest() {
-    if (pidfd_ >= 0) {
+    // QEMU is in the harness's process group (the harness runs timeout
+    // --foreground); the pidfile catches it should it not be.
+    if (qemu_ <= 0) qemu_ = std::atoi(read_file(dir_ / "qemu.pid").c_str());
+    if (pidfd_ < 0 && qemu_ > 0) {
+      ::kill(qemu_, SIGKILL);
+    } else if (pidfd_ >= 0) {
       struct pollfd p = {pidfd_, POLLIN, 0};
       if (::poll(&p, 1, 0) == 0 && qemu_ > 0) ::kill(qemu_, SIGKILL);
       ::close(pidfd_);
     }
     if (harness_ > 0) {
-      ::kill(-harness_, SIGKILL);
-      ::waitpid(harness_, nullptr, 0);
+      // SIGTERM first: QEMU goes, and the harness's EXIT trap removes its temp files.
+      ::kill(-harness_, SIGTERM);
+      if (wait_harness(3s) < 0) {
+        ::kill(-harness_, SIGKILL);
+        ::waitpid(harness_, nullptr, 0);
+      }
     }
     if (netns_made_) sh("ip netns del " + ns_ + " 2>/dev/null");
   }
@@ -419,7 +428,7 @@ class RealGuest {
     posix_spawnattr_destroy(&attr);
     if (r != 0) return "cannot start the harness: " + std::string(std::strerror(r));
     // TCG boots in seconds; a loaded machine gets a generous limit.
-    for (auto end = Clock::now() + 180s; Clock::now() < end; std::this_thread::sleep_for(50ms)) {
+    for (auto end = Clock::now() + 90s; Clock::now() < end; std::this_thread::sleep_for(50ms)) {
       if (::waitpid(harness_, &harness_status_, WNOHANG) == harness_) {
         harness_ = -1;
         return "the harness exited before the guest script started:\n" + read_file(dir_ / "harness.out");
@@ -434,7 +443,7 @@ class RealGuest {
         return "";
       }
     }
-    return "the guest script did not start within 180 s; serial log:\n" + read_file(serial_path());
+    return "the guest script did not start within 90 s; serial log:\n" + read_file(serial_path());
   }
 
   // Waits up to `limit` for QEMU to exit; how long it took, or nothing.
