@@ -236,6 +236,11 @@ bool ActionRunner::terminate(const ViolationPolicy& policy, const Violation& v) 
     spdlog::error("{}: terminate called for a policy whose action is not terminate", v.vm);
     return false;
   }
+  if (v.vm.empty()) {
+    spdlog::error("terminate: violation on {} belongs to no VM; nothing to stop ({})",
+                  v.interface.empty() ? "an unknown interface" : v.interface, v.summary());
+    return false;
+  }
   bool& handled = incident_[v.vm];
   if (handled) {
     spdlog::debug("{}: terminate: already handled in this incident", v.vm);

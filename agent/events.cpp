@@ -81,7 +81,7 @@ void EventConsumer::handle(const vmfence_event& e) {
   spdlog::warn("violation vm={} reason={} dir={} src={} dst={} proto={} sport={} dport={} mode={}{}",
                v.vm.empty() ? "-" : v.vm, v.reason, v.direction, v.src, v.dst, v.proto, v.sport, v.dport, v.mode,
                v.quarantined ? " quarantined=1" : "");
-  journal_.violation(v);
+  // The action first: sd_journal_send may block on a slow journald.
   if (vm && v.trigger && vm->on_violation.action == Action::terminate) {
     // Latency from the violating packet (datapath clock) to the action start.
     timespec ts{};
@@ -91,6 +91,7 @@ void EventConsumer::handle(const vmfence_event& e) {
       spdlog::warn("terminating vm={} reason={} ({:.3f} ms after the packet)", v.vm, v.reason,
                    (now - e.timestamp_ns) / 1e6);
   }
+  journal_.violation(v);
 }
 
 }  // namespace vmfence

@@ -21,6 +21,9 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
  * events, flows or quarantine); the verdict's reason lands in last_reason. */
 const volatile __u8 dry_run = 0;
 __u8 last_reason = 0;
+/* BTF anchor: the ring buffer record's type in the object's BTF, so
+ * tests/bpf/layout_test.cpp can check its layout like the map types'. */
+struct vmfence_event vmfence_event_btf_anchor __attribute__((unused));
 
 static __always_inline struct vmfence_config *vmfence_cfg(void)
 {

@@ -9,15 +9,19 @@
 
 #include <bpf/bpf.h>
 #include <bpf/libbpf.h>
+#include <fcntl.h>
 #include <linux/bpf.h>
+#include <linux/if_tun.h>
 #include <net/if.h>
 #include <sched.h>
+#include <sys/ioctl.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <memory>
 #include <optional>
@@ -137,6 +141,9 @@ class World {
  public:
   ~World() {
     if (rb_) ring_buffer__free(rb_);
+    tap_fds_.clear();
+    if (dp_)
+      for (const auto& [ifindex, vm] : read_vms(dp_->maps())) Datapath::detach(dir_, ifindex);
     writer_.reset();
     dp_.reset();
     std::error_code ec;
@@ -226,6 +233,34 @@ class World {
     read_state(dp_->maps(), slot, s);
     return s;
   }
+  // Send a frame through the real hook, as a guest would: the programs
+  // attached (tcx) to the TAP, the frame written to the TAP's queue. For
+  // frames BPF_PROG_TEST_RUN refuses: it wants a whole IPv4 (34 bytes) or
+  // IPv6 (54 bytes) header behind those ethertypes; a guest's TAP does not.
+  // The verdict shows only in the counters.
+  Status send_via_tap(const std::string& iface, const Frame& f) {
+    uint32_t ifindex = TestNet::get().tap(iface);
+    if (!ifindex) return Status::error(ENODEV, "TAP " + iface);
+    auto it = tap_fds_.find(iface);
+    if (it == tap_fds_.end()) {
+      // No IPv6 on the TAP: the host would send its own RS/MLD/DAD through it.
+      std::ofstream("/proc/sys/net/ipv6/conf/" + iface + "/disable_ipv6") << "1\n";
+      Fd fd(::open("/dev/net/tun", O_RDWR | O_CLOEXEC));
+      if (!fd.valid()) return Status::error(errno, "open /dev/net/tun");
+      ifreq ifr{};
+      std::strncpy(ifr.ifr_name, iface.c_str(), IFNAMSIZ - 1);
+      ifr.ifr_flags = IFF_TAP | IFF_NO_PI;
+      if (::ioctl(fd.get(), TUNSETIFF, &ifr) != 0) return Status::error(errno, "TUNSETIFF " + iface);
+      if (std::system(("ip link set dev " + iface + " up").c_str()) != 0)
+        return Status::error(EIO, "ip link set dev " + iface + " up");
+      if (auto s = dp_->attach(ifindex); !s) return s;
+      it = tap_fds_.emplace(iface, std::move(fd)).first;
+    }
+    if (::write(it->second.get(), f.bytes.data(), f.bytes.size()) != static_cast<ssize_t>(f.bytes.size()))
+      return Status::error(errno, "write to TAP " + iface);
+    return {};
+  }
+
   // The VMFENCE_MAP_VMS entry of an interface, if any.
   std::optional<vmfence_vm> vm_entry(uint32_t ifindex) const {
     vmfence_vm v{};
@@ -268,6 +303,7 @@ class World {
   std::unique_ptr<MapWriter> writer_;
   ring_buffer* rb_ = nullptr;
   std::vector<vmfence_event> events_;
+  std::map<std::string, Fd> tap_fds_;
 };
 
 }  // namespace vmfence::test

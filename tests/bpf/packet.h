@@ -95,6 +95,25 @@ struct Ip4Opts {
   int ihl = -1;                  // -1: from the options
 };
 
+inline Ip4Opts ip4_frag(uint16_t id, bool more, uint16_t offset_units) {
+  Ip4Opts o;
+  o.id = id;
+  o.mf = more;
+  o.frag_offset = offset_units;
+  return o;
+}
+inline Ip4Opts ip4_options(std::vector<uint8_t> options) {
+  Ip4Opts o;
+  o.options = std::move(options);
+  return o;
+}
+inline Ip4Opts ip4_header(int version, int ihl) {
+  Ip4Opts o;
+  o.version = version;
+  o.ihl = ihl;
+  return o;
+}
+
 class Packet {
  public:
   Packet& eth(const Mac& src, const Mac& dst) {

@@ -429,17 +429,28 @@ expect_log() {
 	return 1
 }
 
-# expect_no_log DESC REGEX: no line after the mark matches.
+# expect_no_log DESC REGEX [EXCLUDE]: no line after the mark matches REGEX
+# (lines that also match the extended regex EXCLUDE are ignored).
 expect_no_log() {
-	local d=$1 re=$2
+	local d=$1 re=$2 ex=${3:-}
 	if [ "$ENFORCE" != 1 ]; then _skip "$d (no daemon)"; return 0; fi
-	if _log_since_mark | grep -Eq -- "$re"; then
+	local hits
+	hits=$(_log_since_mark | grep -E -- "$re")
+	[ -n "$ex" ] && hits=$(echo "$hits" | grep -Ev -- "$ex")
+	if [ -n "$hits" ]; then
 		_fail "$d  [unexpected log line:]"
-		_log_since_mark | grep -E -- "$re" | head -n 5 | sed 's/^/    | /'
+		echo "$hits" | head -n 5 | sed 's/^/    | /'
 	else
 		_pass "$d"
 	fi
 }
+
+# Host-originated IPv4 multicast toward a VM (e.g. the bridge's IGMP reports to
+# 224.0.0.22) is "other inbound" under the contract: vmfence drops and reports
+# it as ingress_denied, at moments the test does not control. expect_no_log
+# callers that look at all of a VM's violations exclude these with
+# EXCLUDE="$HOST_MCAST".
+HOST_MCAST='dir=to_vm .*dst=2(2[4-9]|3[0-9])\.'
 
 # counters_match_log: for every VM in `vmfence status --json`, each reason's drop
 # counter equals the violation lines logged for that VM and reason, unless

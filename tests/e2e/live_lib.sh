@@ -1,4 +1,5 @@
 # shellcheck shell=bash
+# shellcheck disable=SC2034  # the *_SENDER/RECEIVER/CLIENT scripts are used by the sourcing test
 # tests/e2e/live_lib.sh - extra helpers for live-operation tests (issue 5) and
 # the control-plane benchmark. Source after lib.sh (uses $CONF, $PY, nsx, vmf).
 
@@ -48,8 +49,8 @@ log_count() { grep -Ec -- "$1" "$DLOG"; }
 
 # log_wait_count REGEX N [SECONDS]: until at least N lines of the whole log match.
 log_wait_count() {
-	local i n=$(( ${3:-5} * 20 ))
-	for i in $(seq "$n"); do
+	local _ n=$(( ${3:-5} * 20 ))
+	for _ in $(seq "$n"); do
 		[ "$(log_count "$1")" -ge "$2" ] && return 0
 		sleep 0.05
 	done
@@ -203,3 +204,15 @@ while time.monotonic() < t_end:
         f.write("%f echo %s\n" % (time.time(), line.decode()))
 f.write("%f done sent %d\n" % (time.time(), i))
 '
+
+# vms_has_ifindex IFINDEX: the pinned VM map has an entry for IFINDEX.
+vms_has_ifindex() {
+	bpftool map dump pinned "$PIN/vmfence_vms_v1" 2>/dev/null | grep -Eq "\"key\": $1,"
+}
+
+# link_pins IFINDEX: how many tcx link pins the agent keeps for IFINDEX.
+link_pins() {
+	local n=0 f
+	for f in "$PIN/links/if$1_from_vm" "$PIN/links/if$1_to_vm"; do [ -e "$f" ] && n=$((n + 1)); done
+	echo "$n"
+}

@@ -14,10 +14,15 @@
 #                                 source port, per datagram), spread over
 #                                 SECONDS; prints how many sendto() accepted
 #   serve_sink NS PORT            UDP receiver (big buffer, no echo) logging
-#                                 every payload to $WORK/srv/NS-sink-PORT.log
+#                                 "RECV_REALTIME_NS PAYLOAD" per datagram to
+#                                 $WORK/srv/NS-sink-PORT.log
 #   sink_count NS PORT TOKEN      datagrams with TOKEN the sink received
 #   udp_rcvbuf_errors NS          UdpRcvbufErrors of NS (receiver-side loss)
 #   link_rx_dropped NS IFACE      rx_dropped of IFACE (backlog drops before TC)
+#   quick_udp / quick_tcp NS HOST PORT [TIMEOUT]
+#                                 fast probes (default 0.5 s) of the lib.sh
+#                                 echo / banner servers
+#   flow_cached VM_IP VM_PORT PEER_PORT   flow map entries of that flow
 
 VIOLATION_MESSAGE_ID=6f1c2a7d9e3b4c58a0d1e2f3a4b5c6d7
 JOURNAL_OK=0
@@ -152,6 +157,8 @@ for i in range(count):
         errs[e.errno] = errs.get(e.errno, 0) + 1
     if not s:
         so.close()
+if s:
+    time.sleep(0.3)   # keep the socket open for echoes (else the VM answers them with ICMP port unreachable)
 print(ok)
 if errs:
     print("sendto errors: %r" % {errno.errorcode.get(k, k): v for k, v in errs.items()}, file=sys.stderr)
@@ -161,7 +168,7 @@ if errs:
 # serve_sink NS PORT: UDP receiver logging every datagram's payload.
 serve_sink() {
 	spawn "$1" "$PY" -u -c '
-import socket, sys
+import socket, sys, time
 port, log = int(sys.argv[1]), sys.argv[2]
 s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -170,7 +177,7 @@ s.bind(("::", port))
 with open(log, "a") as f:
     while True:
         d = s.recv(65535)
-        f.write(d.decode(errors="replace").strip() + "\n")
+        f.write("%d %s\n" % (time.time_ns(), d.decode(errors="replace").strip()))
         f.flush()
 ' "$2" "$WORK/srv/$1-sink-$2.log"
 	: >>"$WORK/srv/$1-sink-$2.log"
@@ -178,7 +185,7 @@ with open(log, "a") as f:
 
 # sink_count NS PORT TOKEN: datagrams "TOKEN-i" received (distinct i).
 sink_count() {
-	grep -- "^$3-" "$WORK/srv/$1-sink-$2.log" 2>/dev/null | sort -u | wc -l
+	awk -v t="$3-" 'index($2, t) == 1 {print $2}' "$WORK/srv/$1-sink-$2.log" 2>/dev/null | sort -u | wc -l
 }
 
 # udp_rcvbuf_errors NS
@@ -197,3 +204,53 @@ link_rx_dropped() {
 
 # log_count REGEX: daemon log lines after the mark matching REGEX.
 log_count() { _log_since_mark | grep -Ec -- "$1"; }
+
+# flow_cached VM_IPV4 VM_PORT PEER_PORT: prints the flow map entries (as
+# "opened_by=N generation=N") for that UDP/TCP 5-tuple side of a VM; nothing
+# when the flow is not cached.
+flow_cached() {
+	nsx hv bpftool -j map dump pinned "$PIN/vmfence_flows_v1" 2>/dev/null | "$PY" -c '
+import json, socket, struct, sys
+ip, vport, pport = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+want = list(b"\0" * 10 + b"\xff\xff" + socket.inet_aton(ip))
+for e in json.loads(sys.stdin.read() or "[]"):
+    k, v = e.get("formatted", {}).get("key"), e.get("formatted", {}).get("value")
+    if not k:
+        continue
+    sw = lambda p: struct.unpack("<H", struct.pack(">H", p))[0]   # network-order u16 shown as host
+    if list(k["vm_addr"]) == want and vport in (k["vm_port"], sw(k["vm_port"])) and pport in (k["peer_port"], sw(k["peer_port"])):
+        print("opened_by=%s generation=%s" % (v.get("opened_by"), v.get("policy_id")))
+' "$1" "$2" "$3"
+}
+
+# quick_udp NS HOST PORT [TIMEOUT]: a token to a serve_udp echo server, echoed in time?
+quick_udp() {
+	nsx "$1" "$PY" -c '
+import socket, sys, os
+h, p, t = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+s = socket.socket(socket.AF_INET6 if ":" in h else socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(t)
+tok = b"q%d" % int.from_bytes(os.urandom(4), "big")
+try:
+    s.sendto(tok, (h, p))
+    while True:
+        if s.recv(2048).strip() == tok:
+            sys.exit(0)
+except OSError:
+    sys.exit(1)
+' "$2" "$3" "${4:-0.5}"
+}
+
+# quick_tcp NS HOST PORT [TIMEOUT]: connect to a serve_tcp server and read its banner in time?
+quick_tcp() {
+	nsx "$1" "$PY" -c '
+import socket, sys
+h, p, t = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+try:
+    s = socket.create_connection((h, p), timeout=t)
+    s.settimeout(t)
+    sys.exit(0 if b"vmfence-e2e" in s.recv(256) else 1)
+except OSError:
+    sys.exit(1)
+' "$2" "$3" "${4:-0.5}"
+}

@@ -8,7 +8,8 @@
 #         wan0 198.51.100.1/24 + 2001:db8:100::1/64 -> netns "inet"
 #         (198.51.100.2, 2001:db8:100::2: TCP 443 and 8080).
 #   vmN:  eth0 02:00:00:00:00:0N, 10.0.0.N/32 + fec0::N/128, on-link routes to
-#         the gateways 10.0.0.0 and fec0::, default routes via them.
+#         the gateways 10.0.0.0 and fec0::, default routes via them (vm2's
+#         IPv6 default route goes via the host's link-local fe80::1 instead).
 #         TCP 22 (v4+v6) in every VM, UDP echo 5000 in vm3.
 #   One group "mesh": every VM reaches every other VM over IPv4 and IPv6.
 #   Egress: tcp 443 to 0.0.0.0/0 and ::/0; vm1 and vm2 may also ping the
@@ -32,7 +33,13 @@ for n in 1 2 3; do
 	ipn "vm$n" route add 10.0.0.0/32 dev eth0
 	ipn "vm$n" route add default via 10.0.0.0 dev eth0
 	ipn "vm$n" -6 route add fec0::/128 dev eth0
-	ipn "vm$n" -6 route add default via fec0:: dev eth0
+	if [ "$n" = 2 ]; then
+		# vm2's IPv6 next hop is the host's link-local fe80::1 instead.
+		ipn hv addr add fe80::1/64 dev vm2 nodad
+		ipn vm2 -6 route add default via fe80::1 dev eth0
+	else
+		ipn "vm$n" -6 route add default via fec0:: dev eth0
+	fi
 	serve_tcp "vm$n" 22
 done
 serve_udp vm3 5000
@@ -76,7 +83,28 @@ for a in 1 2 3; do
 	done
 done
 expect_ok "vm1 -> vm3 udp/5000 over IPv6" udp_probe vm1 fec0::3 5000
-expect_no_log "no violation for mesh traffic or its ARP/ND" 'violation vm=vm[123] reason='
+expect_no_log "no violation for mesh traffic or its ARP/ND" 'violation vm=vm[123] reason=' "$HOST_MCAST"
+
+expect_ok "vm2 resolved its link-local IPv6 next hop fe80::1" neigh_resolved vm2 eth0 fe80::1
+
+section "duplicate address detection under enforcement"
+# vm3 re-adds fec0::3 with DAD: its NS from :: for its own address must pass
+# and the address must come out of tentative without dadfailed.
+mark_log
+ipn vm3 addr del fec0::3/128 dev eth0
+ipn vm3 addr add fec0::3/128 dev eth0
+dad_done() {
+	local i
+	for i in $(seq 50); do
+		ipn vm3 -6 addr show dev eth0 | grep 'fec0::3/128' | grep -q tentative || break
+		sleep 0.1
+	done
+	ipn vm3 -6 addr show dev eth0 | grep 'fec0::3/128' | grep -vq 'tentative\|dadfailed'
+}
+expect_ok "vm3's fec0::3 passes DAD (not tentative, not dadfailed)" dad_done
+ipn vm3 -6 route replace default via fec0:: dev eth0
+expect_ok "vm3 -> vm1 tcp/22 over IPv6 from the re-added address" tcp_probe vm3 fec0::1 22
+expect_no_log "no violation for vm3's DAD" 'violation vm=vm3 reason=' "$HOST_MCAST"
 
 section "gateways: ARP and ND resolve; pings need an egress rule"
 mark_log
@@ -85,7 +113,7 @@ expect_ok "vm1 pings its IPv6 gateway fec0:: (egress icmpv6 rule)" ping_probe vm
 expect_ok "vm1 resolved fec0:: with neighbour solicitation" neigh_resolved vm1 eth0 fec0::
 expect_ok "vm1 resolved 10.0.0.0 with ARP" neigh_resolved vm1 eth0 10.0.0.0
 expect_ok "the host resolved vm1's fec0::1 (its NS reached vm1, vm1's NA came back)" neigh_resolved hv vm1 fec0::1
-expect_no_log "no violation for vm1's gateway traffic" 'violation vm=vm1 reason='
+expect_no_log "no violation for vm1's gateway traffic" 'violation vm=vm1 reason=' "$HOST_MCAST"
 mark_log
 ipn vm3 neigh flush dev eth0
 expect_blocked "vm3 pings fec0:: (no egress rule)" ping_probe vm3 fec0::
@@ -101,7 +129,7 @@ mark_log
 expect_ok "vm1 -> internet tcp/443 over IPv6" tcp_probe vm1 2001:db8:100::2 443
 expect_ok "vm2 -> internet tcp/443 over IPv4" tcp_probe vm2 198.51.100.2 443
 expect_ok "vm3 -> internet tcp/443 over IPv6" tcp_probe vm3 2001:db8:100::2 443
-expect_no_log "no violation for allowed internet flows" 'violation vm=vm[123] reason='
+expect_no_log "no violation for allowed internet flows" 'violation vm=vm[123] reason=' "$HOST_MCAST"
 mark_log
 expect_blocked "vm1 -> internet tcp/8080 over IPv6 (not allowlisted)" tcp_probe vm1 2001:db8:100::2 8080
 expect_log "egress_denied vm=vm1 IPv6 tcp/8080 logged" \

@@ -321,6 +321,8 @@ TEST(ActionRunner, RefusesAlertAndEmptyPolicies) {
   ViolationPolicy empty;
   empty.action = Action::terminate;
   EXPECT_FALSE(runner.terminate(empty, sample_violation(unique_vm("empty"))));
+  Violation no_vm = sample_violation("");  // an interface without a VM
+  EXPECT_FALSE(runner.terminate(command_policy({"/bin/true"}), no_vm));
   EXPECT_EQ(runner.started(), 0u);
   EXPECT_FALSE(runner.busy());
 }
@@ -367,6 +369,7 @@ TEST(ActionRunner, DestructorWaitsForRunningTerminations) {
 // terminate() returns after the command's exec (glibc posix_spawn: vfork
 // semantics), so its duration is the terminate -> exec latency.
 TEST(ActionRunnerLatency, TerminateToExec) {
+  LogCapture log;  // in memory: the cost of terminate() itself, not of a terminal
   ActionRunner runner(nullptr, 5s);
   const std::string vm = unique_vm("lat");
   ViolationPolicy p = command_policy({"/bin/true"});
@@ -389,6 +392,7 @@ TEST(ActionRunnerLatency, TerminateToExec) {
 // writing to a FIFO the test watches): exec + the shell's own start-up.
 TEST(ActionRunnerLatency, TerminateToCommandEffect) {
   TempDir dir;
+  LogCapture log;
   const std::string fifo = dir / "fifo";
   ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
   int fd = ::open(fifo.c_str(), O_RDWR | O_NONBLOCK | O_CLOEXEC);
@@ -460,9 +464,14 @@ class FakeSystemd : public ::testing::Test {
     std::string conf = "--config-file=" + dir_ / "bus.conf";
     char* argv[] = {const_cast<char*>("dbus-daemon"), conf.data(), const_cast<char*>("--nofork"),
                     const_cast<char*>("--nopidfile"), nullptr};
-    ASSERT_EQ(::posix_spawn(&daemon_, "/usr/bin/dbus-daemon", nullptr, nullptr, argv, environ), 0);
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_addopen(&fa, 2, (dir_ / "bus.log").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    int r = ::posix_spawn(&daemon_, "/usr/bin/dbus-daemon", &fa, nullptr, argv, environ);
+    posix_spawn_file_actions_destroy(&fa);
+    ASSERT_EQ(r, 0);
     for (int i = 0; i < 500 && !fs::exists(dir_ / "bus"); ++i) std::this_thread::sleep_for(10ms);
-    ASSERT_TRUE(fs::exists(dir_ / "bus")) << "dbus-daemon did not start";
+    ASSERT_TRUE(fs::exists(dir_ / "bus")) << "dbus-daemon did not start: " << read_file(dir_ / "bus.log");
     ::setenv("DBUS_SYSTEM_BUS_ADDRESS", address_.c_str(), 1);
     std::atomic<int> ready{0};
     thread_ = std::thread([this, &ready] { serve(ready); });

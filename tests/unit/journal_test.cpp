@@ -5,6 +5,7 @@
 // normal host: a stopped journald leaves its socket files behind, which would
 // make every later test think a journal is there.
 #include <fcntl.h>
+#include <grp.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/socket.h>
@@ -12,6 +13,7 @@
 #include <syslog.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -136,7 +138,23 @@ std::string unique_vm(const char* what) {
 
 class JournalTest : public ::testing::Test {
  protected:
-  static void SetUpTestSuite() { why_not_ = ensure_journald(); }
+  static void SetUpTestSuite() {
+    why_not_ = ensure_journald();
+    if (why_not_.empty() && !can_read_system_journal()) {
+      why_not_ = "cannot read the system journal (needs root or group systemd-journal/adm)";
+    }
+  }
+  static bool can_read_system_journal() {
+    if (::geteuid() == 0) return true;
+    std::vector<gid_t> groups(static_cast<size_t>(std::max(::getgroups(0, nullptr), 0)));
+    groups.resize(static_cast<size_t>(std::max(::getgroups(static_cast<int>(groups.size()), groups.data()), 0)));
+    for (const char* name : {"systemd-journal", "adm", "wheel"}) {
+      if (const struct group* g = ::getgrnam(name)) {
+        if (std::find(groups.begin(), groups.end(), g->gr_gid) != groups.end()) return true;
+      }
+    }
+    return false;
+  }
   void SetUp() override {
     if (!why_not_.empty()) {
       if (in_ci()) FAIL() << "cannot run (CI=true): " << why_not_;
