@@ -101,6 +101,13 @@ static __always_inline int is_nd_or_mld(__u8 t)
 	return t == 130 || t == 131 || t == 132 || t == 143 || (t >= 133 && t <= 137);
 }
 
+/* IGMP to 224.0.0.0/24: link-local group membership, never routed. */
+static __always_inline int is_link_local_igmp(const struct pkt *p)
+{
+	return p->family == 4 && p->proto == 2 && p->frag == FRAG_NONE &&
+	       (bpf_ntohl(p->daddr.w[3]) >> 8) == 0xe00000;
+}
+
 static __always_inline int is_icmp_error(const struct pkt *p)
 {
 	if (p->proto == IPPROTO_ICMP)
@@ -110,18 +117,25 @@ static __always_inline int is_icmp_error(const struct pkt *p)
 	return 0;
 }
 
-/* L4 ports/type from off (bounds-checked by the helper). 0 or a drop reason. */
-static __always_inline __u8 parse_l4(struct __sk_buff *skb, __u32 off, struct pkt *p)
+/* L4 ports/type from off (bounds-checked by the helper). 0 or a drop reason.
+ * quoted: the header inside an ICMP error, which may hold only its first 8
+ * bytes (RFC 792): TCP's ports but not its flags. */
+static __always_inline __u8 parse_l4(struct __sk_buff *skb, __u32 off, struct pkt *p, int quoted)
 {
 	__u8 buf[14];
 
 	switch (p->proto) {
 	case IPPROTO_TCP:
-		if (bpf_skb_load_bytes(skb, off, buf, 14))
-			return VMFENCE_REASON_MALFORMED;
+		if (quoted) {
+			if (bpf_skb_load_bytes(skb, off, buf, 4))
+				return VMFENCE_REASON_MALFORMED;
+		} else {
+			if (bpf_skb_load_bytes(skb, off, buf, 14))
+				return VMFENCE_REASON_MALFORMED;
+			p->tcp_flags = buf[13];
+		}
 		__builtin_memcpy(&p->sport, &buf[0], 2);
 		__builtin_memcpy(&p->dport, &buf[2], 2);
-		p->tcp_flags = buf[13];
 		return 0;
 	case IPPROTO_UDP:
 		if (bpf_skb_load_bytes(skb, off, buf, 4))
@@ -200,10 +214,10 @@ static __always_inline __u8 parse_ipv6(struct __sk_buff *skb, __u32 off, struct 
 	p->l4_off = off;
 	if (p->frag == FRAG_LATER)
 		return 0;
-	return parse_l4(skb, off, p);
+	return parse_l4(skb, off, p, 0);
 }
 
-static __always_inline __u8 parse_ipv4_at(struct __sk_buff *skb, __u32 off, struct pkt *p)
+static __always_inline __u8 parse_ipv4_at(struct __sk_buff *skb, __u32 off, struct pkt *p, int quoted)
 {
 	struct iphdr ip;
 	__u16 fo;
@@ -226,7 +240,7 @@ static __always_inline __u8 parse_ipv4_at(struct __sk_buff *skb, __u32 off, stru
 	p->l4_off = off;
 	if (p->frag == FRAG_LATER)
 		return 0;
-	return parse_l4(skb, off, p);
+	return parse_l4(skb, off, p, quoted);
 }
 
 /* Parse a frame. Returns 0 or a drop reason; p->ethertype is set as soon as
@@ -274,7 +288,7 @@ static __always_inline __u8 parse(struct __sk_buff *skb, void *data, void *data_
 		}
 		return 0;
 	}
-	return parse_ipv4_at(skb, ETH_HLEN, p);
+	return parse_ipv4_at(skb, ETH_HLEN, p, 0);
 }
 
 /* The header embedded in an ICMP error: the offending packet as the VM sent
@@ -284,7 +298,7 @@ static __always_inline int parse_icmp_inner(struct __sk_buff *skb, const struct 
 	__u32 off = outer->l4_off + 8;
 
 	if (outer->proto == IPPROTO_ICMP) {
-		if (parse_ipv4_at(skb, off, inner))
+		if (parse_ipv4_at(skb, off, inner, 1))
 			return -1;
 	} else {
 		struct ipv6hdr ip6;
@@ -294,7 +308,7 @@ static __always_inline int parse_icmp_inner(struct __sk_buff *skb, const struct 
 		__builtin_memcpy(inner->daddr.b, &ip6.daddr, 16);
 		inner->family = 6;
 		inner->proto = ip6.nexthdr;
-		if (parse_l4(skb, off + sizeof(ip6), inner))
+		if (parse_l4(skb, off + sizeof(ip6), inner, 1))
 			return -1;
 	}
 	return 0;

@@ -255,13 +255,16 @@ static __always_inline void flow_key_to_vm(struct vmfence_flow_key *k, const str
 /* Is this a packet of a flow the policy allowed? A verdict cached under an
  * older policy generation is re-checked against the current rules for the
  * side that opened the flow, so removing a rule cuts the flows it allowed. */
-static __always_inline int flow_allowed(const struct vmfence_vm *vm, struct vmfence_flow_key *k)
+static __always_inline int flow_allowed(const struct vmfence_vm *vm, struct vmfence_flow_key *k,
+					int peer_opened_only)
 {
 	struct vmfence_flow *f = bpf_map_lookup_elem(&vmfence_flows_v1, k);
 	union addr16 peer;
 	__u8 r;
 
 	if (!f)
+		return 0;
+	if (peer_opened_only && f->opened_by != VMFENCE_FLOW_OPENED_BY_PEER)
 		return 0;
 	if (f->policy_id == vm->policy_id)
 		return 1;
@@ -488,6 +491,9 @@ int vmfence_from_vm(struct __sk_buff *skb)
 	}
 	if (!src_owned)
 		return drop(skb, vm, &p, VMFENCE_REASON_SPOOFED_IP, VMFENCE_DIR_FROM_VM);
+	/* IGMP membership reports stay on the link (224.0.0.0/24): like MLD. */
+	if (is_link_local_igmp(&p))
+		return TC_ACT_UNSPEC;
 
 	/* Isolation holds in every mode: VM to VM only within a group. */
 	o = owner_of(&p.daddr);
@@ -508,7 +514,7 @@ int vmfence_from_vm(struct __sk_buff *skb)
 	}
 
 	flow_key_from_vm(&fk, vm, &p);
-	if (vm->mode == VMFENCE_MODE_CONNTRACK && flow_allowed(vm, &fk))
+	if (vm->mode == VMFENCE_MODE_CONNTRACK && flow_allowed(vm, &fk, 0))
 		goto allowed;
 	if (vm->mode == VMFENCE_MODE_SAMPLED && !sample(vm)) {
 		/* Unchecked, but remembered so replies find their flow. */
@@ -518,8 +524,11 @@ int vmfence_from_vm(struct __sk_buff *skb)
 	r = policy_check(&vmfence_egress_v1, vm->policy_id, &p.daddr, p.proto, p.dport,
 			 VMFENCE_REASON_EGRESS_DENIED);
 	if (r) {
-		/* A reply in a flow a peer opened under an ingress rule. */
-		if (vm->mode != VMFENCE_MODE_CONNTRACK && flow_allowed(vm, &fk))
+		/* A reply in a flow a peer opened under an ingress rule. Only
+		 * flows a peer opened: a flow the VM opened is what the egress
+		 * check just judged (and in sampled mode it may have been
+		 * recorded unchecked). */
+		if (vm->mode != VMFENCE_MODE_CONNTRACK && flow_allowed(vm, &fk, 1))
 			goto allowed;
 		return drop(skb, vm, &p, r, VMFENCE_DIR_FROM_VM);
 	}
@@ -548,7 +557,7 @@ static __always_inline int icmp_error_for_flow(struct __sk_buff *skb, const stru
 	if (!vm_owns(vm, &inner.saddr))
 		return 0;
 	flow_key_from_vm(&k, vm, &inner);
-	return flow_allowed(vm, &k);
+	return flow_allowed(vm, &k, 0);
 }
 
 SEC("tc")
@@ -588,6 +597,8 @@ int vmfence_to_vm(struct __sk_buff *skb)
 		return TC_ACT_UNSPEC; /* resolution toward the VM; the sender's own hook polices lies */
 	if (p.proto == IPPROTO_ICMPV6 && p.frag == FRAG_NONE && is_nd_or_mld(p.icmp_type))
 		return TC_ACT_UNSPEC;
+	if (is_link_local_igmp(&p))
+		return TC_ACT_UNSPEC;
 	if (!is_multicast(&p.daddr) && !vm_owns(vm, &p.daddr))
 		return drop(skb, vm, &p, VMFENCE_REASON_NOT_FOR_VM, VMFENCE_DIR_TO_VM);
 
@@ -608,7 +619,7 @@ int vmfence_to_vm(struct __sk_buff *skb)
 		return drop(skb, vm, &p, VMFENCE_REASON_FRAGMENT, VMFENCE_DIR_TO_VM);
 	}
 	flow_key_to_vm(&fk, vm, &p);
-	if (flow_allowed(vm, &fk))
+	if (flow_allowed(vm, &fk, 0))
 		goto allowed;
 	if (is_icmp_error(&p) && icmp_error_for_flow(skb, vm, &p))
 		return TC_ACT_UNSPEC;

@@ -523,6 +523,8 @@ e2e_cleanup() {
 		wait "$DAEMON_PID" 2>/dev/null
 	fi
 	for p in "${E2E_BG_PIDS[@]}"; do kill "$p" 2>/dev/null; done
+	sleep 0.2
+	for p in "${E2E_BG_PIDS[@]}"; do kill -KILL "$p" 2>/dev/null; done
 	if [ "$ENFORCE" = 1 ] && [ -x "$VMFENCE" ] && [ -e "/run/netns/$HV" ] && [ -f "$CONF/host.json" ]; then
 		vmf down --config "$CONF" >>"$WORK/down.log" 2>&1 ||
 			say "cleanup: vmfence down failed (see $WORK/down.log)"
@@ -535,7 +537,6 @@ e2e_cleanup() {
 	for p in /sys/fs/bpf/vmfence-e2e-"$PFX"*; do
 		[ -e "$p" ] && rm -rf -- "$p"
 	done
-	wait 2>/dev/null
 	if [ "$rc" != 0 ] || [ "${KEEP:-0}" = 1 ]; then
 		say "work dir kept: $WORK (daemon log: $DLOG)"
 	else
