@@ -25,14 +25,7 @@
 #include <thread>
 #include <vector>
 
-#if __has_include(<cereal/external/rapidjson/document.h>)
-#include <cereal/external/rapidjson/document.h>
-namespace rj = CEREAL_RAPIDJSON_NAMESPACE;
-#else
-// Debian's libcereal-dev unbundles rapidjson: cereal itself uses rapidjson-dev.
-#include <rapidjson/document.h>
-namespace rj = rapidjson;
-#endif
+#include "agent/json.h"
 
 #include "agent/journal.h"
 

@@ -16,16 +16,7 @@
 #include <system_error>
 #include <tuple>
 
-#if __has_include(<cereal/external/rapidjson/document.h>)
-#include <cereal/external/rapidjson/document.h>
-#include <cereal/external/rapidjson/error/en.h>
-namespace rj = CEREAL_RAPIDJSON_NAMESPACE;
-#else
-// Debian's libcereal-dev unbundles rapidjson: cereal itself uses rapidjson-dev.
-#include <rapidjson/document.h>
-#include <rapidjson/error/en.h>
-namespace rj = rapidjson;
-#endif
+#include "agent/json.h"
 
 namespace vmfence {
 

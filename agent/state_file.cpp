@@ -1,12 +1,6 @@
 #include "agent/state_file.h"
 
-#if __has_include(<cereal/external/rapidjson/document.h>)
-#include <cereal/external/rapidjson/document.h>
-namespace rj = CEREAL_RAPIDJSON_NAMESPACE;
-#else
-#include <rapidjson/document.h>
-namespace rj = rapidjson;
-#endif
+#include "agent/json.h"
 #include <unistd.h>
 
 #include <filesystem>

@@ -20,18 +20,26 @@
 #   - restart: SIGTERM, `vmfence run` again on the pinned state (adopt, swap
 #     programs in place) -> "enforcing N VMs".
 #   - change latency (CHANGES times, default 20): a python harness writes
-#     .vm1.json.tmp, renames it to vm1.json (t0) and spins on the pinned VM
-#     map (bpf(BPF_MAP_LOOKUP_ELEM) on vm1's ifindex) until policy_id changes
-#     (t1 = enforced); then until run/vms.json (what `vmfence status` reads
-#     for names) shows it (t2). p50/p99/max of t1-t0 and t2-t0.
+#     vms.d/.vm1.json.tmp, renames it to vm1.json (t0) and spins on the pinned
+#     VM map (bpf(BPF_MAP_LOOKUP_ELEM) on vm1's ifindex) until policy_id
+#     changes (t1 = enforced); then until run/vms.json (what `vmfence status`
+#     reads for names) shows it (t2). p50/p99/max of t1-t0 and t2-t0, and the
+#     number of reloads the agent ran per change.
+#   - attach latency (ATTACHES times, default 10) with N VMs loaded: the
+#     harness creates the TAP of a VM whose interface was absent
+#     (TUNSETIFF + TUNSETPERSIST on /dev/net/tun, t0 just before) and spins
+#     until the VM map has its ifindex and both tcx link pins exist (what
+#     `vmfence wait` waits for). Also the agent's own "X us after the link
+#     event" figures.
 # Output: a table per size, and markdown rows at the end (for BENCHMARKS.md).
-# Env: SIZES, IFACES_MAX, CHANGES, KEEP=1 (keep work dir).
+# Env: SIZES, IFACES_MAX, CHANGES, ATTACHES, KEEP=1 (keep work dir).
 set -u
 . "$(dirname "$0")/../tests/e2e/lib.sh"
 . "$(dirname "$0")/../tests/e2e/live_lib.sh"
 SIZES=${SIZES:-"1000 10000"}
 IFACES_MAX=${IFACES_MAX:-1000}
 CHANGES=${CHANGES:-20}
+ATTACHES=${ATTACHES:-10}
 e2e_init cpbench
 # lib.sh's vmf runs in "$PFX-hv"; here every size has its own namespace $HV.
 vmf() { nsenter --net="/run/netns/$HV" -- env VMFENCE_PIN_DIR="$PIN" VMFENCE_RUN_DIR="$RUNDIR" "$VMFENCE" "$@"; }
@@ -151,6 +159,40 @@ print("samples_ms_published", " ".join("%.1f" % x for x in pub))
 print("RESULT %.1f %.1f %.1f %.1f %.1f %.1f" % (pct(enf, 50), pct(enf, 99), max(enf), pct(pub, 50), pct(pub, 99), max(pub)))
 '
 
+ATTACH_HARNESS='
+import ctypes, fcntl, os, socket, struct, sys, time
+pin, names = sys.argv[1], sys.argv[2:]
+libc = ctypes.CDLL(None, use_errno=True)
+def bpf(cmd, attr):
+    buf = ctypes.create_string_buffer(attr, 128)
+    return libc.syscall(321, cmd, buf, 128)
+path = ctypes.create_string_buffer(pin.encode() + b"/vmfence_vms_v1")
+fd = bpf(7, struct.pack("=QII", ctypes.addressof(path), 0, 0))
+assert fd >= 0
+key = ctypes.c_uint32(0)
+val = ctypes.create_string_buffer(64)
+lookup = struct.pack("=IIQQQ", fd, 0, ctypes.addressof(key), ctypes.addressof(val), 0)
+res = []
+for name in names:
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    tun = os.open("/dev/net/tun", os.O_RDWR)
+    fcntl.ioctl(tun, 0x400454ca, struct.pack("16sH22x", name.encode(), 0x0002 | 0x1000))  # TUNSETIFF tap, no PI
+    fcntl.ioctl(tun, 0x400454cb, 1)                                                     # TUNSETPERSIST
+    os.close(tun)
+    key.value = socket.if_nametoindex(name)
+    links = ["%s/links/if%d_%s" % (pin, key.value, d) for d in ("from_vm", "to_vm")]
+    while not (bpf(1, lookup) == 0 and all(os.path.exists(l) for l in links)):
+        if time.monotonic() - t0 > 60:
+            sys.exit("%s not enforced after 60 s" % name)
+    res.append((time.monotonic() - t0) * 1000)
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100.0 * (len(xs) - 1))))]
+print("samples_ms_attached", " ".join("%.1f" % x for x in res))
+print("RESULT %.1f %.1f %.1f" % (pct(res, 50), pct(res, 99), max(res)))
+'
+
 for N in $SIZES; do
 	section "N = $N VMs"
 	HV=$PFX-hv$N
@@ -163,8 +205,12 @@ for N in $SIZES; do
 	t=${EPOCHREALTIME/./}
 	gen_specs "$CONF/vms.d" "$N"
 	say "generated $N spec files ($(du -sh "$CONF/vms.d" | cut -f1)) in $(_elapsed "$t") s"
-	nif=$N
+	# TAPs present from the start: all but the last ATTACHES VMs (created
+	# later, for the attach test), or only vm1 above IFACES_MAX.
+	nif=$((N - ATTACHES))
 	[ "$N" -gt "$IFACES_MAX" ] && nif=1
+	LATE=()
+	for i in $(seq $((nif + 1)) $((nif + ATTACHES))); do LATE+=("t$i"); done
 	t=${EPOCHREALTIME/./}
 	for i in $(seq "$nif"); do echo "tuntap add dev t$i mode tap"; done >"$WORK/links$N.batch"
 	ip -n "$HV" -batch "$WORK/links$N.batch" || fatal "creating $nif TAPs"
@@ -189,21 +235,30 @@ print(", ".join("%s %d/%d" % (k.replace("vmfence_", "").replace("_v1", ""), v["e
 	vmf wait --vm vm1 --timeout 10 >/dev/null || fatal "vm1 not enforced after restart"
 	sleep 0.5
 	IFX=$(ipn "hv$N" -o link show dev t1 | awk -F: '{print $1}')
+	mark=$(wc -l <"$DLOG")
 	out=$(nsx "hv$N" "$PY" -c "$CHANGE_HARNESS" "$CONF/vms.d" vm1 "$IFX" "$PIN" "$RUNDIR/vms.json" "$CHANGES" 2>&1) ||
 		{ echo "$out"; fatal "change harness failed"; }
 	echo "$out" | sed 's/^/    /'
 	read -r _ E50 E99 EMAX P50 P99 PMAX < <(echo "$out" | grep '^RESULT')
-	say "one VM's change ($CHANGES samples): enforced p50 $E50 ms, p99 $E99 ms (max $EMAX); state published p50 $P50 ms, p99 $P99 ms"
+	RELOADS=$(tail -n "+$((mark + 1))" "$DLOG" | grep -c 'reload (spec files changed)')
+	say "one VM's change ($CHANGES samples): enforced p50 $E50 ms, p99 $E99 ms (max $EMAX); state published p50 $P50 ms, p99 $P99 ms; the agent ran $RELOADS reloads for $CHANGES renames"
 	RELOAD_RSS=$(rss_mb "$DAEMON_PID")
+	mark=$(wc -l <"$DLOG")
+	out=$(nsx "hv$N" "$PY" -c "$ATTACH_HARNESS" "$PIN" "${LATE[@]}" 2>&1) || { echo "$out"; fatal "attach harness failed"; }
+	echo "$out" | sed 's/^/    /'
+	read -r _ A50 A99 AMAX < <(echo "$out" | grep '^RESULT')
+	own=$(tail -n "+$((mark + 1))" "$DLOG" | sed -nE 's/.* ([0-9]+) us after the link event.*/\1/p' | sort -n | tr '\n' ' ')
+	say "attach of a new TAP with $N VMs loaded ($ATTACHES samples): TAP created -> enforced p50 $A50 ms, p99 $A99 ms (max $AMAX); agent's own figures (us): $own"
+	OWN_MAX=$(echo "$own" | awk '{print $NF / 1000}')
 	stop_daemon TERM
 	vmf down --config "$CONF" >>"$WORK/down.log" 2>&1
 	ip netns del "$HV"
-	ROWS+=("| $N | $nif | $COLD_S s | $WARM_S s | $E50 / $E99 ms | $P50 / $P99 ms | ${COLD_RSS} / ${RELOAD_RSS} MB |")
+	ROWS+=("| $N | $nif | $COLD_S s | $WARM_S s | $E50 / $E99 ms | $P50 / $P99 ms | $RELOADS / $CHANGES | $A50 / $A99 ms (agent's own max $OWN_MAX ms) | ${COLD_RSS} / ${RELOAD_RSS} MB |")
 done
 
 section results
-echo "| VMs | TAPs present | cold start (run -> \"enforcing N VMs\") | restart (adopt) | one VM's change -> enforced p50 / p99 | -> state published p50 / p99 | daemon RSS (start / after changes) |"
-echo "|---|---|---|---|---|---|---|"
+echo "| VMs | TAPs at start | cold start (run -> \"enforcing N VMs\") | restart (adopt) | one VM's change: rename -> enforced p50 / p99 | rename -> state published p50 / p99 | reloads / changes | new TAP -> enforced p50 / p99 | daemon RSS (start / after) |"
+echo "|---|---|---|---|---|---|---|---|---|"
 for r in "${ROWS[@]}"; do echo "$r"; done
 echo "kernel $(uname -r), $(nproc) CPUs, $(date -u +%F)"
 # lib.sh's cleanup expects HV to be a namespace of this run.

@@ -3,7 +3,8 @@
 # the on_violation terminate command (issue 3; target p99 < 20 ms).
 #
 # Usage: sudo bench/violation_latency.sh [N]      (N samples, default 200)
-#   env VMFENCE=path/to/vmfence (default build/vmfence), KEEP=1 keeps the work dir.
+#   env VMFENCE=path/to/vmfence (default build/vmfence), KEEP=1 keeps the work dir,
+#   BENCH_RT=PRIO runs the agent as SCHED_FIFO PRIO (chrt) once started.
 #
 # Set-up (all in network namespaces, like the e2e tests): a hypervisor netns
 # with N routed VMs (veth "TAPs", filtered mode, egress udp/51900 to a consumer
@@ -81,6 +82,12 @@ write_host "{ \"on_violation\": { \"action\": \"terminate\", \"command\": [\"$WO
   \"threshold\": 1, \"window_ms\": 1000 } }"
 say "$N VMs ready"
 start_daemon 60
+if [ -n "${BENCH_RT:-}" ]; then
+	# Optional: the agent as a real-time task (SCHED_FIFO priority BENCH_RT),
+	# to separate its own latency from CPU contention on a loaded host.
+	chrt -f -p "$BENCH_RT" "$DAEMON_PID" || fatal "chrt -f -p $BENCH_RT $DAEMON_PID"
+	say "agent (pid $DAEMON_PID) now $(chrt -p "$DAEMON_PID" | tr '\n' ' ')"
+fi
 
 section "warm-up: allowed traffic from every VM (ARP resolved, nothing violates)"
 for i in $(seq "$N"); do
@@ -153,7 +160,7 @@ EOF
 echo
 echo "$RESULT"
 echo
-say "$(nproc) CPUs, kernel $(uname -r), load average $(cut -d' ' -f1-3 /proc/loadavg) at the end; $N samples; command: $0 $N"
+say "$(nproc) CPUs, kernel $(uname -r), load average $(cut -d' ' -f1-3 /proc/loadavg) at the end; $N samples; command: ${BENCH_RT:+BENCH_RT=$BENCH_RT }$0 $N"
 expect_ok "p99 packet -> command start < 20 ms (e2e p99 $P99 ms)" "$PY" -c "import sys; sys.exit(0 if $P99 < 20 else 1)"
 expect_ok "one terminating line per VM ($(grep -c 'terminating vm=' "$DLOG") for $N VMs)" \
 	test "$(grep -c 'terminating vm=' "$DLOG")" = "$N"

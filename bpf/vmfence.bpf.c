@@ -339,6 +339,46 @@ static __always_inline int sample(const struct vmfence_vm *vm)
 	return vm->sample_threshold == 0xffffffffu || bpf_get_prandom_u32() < vm->sample_threshold;
 }
 
+/* The start of both hooks: find the VM, count the packet, and decide the
+ * drops that do not depend on its contents (spec removed, quarantined).
+ * Returns the VM, or NULL with *verdict set. */
+static __always_inline struct vmfence_vm *hook_start(struct __sk_buff *skb, struct pkt *p, __u8 dir,
+						     int *verdict)
+{
+	__u32 ifindex = skb->ifindex;
+	struct vmfence_counters *c;
+	struct vmfence_state *st;
+	struct vmfence_vm *vm;
+	__u32 slot;
+
+	vm = bpf_map_lookup_elem(&vmfence_vms_v1, &ifindex);
+	if (!vm) {
+		*verdict = drop(skb, NULL, p, VMFENCE_REASON_UNKNOWN_IFINDEX, dir);
+		return NULL;
+	}
+	slot = vm->slot;
+	c = dry_run ? NULL : bpf_map_lookup_elem(&vmfence_counters_v1, &slot);
+	if (c) {
+		if (dir == VMFENCE_DIR_FROM_VM) {
+			c->from_vm_packets++;
+			c->from_vm_bytes += skb->len;
+		} else {
+			c->to_vm_packets++;
+			c->to_vm_bytes += skb->len;
+		}
+	}
+	if (vm->flags & VMFENCE_VM_F_NO_POLICY) {
+		*verdict = drop(skb, vm, p, VMFENCE_REASON_NO_POLICY, dir);
+		return NULL;
+	}
+	st = bpf_map_lookup_elem(&vmfence_state_v1, &slot);
+	if (st && st->quarantined) {
+		*verdict = drop(skb, vm, p, VMFENCE_REASON_QUARANTINED, dir);
+		return NULL;
+	}
+	return vm;
+}
+
 /* --- VM -> host ------------------------------------------------------------- */
 
 static __always_inline int from_vm_arp(struct __sk_buff *skb, const struct vmfence_vm *vm,
@@ -449,31 +489,16 @@ int vmfence_from_vm(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
-	__u32 ifindex = skb->ifindex;
-	struct vmfence_counters *c;
-	struct vmfence_state *st;
 	struct vmfence_owner *o;
 	struct vmfence_flow_key fk;
 	struct vmfence_vm *vm;
 	struct pkt p = {};
-	int src_owned, ret;
-	__u32 slot;
+	int src_owned, ret, verdict;
 	__u8 r;
 
-	vm = bpf_map_lookup_elem(&vmfence_vms_v1, &ifindex);
+	vm = hook_start(skb, &p, VMFENCE_DIR_FROM_VM, &verdict);
 	if (!vm)
-		return drop(skb, NULL, &p, VMFENCE_REASON_UNKNOWN_IFINDEX, VMFENCE_DIR_FROM_VM);
-	slot = vm->slot;
-	c = dry_run ? NULL : bpf_map_lookup_elem(&vmfence_counters_v1, &slot);
-	if (c) {
-		c->from_vm_packets++;
-		c->from_vm_bytes += skb->len;
-	}
-	if (vm->flags & VMFENCE_VM_F_NO_POLICY)
-		return drop(skb, vm, &p, VMFENCE_REASON_NO_POLICY, VMFENCE_DIR_FROM_VM);
-	st = bpf_map_lookup_elem(&vmfence_state_v1, &slot);
-	if (st && st->quarantined)
-		return drop(skb, vm, &p, VMFENCE_REASON_QUARANTINED, VMFENCE_DIR_FROM_VM);
+		return verdict;
 
 	r = parse(skb, data, data_end, &p);
 	if (p.ethertype && !mac_eq(p.smac, vm->mac))
@@ -565,30 +590,16 @@ int vmfence_to_vm(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
-	__u32 ifindex = skb->ifindex;
-	struct vmfence_counters *c;
-	struct vmfence_state *st;
 	struct vmfence_owner *o;
 	struct vmfence_flow_key fk;
 	struct vmfence_vm *vm;
 	struct pkt p = {};
-	__u32 slot;
+	int verdict;
 	__u8 r;
 
-	vm = bpf_map_lookup_elem(&vmfence_vms_v1, &ifindex);
+	vm = hook_start(skb, &p, VMFENCE_DIR_TO_VM, &verdict);
 	if (!vm)
-		return drop(skb, NULL, &p, VMFENCE_REASON_UNKNOWN_IFINDEX, VMFENCE_DIR_TO_VM);
-	slot = vm->slot;
-	c = dry_run ? NULL : bpf_map_lookup_elem(&vmfence_counters_v1, &slot);
-	if (c) {
-		c->to_vm_packets++;
-		c->to_vm_bytes += skb->len;
-	}
-	if (vm->flags & VMFENCE_VM_F_NO_POLICY)
-		return drop(skb, vm, &p, VMFENCE_REASON_NO_POLICY, VMFENCE_DIR_TO_VM);
-	st = bpf_map_lookup_elem(&vmfence_state_v1, &slot);
-	if (st && st->quarantined)
-		return drop(skb, vm, &p, VMFENCE_REASON_QUARANTINED, VMFENCE_DIR_TO_VM);
+		return verdict;
 
 	r = parse(skb, data, data_end, &p);
 	if (r)

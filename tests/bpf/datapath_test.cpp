@@ -405,6 +405,20 @@ std::vector<Fixture> fixtures() {
                                         .ns(ip("fec0::1")).lla(1, kGwMac),
                              PASS)});
 
+  // ---- IGMP (link-local group membership, like MLD) ----
+  {
+    auto igmp = [](Packet p, const char* src, const char* dst, uint8_t type) {
+      Ip4Opts o = ip4_options({0x94, 0x04, 0x00, 0x00});  // router alert
+      o.ttl = 1;
+      return p.ipv4(ip(src), ip(dst), o).next_proto(2).raw({type, 0, 0, 0, 0, 0, 0, 0});
+    };
+    add("igmp_report_link_local", {out("vm1", igmp(F("vm1"), "10.1.0.2", "224.0.0.22", 0x22), PASS)});
+    add("igmp_to_routed_group_needs_rule",
+        {out("vm1", igmp(F("vm1"), "10.1.0.2", "239.1.1.1", 0x16), DROP(VMFENCE_REASON_EGRESS_DENIED))});
+    add("igmp_spoofed_source", {out("vm1", igmp(F("vm1"), "10.1.0.9", "224.0.0.22", 0x22), DROP(VMFENCE_REASON_SPOOFED_IP))});
+    add("igmp_query_to_vm", {in("vm1", igmp(T("vm1"), "10.1.0.1", "224.0.0.1", 0x11), PASS)});
+  }
+
   // ---- unknown interface ----
   add("unknown_ifindex", {on_iface(kNoVmIface, true, tcp4("10.1.0.2", "93.184.216.34", 40000, 443),
                                    DROP(VMFENCE_REASON_UNKNOWN_IFINDEX)),
