@@ -339,12 +339,15 @@ static __always_inline int sample(const struct vmfence_vm *vm)
 	return vm->sample_threshold == 0xffffffffu || bpf_get_prandom_u32() < vm->sample_threshold;
 }
 
-/* The start of both hooks: find the VM, count the packet, and decide the
- * drops that do not depend on its contents (spec removed, quarantined).
- * Returns the VM, or NULL with *verdict set. */
+/* The start of both hooks: find the VM, count the packet, parse it, and
+ * decide the drops that do not depend on its contents (no VM, spec removed,
+ * quarantined; parsed first so their reports name the packet). Returns the
+ * VM, or NULL with *verdict set; *parse_reason is parse()'s result. */
 static __always_inline struct vmfence_vm *hook_start(struct __sk_buff *skb, struct pkt *p, __u8 dir,
-						     int *verdict)
+						     int *verdict, __u8 *parse_reason)
 {
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
 	__u32 ifindex = skb->ifindex;
 	struct vmfence_counters *c;
 	struct vmfence_state *st;
@@ -352,6 +355,7 @@ static __always_inline struct vmfence_vm *hook_start(struct __sk_buff *skb, stru
 	__u32 slot;
 
 	vm = bpf_map_lookup_elem(&vmfence_vms_v1, &ifindex);
+	*parse_reason = parse(skb, data, data_end, p);
 	if (!vm) {
 		*verdict = drop(skb, NULL, p, VMFENCE_REASON_UNKNOWN_IFINDEX, dir);
 		return NULL;
@@ -377,6 +381,29 @@ static __always_inline struct vmfence_vm *hook_start(struct __sk_buff *skb, stru
 		return NULL;
 	}
 	return vm;
+}
+
+/* ICMP errors (unreachable, time exceeded, packet too big) about a flow the
+ * policy allowed belong to it. From the VM, the embedded header is the peer's
+ * packet to the VM (a closed port answering); to the VM, the VM's own. */
+static __always_inline int icmp_error_for_flow(struct __sk_buff *skb, const struct vmfence_vm *vm,
+					       const struct pkt *p, int from_vm)
+{
+	struct pkt inner = {};
+	struct vmfence_flow_key k;
+
+	if (parse_icmp_inner(skb, p, &inner))
+		return 0;
+	if (from_vm) {
+		if (!vm_owns(vm, &inner.daddr))
+			return 0;
+		flow_key_to_vm(&k, vm, &inner);
+	} else {
+		if (!vm_owns(vm, &inner.saddr))
+			return 0;
+		flow_key_from_vm(&k, vm, &inner);
+	}
+	return flow_allowed(vm, &k, 0);
 }
 
 /* --- VM -> host ------------------------------------------------------------- */
@@ -496,11 +523,10 @@ int vmfence_from_vm(struct __sk_buff *skb)
 	int src_owned, ret, verdict;
 	__u8 r;
 
-	vm = hook_start(skb, &p, VMFENCE_DIR_FROM_VM, &verdict);
+	vm = hook_start(skb, &p, VMFENCE_DIR_FROM_VM, &verdict, &r);
 	if (!vm)
 		return verdict;
 
-	r = parse(skb, data, data_end, &p);
 	if (p.ethertype && !mac_eq(p.smac, vm->mac))
 		return drop(skb, vm, &p, VMFENCE_REASON_SPOOFED_MAC, VMFENCE_DIR_FROM_VM);
 	if (r)
@@ -555,6 +581,8 @@ int vmfence_from_vm(struct __sk_buff *skb)
 		 * recorded unchecked). */
 		if (vm->mode != VMFENCE_MODE_CONNTRACK && flow_allowed(vm, &fk, 1))
 			goto allowed;
+		if (is_icmp_error(&p) && icmp_error_for_flow(skb, vm, &p, 1))
+			return TC_ACT_UNSPEC;
 		return drop(skb, vm, &p, r, VMFENCE_DIR_FROM_VM);
 	}
 	/* TCP records its flow on the SYN only: later segments need no write. */
@@ -569,27 +597,9 @@ allowed:
 
 /* --- host -> VM ------------------------------------------------------------- */
 
-/* ICMP errors (unreachable, time exceeded, packet too big) about a flow the
- * VM has: the embedded header is the VM's own packet. */
-static __always_inline int icmp_error_for_flow(struct __sk_buff *skb, const struct vmfence_vm *vm,
-					       const struct pkt *p)
-{
-	struct pkt inner = {};
-	struct vmfence_flow_key k;
-
-	if (parse_icmp_inner(skb, p, &inner))
-		return 0;
-	if (!vm_owns(vm, &inner.saddr))
-		return 0;
-	flow_key_from_vm(&k, vm, &inner);
-	return flow_allowed(vm, &k, 0);
-}
-
 SEC("tc")
 int vmfence_to_vm(struct __sk_buff *skb)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
 	struct vmfence_owner *o;
 	struct vmfence_flow_key fk;
 	struct vmfence_vm *vm;
@@ -597,11 +607,10 @@ int vmfence_to_vm(struct __sk_buff *skb)
 	int verdict;
 	__u8 r;
 
-	vm = hook_start(skb, &p, VMFENCE_DIR_TO_VM, &verdict);
+	vm = hook_start(skb, &p, VMFENCE_DIR_TO_VM, &verdict, &r);
 	if (!vm)
 		return verdict;
 
-	r = parse(skb, data, data_end, &p);
 	if (r)
 		return drop(skb, vm, &p, r, VMFENCE_DIR_TO_VM);
 	if (p.ethertype == ETH_P_ARP)
@@ -632,7 +641,7 @@ int vmfence_to_vm(struct __sk_buff *skb)
 	flow_key_to_vm(&fk, vm, &p);
 	if (flow_allowed(vm, &fk, 0))
 		goto allowed;
-	if (is_icmp_error(&p) && icmp_error_for_flow(skb, vm, &p))
+	if (is_icmp_error(&p) && icmp_error_for_flow(skb, vm, &p, 0))
 		return TC_ACT_UNSPEC;
 	r = policy_check(&vmfence_ingress_v1, vm->policy_id, &p.saddr, p.proto, p.dport,
 			 VMFENCE_REASON_INGRESS_DENIED);
