@@ -73,6 +73,7 @@ class Daemon {
   std::string config_dir_;
   Spec spec_;                       // the VMs in force (last good of each)
   std::map<uint32_t, size_t> by_id_;  // vm_id -> index in spec_.vms
+  std::map<uint32_t, VmSpec> removed_;  // specs removed while their interface remained
   Journal journal_;
   ActionRunner actions_;
   EventConsumer events_;
@@ -84,6 +85,8 @@ class Daemon {
   bool reload_pending_ = false;
   std::chrono::steady_clock::time_point reload_at_{};
   bool running_ = true;
+  bool nft_applied_ = false;
+  uint64_t nft_fingerprint_ = 0;
   std::map<uint32_t, std::pair<uint64_t, uint64_t>> reported_;  // vm_id -> suppressed, lost
 };
 
@@ -92,8 +95,9 @@ Daemon::~Daemon() {
 }
 
 const VmSpec* Daemon::vm_by_id(uint32_t id) const {
-  auto it = by_id_.find(id);
-  return it == by_id_.end() ? nullptr : &spec_.vms[it->second];
+  if (auto it = by_id_.find(id); it != by_id_.end()) return &spec_.vms[it->second];
+  if (auto it = removed_.find(id); it != removed_.end()) return &it->second;
+  return nullptr;
 }
 
 void Daemon::apply_vm(const VmSpec& vm, const VmPlan& plan) {
@@ -116,8 +120,15 @@ void Daemon::apply_vm(const VmSpec& vm, const VmPlan& plan) {
 }
 
 void Daemon::apply_nft() {
-  if (auto r = nft::apply(spec_); !r)
+  nft::Ruleset rs = nft::build_ruleset(spec_);
+  uint64_t fp = rs.fingerprint();
+  if (nft_applied_ && fp == nft_fingerprint_) return;  // unchanged; the monitor guards against edits
+  if (auto r = nft::apply(rs); !r) {
     spdlog::error("nftables: {} (the previous ruleset stays in force)", r.message);
+    return;
+  }
+  nft_applied_ = true;
+  nft_fingerprint_ = fp;
 }
 
 void Daemon::publish_state() {
@@ -217,7 +228,11 @@ void Daemon::link_changed(int type, uint32_t ifindex, const std::string& name) {
     publish_state();
     return;
   }
-  if (type == RTM_DELLINK && writer_->orphaned().count(ifindex)) Datapath::detach(dp_->dir(), ifindex);
+  if (type == RTM_DELLINK && writer_->is_orphaned(ifindex)) {
+    writer_->forget_orphan(ifindex);
+    std::erase_if(removed_, [&](const auto& kv) { return kv.second.interface == name; });
+    Datapath::detach(dp_->dir(), ifindex);
+  }
 }
 
 void Daemon::on_link_event() { nl_recvmsgs_default(link_sock_); }
@@ -247,6 +262,7 @@ void Daemon::reload(const char* why) {
       continue;
     }
     seen.insert(vm.name);
+    removed_.erase(name_id(vm.name));
     auto it = writer_->installed().find(vm.name);
     if (it == writer_->installed().end() || !same_plan(it->second.plan, plan)) {
       apply_vm(vm, plan);
@@ -264,6 +280,7 @@ void Daemon::reload(const char* why) {
       continue;
     }
     writer_->remove(old.name);
+    removed_[name_id(old.name)] = old;  // its interface still reports drops under its name
     ++removed;
     spdlog::warn("vm {}: spec removed; its interface (if present) now drops everything", old.name);
   }
@@ -420,7 +437,9 @@ int Daemon::run() {
             last_report = now;
             report_lost_events();
           }
-          if (now - last_check > std::chrono::seconds(2)) {
+          // The monitor sees edits as they happen; this only covers lost
+          // notifications (a dump of the whole table: not every tick).
+          if (now - last_check > std::chrono::seconds(30)) {
             last_check = now;
             if (!nft::table_intact()) {
               spdlog::warn("nftables: table inet vmfence missing or changed; restoring");

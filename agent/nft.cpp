@@ -22,6 +22,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <deque>
 #include <cerrno>
 #include <cstring>
 #include <ctime>
@@ -33,6 +34,7 @@
 namespace vmfence::nft {
 
 namespace {
+void remember_own_portid(uint32_t portid);  // defined with the apply state below
 
 // ---------------------------------------------------------------------------
 // Small helpers: addresses, text
@@ -485,6 +487,7 @@ class Batch {
     set_buffer(fd, SO_SNDBUFFORCE, SO_SNDBUF, len_ + 4096);
     set_buffer(fd, SO_RCVBUFFORCE, SO_RCVBUF, std::max<size_t>(msgs_.size() * 1024, 1 << 20));
 
+    remember_own_portid(mnl_socket_get_portid(sock.get()));
     if (mnl_socket_sendto(sock.get(), buf_.data(), len_) < 0)
       return errno_result(errno, "nftables: send batch (" + std::to_string(len_) + " bytes)");
 
@@ -728,6 +731,20 @@ Result read_rules(std::map<std::string, std::vector<std::string>>& out) {
 
 std::mutex g_mu;
 std::optional<Ruleset> g_applied;
+// Netlink port ids of our own batches: the Monitor skips the notifications
+// they cause instead of dumping (at 10,000 VMs, 30,000 rules) the table again.
+std::deque<uint32_t> g_own_portids;
+
+void remember_own_portid(uint32_t portid) {
+  std::lock_guard lock(g_mu);
+  g_own_portids.push_back(portid);
+  if (g_own_portids.size() > 16) g_own_portids.pop_front();
+}
+
+bool is_own_portid(uint32_t portid) {
+  std::lock_guard lock(g_mu);
+  return std::find(g_own_portids.begin(), g_own_portids.end(), portid) != g_own_portids.end();
+}
 
 }  // namespace
 
@@ -1164,6 +1181,7 @@ bool Monitor::drain() {
       if (NFNL_SUBSYS_ID(nlh->nlmsg_type) != NFNL_SUBSYS_NFTABLES) continue;
       const int msg = NFNL_MSG_TYPE(nlh->nlmsg_type);
       if (msg == NFT_MSG_NEWGEN) continue;
+      if (nlh->nlmsg_pid != 0 && is_own_portid(nlh->nlmsg_pid)) continue;  // our own apply
       if (nlh->nlmsg_len < mnl_nlmsg_size(sizeof(nfgenmsg))) continue;
       const auto* g = static_cast<const nfgenmsg*>(mnl_nlmsg_get_payload(nlh));
       if (g->nfgen_family != NFPROTO_INET) continue;

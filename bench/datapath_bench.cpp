@@ -77,10 +77,10 @@ std::string mac_bytes(uint32_t i) {
 }
 
 // Every other VM: one address, one rule (and the IMDS barrier the compiler adds).
-std::string other_vm(uint32_t i) {
+std::string other_vm(uint32_t i, bool with_rule) {
   return R"({ "name": "vm)" + std::to_string(i) + R"(", "interface": "vmb)" + std::to_string(i) +
-         R"(", "mac": "02:00:)" + mac_bytes(i) + R"(", "addresses": [")" + vm_addr(i) +
-         R"(/32"], "egress": [ { "to": "0.0.0.0/0", "proto": "tcp", "ports": ["443"] } ] })";
+         R"(", "mac": "02:00:)" + mac_bytes(i) + R"(", "addresses": [")" + vm_addr(i) + R"(/32"], "egress": [ )" +
+         (with_rule ? R"({ "to": "0.0.0.0/0", "proto": "tcp", "ports": ["443"] })" : "") + " ] }";
 }
 
 // 64 bytes: Ethernet + IPv4 + TCP ACK + 10 bytes of payload.
@@ -104,8 +104,11 @@ struct RefDeleter {
 // `rules` egress rules), and the reference programs on copies of its maps.
 class Setup {
  public:
-  Setup(int vms, int rules, const char* mode = "filtered") : vms_(vms), rules_(rules) {
-    dir_ = "/sys/fs/bpf/vmfence-bench-" + std::to_string(getpid());
+  // others_rules: the other VMs get one egress rule each (and the IMDS entry
+  // the compiler adds), so their policies share the egress LPM trie.
+  Setup(int vms, int rules, const char* mode = "filtered", bool others_rules = true) : vms_(vms), rules_(rules) {
+    static int serial = 0;
+    dir_ = "/sys/fs/bpf/vmfence-bench-" + std::to_string(getpid()) + "-" + std::to_string(serial++);
     std::error_code ec;
     std::filesystem::remove_all(dir_, ec);
     if (auto s = Datapath::load(dir_, dp_); !s) die(s.message);
@@ -115,9 +118,10 @@ class Setup {
     cfg.event_budget = VMFENCE_DEFAULT_EVENT_BUDGET;
     cfg.budget_window_ns = VMFENCE_DEFAULT_BUDGET_WINDOW_NS;
     writer_->write_config(cfg);
-    host_ = host_spec(kHostJson);
+    host_ = host_spec(others_rules ? kHostJson : "{}");
     install(vm_under_test(rules, mode), kIfindex);
-    for (int i = 1; i < vms; ++i) install(other_vm(static_cast<uint32_t>(i)), 100000 + static_cast<uint32_t>(i));
+    for (int i = 1; i < vms; ++i)
+      install(other_vm(static_cast<uint32_t>(i), others_rules), 100000 + static_cast<uint32_t>(i));
 
     ref_.reset(vmfence_ref__open_and_load());
     if (!ref_) die("load bench/reference.bpf.c");
@@ -178,9 +182,15 @@ struct Variant {
   int want;  // expected verdict
 };
 
-// Median ns/packet of each variant; variants interleaved within each run so
-// drift (frequency, neighbours) hits them alike.
-std::vector<double> measure(const std::vector<Variant>& vs, const Options& o) {
+struct Stat {
+  double median, min, max;
+  operator double() const { return median; }
+  double spread() const { return (max - min) / median * 100; }  // % of the median
+};
+
+// ns/packet of each variant over the runs; variants interleaved within each
+// run so drift (frequency, neighbours) hits them alike.
+std::vector<Stat> measure(const std::vector<Variant>& vs, const Options& o) {
   std::vector<std::vector<double>> samples(vs.size());
   for (size_t i = 0; i < vs.size(); ++i) {  // warm up, and check the verdict
     RunResult r = test_run(vs[i].prog_fd, kIfindex, vs[i].frame.bytes, std::max(1, o.repeat / 10));
@@ -202,10 +212,10 @@ std::vector<double> measure(const std::vector<Variant>& vs, const Options& o) {
       double d = r.duration;
       samples[i].push_back(wall >= d && wall < d + 1 ? wall : d + 0.5);
     }
-  std::vector<double> out;
+  std::vector<Stat> out;
   for (auto& s : samples) {
     std::sort(s.begin(), s.end());
-    out.push_back(s[s.size() / 2]);
+    out.push_back({s[s.size() / 2], s.front(), s.back()});
   }
   return out;
 }
@@ -259,39 +269,61 @@ int main(int argc, char** argv) {
   std::printf("machine: %s, %ld CPUs, pinned to %d CPU(s) (on CPU %d), kernel %s, bpf_jit_enable=%s\n",
               cpu_model().c_str(), sysconf(_SC_NPROCESSORS_ONLN), CPU_COUNT(&set), sched_getcpu(), u.release,
               read_line("/proc/sys/net/core/bpf_jit_enable").c_str());
-  std::printf("frame: 64-byte TCP ACK from the VM under test (ifindex 1) to tcp/443, allowed by its deepest rule\n\n");
-  std::printf("%7s %6s | %7s %8s %8s | %10s %9s | %s\n", "VMs", "rules", "empty", "minimal", "from_vm",
-              "vs minimal", "vs empty", "net of empty: from_vm / minimal");
+  std::printf("load average at start: %s\n", read_line("/proc/loadavg").c_str());
+  std::printf("frame: 64-byte TCP ACK from the VM under test (ifindex 1) to tcp/443; dst \"/24\": inside its middle\n"
+              "/24 rule (the deepest LPM match), dst \"0/0\": 93.184.216.34, matched by 0.0.0.0/0 only\n\n");
+  std::printf("%7s %6s %4s | %6s %8s %8s %7s | %10s %9s | %s\n", "VMs", "rules", "dst", "empty", "minimal", "from_vm",
+              "spread", "vs minimal", "vs empty", "net of empty: from_vm / minimal");
 
   struct Row {
     int vms, rules;
+    bool deep;
     double empty, minimal, from_vm;
   };
   std::vector<Row> rows;
-  for (int rules : {10, 1000})
-    for (int vms : {1, 1000, 10000}) {
-      Setup s(vms, rules);
-      Frame f = ack_to(s.allowed_dst());
-      auto m = measure({{"ref_empty", s.empty(), f, kPass},
-                        {"ref_minimal", s.minimal(), f, kPass},
-                        {"vmfence_from_vm", s.from_vm(), f, kPass}},
-                       o);
-      rows.push_back({vms, rules, m[0], m[1], m[2]});
-      std::printf("%7d %6d | %7.1f %8.1f %8.1f | %9.2fx %8.2fx | %.2fx (%.1f vs %.1f ns)\n", vms, rules, m[0], m[1],
-                  m[2], m[2] / m[1], m[2] / m[0], (m[2] - m[0]) / (m[1] - m[0]), m[2] - m[0], m[1] - m[0]);
-      std::fflush(stdout);
-    }
-  std::printf("\nflatness (from_vm at 10,000 VMs vs 1 VM):");
+  // The three VM counts of one rule count are loaded side by side and
+  // measured interleaved, so drift hits them alike.
+  const int kVms[] = {1, 1000, 10000};
   for (int rules : {10, 1000}) {
-    double one = 0, many = 0, rone = 0, rmany = 0;
-    for (const auto& r : rows)
-      if (r.rules == rules) {
-        if (r.vms == 1) one = r.from_vm, rone = r.minimal;
-        if (r.vms == 10000) many = r.from_vm, rmany = r.minimal;
+    std::vector<std::unique_ptr<Setup>> setups;
+    std::vector<Variant> vs;
+    for (int vms : kVms) {
+      setups.push_back(std::make_unique<Setup>(vms, rules));
+      Setup& s = *setups.back();
+      Frame deep = ack_to(s.allowed_dst()), wide = ack_to("93.184.216.34");
+      vs.push_back({"ref_empty", s.empty(), deep, kPass});
+      vs.push_back({"ref_minimal /24", s.minimal(), deep, kPass});
+      vs.push_back({"vmfence_from_vm /24", s.from_vm(), deep, kPass});
+      vs.push_back({"ref_minimal 0/0", s.minimal(), wide, kPass});
+      vs.push_back({"vmfence_from_vm 0/0", s.from_vm(), wide, kPass});
+    }
+    auto m = measure(vs, o);
+    for (size_t k = 0; k < 3; ++k) {
+      const Stat* v = &m[k * 5];
+      for (bool deep : {true, false}) {
+        const Stat &e = v[0], &mi = deep ? v[1] : v[3], &fv = deep ? v[2] : v[4];
+        rows.push_back({kVms[k], rules, deep, e, mi, fv});
+        std::printf("%7d %6d %4s | %6.1f %8.1f %8.1f %6.0f%% | %9.2fx %8.2fx | %.2fx (%.1f vs %.1f ns)\n", kVms[k],
+                    rules, deep ? "/24" : "0/0", e.median, mi.median, fv.median, fv.spread(), fv / mi, fv / e,
+                    (fv - e) / (mi - e), fv - e, mi - e);
       }
-    std::printf("  %d rules: %+.1f%% (minimal %+.1f%%)", rules, (many / one - 1) * 100, (rmany / rone - 1) * 100);
+    }
+    std::fflush(stdout);
   }
-  std::printf("\n\n");
+  std::printf("spread: (max - min) / median of from_vm over the runs\n");
+  std::printf("\nflatness (ns/packet at 10,000 VMs vs 1 VM):\n");
+  for (int rules : {10, 1000})
+    for (bool deep : {true, false}) {
+      double one = 0, many = 0, rone = 0, rmany = 0;
+      for (const auto& r : rows)
+        if (r.rules == rules && r.deep == deep) {
+          if (r.vms == 1) one = r.from_vm, rone = r.minimal;
+          if (r.vms == 10000) many = r.from_vm, rmany = r.minimal;
+        }
+      std::printf("  %4d rules, dst %s: from_vm %+.1f%%, minimal %+.1f%%\n", rules, deep ? "/24" : "0/0",
+                  (many / one - 1) * 100, (rmany / rone - 1) * 100);
+    }
+  std::printf("\n");
 
   // Where the time goes: the same program with parts of its path switched
   // off by what it is given (mode, destination), at 10,000 VMs / 1,000 rules.
@@ -315,16 +347,32 @@ int main(int argc, char** argv) {
     Frame syn = Packet().eth(kVmMac, kGwMac).ipv4(ip(vm_addr(0)), ip(dst)).tcp(40000, 443, SYN).payload(10).build();
     if (test_run(s.from_vm(), kIfindex, syn.bytes).retval != kPass) die("SYN not allowed");
     auto m = measure(vs, o);
-    for (size_t i = 0; i < vs.size(); ++i) std::printf("  %-44s %7.1f\n", vs[i].name.c_str(), m[i]);
+    for (size_t i = 0; i < vs.size(); ++i) std::printf("  %-44s %7.1f\n", vs[i].name.c_str(), m[i].median);
 
     // Mode variants of the VM under test (a re-install: new generation).
     s.install(vm_under_test(1000, "direct"), kIfindex);
     auto direct = measure({{"direct", s.from_vm(), f, kPass}}, o);
-    std::printf("  %-44s %7.1f\n", "from_vm mode direct (no policy, no flow key)", direct[0]);
+    std::printf("  %-44s %7.1f\n", "from_vm mode direct (no policy, no flow key)", direct[0].median);
     s.install(vm_under_test(1000, "conntrack"), kIfindex);
     if (test_run(s.from_vm(), kIfindex, syn.bytes).retval != kPass) die("conntrack SYN not allowed");
     auto ct = measure({{"conntrack", s.from_vm(), f, kPass}}, o);
-    std::printf("  %-44s %7.1f\n", "from_vm mode conntrack, cached flow (LRU)", ct[0]);
+    std::printf("  %-44s %7.1f\n", "from_vm mode conntrack, cached flow (LRU)", ct[0].median);
+  }
+
+  // What makes the cost grow with the VM count: the same 10 rules, with the
+  // other VMs' policies in the shared egress trie, or with none of theirs.
+  std::printf("\nflatness diagnosis, 10 rules, 1 -> 10,000 VMs (ns/packet, interleaved):\n");
+  for (bool others_rules : {true, false}) {
+    Setup one(1, 10, "filtered", others_rules), many(10000, 10, "filtered", others_rules);
+    Frame f1 = ack_to(one.allowed_dst()), fm = ack_to(many.allowed_dst());
+    auto m = measure({{"ref_minimal 1", one.minimal(), f1, kPass},
+                      {"ref_minimal 10000", many.minimal(), fm, kPass},
+                      {"from_vm 1", one.from_vm(), f1, kPass},
+                      {"from_vm 10000", many.from_vm(), fm, kPass}},
+                     o);
+    std::printf("  other VMs %-33s minimal %6.1f -> %6.1f (%+.0f%%)   from_vm %6.1f -> %6.1f (%+.0f%%)\n",
+                others_rules ? "with a rule each (shared trie):" : "with no policy entries:", m[0].median,
+                m[1].median, (m[1] / m[0] - 1) * 100, m[2].median, m[3].median, (m[3] / m[2] - 1) * 100);
   }
   return 0;
 }

@@ -97,6 +97,17 @@ mark_log
 
 section "samples"
 : >"$WORK/samples"
+# Reference for the host's own scheduling noise during the run: how late a
+# normal-priority process wakes from a 1 ms sleep.
+"$PY" -c '
+import sys, time
+with open(sys.argv[1], "w") as f:
+    while True:
+        t = time.monotonic_ns()
+        time.sleep(0.001)
+        f.write("%d\n" % (time.monotonic_ns() - t - 1000000))
+' "$WORK/wakeups" &
+WAKE_PID=$!
 miss=0
 for i in $(seq "$N"); do
 	vm=$PFX-v$i
@@ -121,13 +132,15 @@ time.sleep(0.1)   # stay idle while the agent acts (no exit/teardown competing f
 	echo "$vm $t_send $t_cmd $reason" >>"$WORK/samples"
 	sleep 0.02
 done
+kill "$WAKE_PID" 2>/dev/null
+wait "$WAKE_PID" 2>/dev/null
 sleep 1
 
 section "results"
 expect_ok "every sample ran the command ($miss missing)" test "$miss" = 0
-RESULT=$("$PY" - "$WORK/samples" "$DLOG" "$N" <<'EOF'
+RESULT=$("$PY" - "$WORK/samples" "$DLOG" "$N" "$WORK/wakeups" <<'EOF'
 import math, re, sys
-samples, dlog, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+samples, dlog, n, wakeups = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 e2e = {}
 for line in open(samples):
     vm, ts, tc, reason = line.split()
@@ -149,6 +162,13 @@ print("| measure (ms) | samples | p50 | p90 | p99 | max | mean |")
 print("| --- | --- | --- | --- | --- | --- | --- |")
 print(row("e2e: sendto() in the VM -> command's first instruction", list(e2e.values())))
 print(row("agent: datapath ktime -> agent spawning the command", list(agent.values())))
+wk = []
+for line in open(wakeups):
+    try:
+        wk.append(int(line) / 1e6)
+    except ValueError:
+        pass
+print(row("host noise: a 1 ms sleep wakes late by (reference)", wk))
 EOF
 )
 P99=$("$PY" - "$WORK/samples" <<'EOF'

@@ -155,12 +155,16 @@ Status MapWriter::adopt() {
 uint32_t MapWriter::alloc_slot(uint32_t vm_id) {
   auto it = adopted_slots_.find(vm_id);
   if (it != adopted_slots_.end()) return it->second;
-  for (uint32_t s = 1; s < VMFENCE_MAX_VMS; ++s)
+  // Lowest free slot at or after the hint: linear overall, not per VM.
+  for (uint32_t tries = 0; tries < VMFENCE_MAX_VMS; ++tries) {
+    uint32_t s = next_free_slot_;
+    next_free_slot_ = next_free_slot_ + 1 >= VMFENCE_MAX_VMS ? 1 : next_free_slot_ + 1;
     if (!used_slots_.count(s)) {
       used_slots_.insert(s);
       zero_slot(s);
       return s;
     }
+  }
   return 0;
 }
 
@@ -240,7 +244,10 @@ Status MapWriter::install(const VmPlan& plan, uint32_t ifindex) {
   if (ifindex) {
     if (bpf_map_update_elem(maps_.vms.get(), &ifindex, &vm, BPF_ANY) != 0)
       return Status::error(errno, "write VM entry");
-    orphaned_.erase(ifindex);
+    if (auto o = orphaned_.find(ifindex); o != orphaned_.end()) {
+      if (o->second != next.slot) used_slots_.erase(o->second);
+      orphaned_.erase(o);
+    }
   }
   // 4. Free what only the old generation used.
   if (it != vms_.end()) {
@@ -275,7 +282,10 @@ Status MapWriter::bind(const std::string& name, uint32_t ifindex) {
   if (it->second.ifindex && it->second.ifindex != ifindex) bpf_map_delete_elem(maps_.vms.get(), &it->second.ifindex);
   if (it->second.ifindex != ifindex) clear_quarantine(it->second.slot);
   it->second.ifindex = ifindex;
-  orphaned_.erase(ifindex);
+  if (auto o = orphaned_.find(ifindex); o != orphaned_.end()) {
+    if (o->second != it->second.slot) used_slots_.erase(o->second);
+    orphaned_.erase(o);
+  }
   return {};
 }
 
@@ -299,7 +309,7 @@ Status MapWriter::remove(const std::string& name) {
     vm.flags |= VMFENCE_VM_F_NO_POLICY;
     if (bpf_map_update_elem(maps_.vms.get(), &old.ifindex, &vm, BPF_ANY) != 0)
       return Status::error(errno, "block removed VM " + name);
-    orphaned_.insert(old.ifindex);
+    orphaned_[old.ifindex] = old.slot;
   }
   delete_policy(maps_.egress.get(), old.plan.egress, old.policy_id);
   delete_policy(maps_.ingress.get(), old.plan.ingress, old.policy_id);
@@ -311,8 +321,17 @@ Status MapWriter::remove(const std::string& name) {
   return {};
 }
 
+void MapWriter::forget_orphan(uint32_t ifindex) {
+  auto o = orphaned_.find(ifindex);
+  if (o == orphaned_.end()) return;
+  bpf_map_delete_elem(maps_.vms.get(), &ifindex);
+  used_slots_.erase(o->second);
+  orphaned_.erase(o);
+}
+
 Status MapWriter::collect_garbage() {
-  std::set<uint32_t> live_policies, live_ifindexes(orphaned_.begin(), orphaned_.end());
+  std::set<uint32_t> live_policies, live_ifindexes;
+  for (const auto& [ifindex, slot] : orphaned_) live_ifindexes.insert(ifindex);
   std::set<std::vector<uint8_t>> live_hosts, live_nets, live_gws;
   auto bytes = [](const auto& x) {
     auto p = reinterpret_cast<const uint8_t*>(&x);

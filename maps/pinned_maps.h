@@ -64,12 +64,14 @@ class MapWriter {
   // The VM's spec is gone: its interface (if any) drops everything, its
   // policy entries and addresses are freed.
   Status remove(const std::string& name);
+  // The interface of a removed VM went away: free its entry and slot.
+  void forget_orphan(uint32_t ifindex);
   // Remove entries no installed VM owns (after a restart's full install).
   Status collect_garbage();
   Status write_config(const vmfence_config& cfg);
   const std::map<std::string, InstalledVm>& installed() const { return vms_; }
   // ifindex entries that drop everything because their spec was removed.
-  const std::set<uint32_t>& orphaned() const { return orphaned_; }
+  bool is_orphaned(uint32_t ifindex) const { return orphaned_.count(ifindex) != 0; }
 
  private:
   Status write_policy(int fd, const std::vector<PolicyEntry>& entries, uint32_t policy_id);
@@ -82,7 +84,8 @@ class MapWriter {
   std::map<std::string, InstalledVm> vms_;
   std::map<uint32_t, uint32_t> adopted_slots_;  // vm_id -> slot of a previous run
   std::set<uint32_t> used_slots_;
-  std::set<uint32_t> orphaned_;
+  std::map<uint32_t, uint32_t> orphaned_;  // ifindex -> slot (spec removed, interface remains)
+  uint32_t next_free_slot_ = 1;
   uint32_t next_policy_id_ = 1;
 };
 

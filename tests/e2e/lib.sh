@@ -472,6 +472,8 @@ for line in open(sys.argv[1], errors="replace"):
         logged[(m.group(1), m.group(2))] += 1
 bad = []
 for vm in st["vms"]:
+    if "counters" not in vm:  # interface not present: nothing counted
+        continue
     c = vm["counters"]
     slack = c.get("events_suppressed", 0) + c.get("events_lost", 0)
     for reason, n in vm["drops"].items():

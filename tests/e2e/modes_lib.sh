@@ -88,6 +88,7 @@ print(n)
 journal_expect() {
 	local d=$1 vm=$2 i n; shift 2
 	if ! enforced; then _skip "$d (no daemon)"; return 0; fi
+	if [ "$JOURNAL_OK" != 1 ]; then _fail "$d  [journald does not answer: see journal_setup]"; return 1; fi
 	for i in $(seq 50); do
 		n=$(_journal_match "$vm" "MESSAGE_ID=$VIOLATION_MESSAGE_ID" "$@")
 		if [ "${n:-0}" -gt 0 ]; then _pass "$d"; return 0; fi

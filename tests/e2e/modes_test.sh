@@ -88,7 +88,8 @@ expect_no_log "no violation for allowlisted traffic" "violation vm=$PFX-"
 # drop_every KEY SPORT: 20 violating datagrams from one socket: none arrives,
 # the egress_denied counter grows by exactly 20 and each one is logged.
 drop_every() {
-	local k=$1 sport=$2 tok="drop$k$RANDOM" before after sent got logged
+	local k=$1 sport=$2 tok before after sent got logged
+	tok="drop$k$RANDOM"
 	before=$(status_get "${NAME[$k]}" drops.egress_denied)
 	mark_log
 	sent=$(udp_send "$k" "$CONS" 51902 20 "$sport" 0.2 "$tok")
@@ -206,7 +207,8 @@ journal_expect "journald: direct cross_group entry with every contract field" "$
 # (SPORT 0: a fresh source port, i.e. a new flow, per datagram). Sets SENT,
 # GOT, D_EGRESS, D_QUAR (counter deltas), RCVBUF (receiver loss), RXDROP.
 sampled_stream() {
-	local k=$1 sport=$2 tok="smp$k$RANDOM" e0 q0 b0 r0
+	local k=$1 sport=$2 tok e0 q0 b0 r0
+	tok="smp$k$RANDOM"
 	e0=$(status_get "${NAME[$k]}" drops.egress_denied)
 	q0=$(status_get "${NAME[$k]}" drops.quarantined)
 	b0=$(udp_rcvbuf_errors cons)
