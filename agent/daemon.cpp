@@ -48,6 +48,13 @@ bool same_plan(const VmPlan& a, const VmPlan& b) {
          eq(a.net_addresses, b.net_addresses);
 }
 
+bool same_addresses(const VmPlan& a, const VmPlan& b) {
+  auto eq = [](const auto& x, const auto& y) {
+    return x.size() == y.size() && (x.empty() || std::memcmp(x.data(), y.data(), x.size() * sizeof(x[0])) == 0);
+  };
+  return eq(a.host_addresses, b.host_addresses) && eq(a.net_addresses, b.net_addresses);
+}
+
 class Daemon {
  public:
   explicit Daemon(std::string config_dir)
@@ -248,33 +255,63 @@ void Daemon::reload(const char* why) {
     spdlog::error("reload ({}): host.json invalid, everything keeps its last good policy", why);
     return;
   }
+  // The VMs in force after this reload: every valid file, and the last good
+  // policy of VMs whose file is invalid now.
+  std::vector<const VmSpec*> fresh, kept_old;
+  std::set<std::string> seen;
+  for (const auto& vm : load.spec.vms)
+    if (!bad_files.count(vm.file)) {
+      fresh.push_back(&vm);
+      seen.insert(vm.name);
+    }
+  for (const auto& old : spec_.vms)
+    if (!seen.count(old.name) && bad_files.count(old.file)) kept_old.push_back(&old);
+  std::vector<VmSpec> in_force;
+  for (const auto* vm : fresh) in_force.push_back(*vm);
+  for (const auto* vm : kept_old) in_force.push_back(*vm);
+  std::vector<Cidr> nets = vm_address_space(in_force);
+
   Spec next;
   next.host = load.spec.host;
-  std::set<std::string> seen;
   int changed = 0, removed = 0, kept = 0;
-  for (const auto& vm : load.spec.vms) {
-    if (bad_files.count(vm.file)) continue;
+  seen.clear();
+  // Two passes: VMs whose addresses stay first (their policies learn any new
+  // VM address space), then new or re-addressed VMs: no VM's policy is ever
+  // older than an address that became a VM's.
+  std::vector<std::pair<const VmSpec*, VmPlan>> moved;
+  auto install = [&](const VmSpec* vm, const VmPlan& plan) {
+    apply_vm(*vm, plan);
+    actions_.rearm(vm->name);
+    ++changed;
+  };
+  for (const auto* vm : fresh) {
     std::vector<SpecError> errs;
-    VmPlan plan = compile_vm(vm, load.spec.host, errs);
+    VmPlan plan = compile_vm(*vm, load.spec.host, nets, errs);
     if (!errs.empty()) {
       for (const auto& e : errs) fprintf(stderr, "%s\n", e.str().c_str());
-      bad_files.insert(vm.file);
+      bad_files.insert(vm->file);
       continue;
     }
-    seen.insert(vm.name);
-    removed_.erase(name_id(vm.name));
-    auto it = writer_->installed().find(vm.name);
-    if (it == writer_->installed().end() || !same_plan(it->second.plan, plan)) {
-      apply_vm(vm, plan);
-      actions_.rearm(vm.name);
-      ++changed;
-    }
-    next.vms.push_back(vm);
+    seen.insert(vm->name);
+    removed_.erase(name_id(vm->name));
+    next.vms.push_back(*vm);
+    auto it = writer_->installed().find(vm->name);
+    if (it != writer_->installed().end() && same_plan(it->second.plan, plan)) continue;
+    if (it == writer_->installed().end() || !same_addresses(it->second.plan, plan))
+      moved.emplace_back(vm, std::move(plan));
+    else
+      install(vm, plan);
   }
-  // VMs no longer in a valid file: keep those whose file is invalid, remove the rest.
+  for (const auto& [vm, plan] : moved) install(vm, plan);
+  // VMs no longer in a valid file: keep those whose file is invalid (their
+  // policy, recompiled if the VM address space moved), remove the rest.
   for (const auto& old : spec_.vms) {
     if (seen.count(old.name)) continue;
     if (bad_files.count(old.file)) {
+      std::vector<SpecError> errs;
+      VmPlan plan = compile_vm(old, spec_.host, nets, errs);
+      auto it = writer_->installed().find(old.name);
+      if (errs.empty() && it != writer_->installed().end() && !same_plan(it->second.plan, plan)) apply_vm(old, plan);
       next.vms.push_back(old);
       ++kept;
       continue;

@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -91,8 +92,18 @@ Frame ack_from(const std::string& src) {
   return Packet().eth(kGwMac, kVmMac).ipv4(ip(src), ip(vm_addr(0))).tcp(443, 40000, ACK).payload(10).build();
 }
 
+const std::string kPinPrefix = "vmfence-bench-" + std::to_string(getpid()) + "-";
+
+// Remove this process's pin dirs (also when interrupted: pins outlive us).
+void remove_pins() {
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator("/sys/fs/bpf", ec))
+    if (e.path().filename().string().rfind(kPinPrefix, 0) == 0) std::filesystem::remove_all(e.path(), ec);
+}
+
 [[noreturn]] void die(const std::string& what) {
   std::fprintf(stderr, "vmfence_bench: %s\n", what.c_str());
+  remove_pins();
   std::exit(1);
 }
 
@@ -108,7 +119,7 @@ class Setup {
   // the compiler adds), so their policies share the egress LPM trie.
   Setup(int vms, int rules, const char* mode = "filtered", bool others_rules = true) : vms_(vms), rules_(rules) {
     static int serial = 0;
-    dir_ = "/sys/fs/bpf/vmfence-bench-" + std::to_string(getpid()) + "-" + std::to_string(serial++);
+    dir_ = "/sys/fs/bpf/" + kPinPrefix + std::to_string(serial++);
     std::error_code ec;
     std::filesystem::remove_all(dir_, ec);
     if (auto s = Datapath::load(dir_, dp_); !s) die(s.message);
@@ -139,7 +150,10 @@ class Setup {
 
   void install(const std::string& json, uint32_t ifindex) {
     std::vector<SpecError> errors;
-    VmPlan plan = compile_vm(vm_spec(json, host_), host_, errors);
+    // VM address space of every VM the bench installs (vm_addr(): 100.64/16;
+    // the peer: 198.18/16), as vm_address_space() computes it.
+    static const std::vector<Cidr> nets = {*parse_cidr("100.64.0.0/16"), *parse_cidr("198.18.0.0/16")};
+    VmPlan plan = compile_vm(vm_spec(json, host_), host_, nets, errors);
     if (!errors.empty()) die(errors.front().str());
     if (auto s = writer_->install(plan, ifindex); !s) die(s.message);
   }
@@ -255,6 +269,11 @@ int main(int argc, char** argv) {
     o.runs = 3;
   }
   if (geteuid() != 0) die("needs root (BPF_PROG_TEST_RUN, bpffs)");
+  for (int sig : {SIGINT, SIGTERM, SIGHUP, SIGPIPE})
+    std::signal(sig, [](int) {
+      remove_pins();
+      _exit(130);
+    });
   libbpf_set_print([](libbpf_print_level level, const char* fmt, va_list ap) {
     return level == LIBBPF_WARN ? std::vfprintf(stderr, fmt, ap) : 0;
   });

@@ -201,21 +201,25 @@ static __always_inline __u8 resolve_target_reason(const struct vmfence_vm *vm, c
 
 /* --- policy ------------------------------------------------------------------ */
 
-/* Does the VM's egress (ingress) policy allow proto/port to (from) peer?
- * Returns 0 (allowed) or the drop reason. */
-static __always_inline __u8 policy_check(void *map, __u32 policy_id, const union addr16 *peer,
-					 __u8 proto, __u16 port_be, __u8 deny_reason)
+static __always_inline struct vmfence_policy_value *policy_lookup(void *map, __u32 policy_id,
+								 const union addr16 *peer)
 {
 	struct vmfence_policy_key k = { .prefixlen = 32 + 128, .policy_id = policy_id };
-	struct vmfence_policy_value *v;
-	__u16 port = bpf_ntohs(port_be);
 
 	__builtin_memcpy(k.addr, peer->b, 16);
-	v = bpf_map_lookup_elem(map, &k);
+	return bpf_map_lookup_elem(map, &k);
+}
+
+/* Do the port rules of a policy entry allow proto/port? 0 or the drop reason. */
+static __always_inline __u8 rules_check(const struct vmfence_policy_value *v, __u8 proto, __u16 port_be,
+					__u8 deny_reason)
+{
+	__u16 port = bpf_ntohs(port_be);
+
 	if (!v)
 		return deny_reason;
 	for (int i = 0; i < VMFENCE_MAX_PORT_RULES; i++) {
-		struct vmfence_port_rule *r = &v->rules[i];
+		const struct vmfence_port_rule *r = &v->rules[i];
 
 		if (i >= v->count)
 			break;
@@ -226,6 +230,25 @@ static __always_inline __u8 policy_check(void *map, __u32 policy_id, const union
 		return 0;
 	}
 	return (v->flags & VMFENCE_POLICY_F_IMDS) ? VMFENCE_REASON_IMDS_DENIED : deny_reason;
+}
+
+/* Does the VM's egress (ingress) policy allow proto/port to (from) peer?
+ * Returns 0 (allowed) or the drop reason. */
+static __always_inline __u8 policy_check(void *map, __u32 policy_id, const union addr16 *peer,
+					 __u8 proto, __u16 port_be, __u8 deny_reason)
+{
+	return rules_check(policy_lookup(map, policy_id, peer), proto, port_be, deny_reason);
+}
+
+/* Isolation: 0 when no VM owns addr, 1 when a VM of the same group does,
+ * -1 when a VM of another group does. */
+static __always_inline int group_of_owner(const struct vmfence_vm *vm, const union addr16 *addr)
+{
+	struct vmfence_owner *o = owner_of(addr);
+
+	if (!o)
+		return 0;
+	return o->group_id == vm->group_id ? 1 : -1;
 }
 
 static __always_inline void flow_key_from_vm(struct vmfence_flow_key *k, const struct vmfence_vm *vm,
@@ -516,11 +539,11 @@ int vmfence_from_vm(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
-	struct vmfence_owner *o;
+	struct vmfence_policy_value *v;
 	struct vmfence_flow_key fk;
 	struct vmfence_vm *vm;
 	struct pkt p = {};
-	int src_owned, ret, verdict;
+	int src_owned, ret, verdict, checked, g;
 	__u8 r;
 
 	vm = hook_start(skb, &p, VMFENCE_DIR_FROM_VM, &verdict, &r);
@@ -546,19 +569,24 @@ int vmfence_from_vm(struct __sk_buff *skb)
 	if (is_link_local_igmp(&p))
 		return TC_ACT_UNSPEC;
 
-	/* Isolation holds in every mode: VM to VM only within a group. */
-	o = owner_of(&p.daddr);
-	if (o) {
-		if (o->group_id != vm->group_id)
+	/* Isolation holds in every mode: VM to VM only within a group. Where
+	 * the policy is checked, its lookup says whether the destination is
+	 * in VM address space at all (VMFENCE_POLICY_F_VM_NET), so traffic to
+	 * the outside skips the ownership lookup. */
+	checked = vm->mode == VMFENCE_MODE_FILTERED || vm->mode == VMFENCE_MODE_CONNTRACK ||
+		  (vm->mode == VMFENCE_MODE_SAMPLED && sample(vm));
+	if (!checked || p.frag == FRAG_LATER) {
+		g = group_of_owner(vm, &p.daddr);
+		if (g < 0)
 			return drop(skb, vm, &p, VMFENCE_REASON_CROSS_GROUP, VMFENCE_DIR_FROM_VM);
-		return TC_ACT_UNSPEC;
-	}
-	if (vm->mode == VMFENCE_MODE_DIRECT)
-		return TC_ACT_UNSPEC;
-
-	if (p.frag == FRAG_LATER) {
-		if (vm->mode == VMFENCE_MODE_SAMPLED && !sample(vm))
+		if (g > 0 || !checked) {
+			if (!g && vm->mode == VMFENCE_MODE_SAMPLED && p.frag != FRAG_LATER) {
+				/* Unchecked, but remembered so replies find their flow. */
+				flow_key_from_vm(&fk, vm, &p);
+				flow_record(vm, &fk, VMFENCE_FLOW_OPENED_BY_VM);
+			}
 			return TC_ACT_UNSPEC;
+		}
 		if (later_fragment_allowed(vm, &p))
 			return TC_ACT_UNSPEC;
 		return drop(skb, vm, &p, VMFENCE_REASON_FRAGMENT, VMFENCE_DIR_FROM_VM);
@@ -567,19 +595,27 @@ int vmfence_from_vm(struct __sk_buff *skb)
 	flow_key_from_vm(&fk, vm, &p);
 	if (vm->mode == VMFENCE_MODE_CONNTRACK && flow_allowed(vm, &fk, 0))
 		goto allowed;
-	if (vm->mode == VMFENCE_MODE_SAMPLED && !sample(vm)) {
-		/* Unchecked, but remembered so replies find their flow. */
-		flow_record(vm, &fk, VMFENCE_FLOW_OPENED_BY_VM);
-		goto allowed;
+	v = policy_lookup(&vmfence_egress_v1, vm->policy_id, &p.daddr);
+	if (!v || (v->flags & VMFENCE_POLICY_F_VM_NET)) {
+		g = group_of_owner(vm, &p.daddr);
+		if (g < 0)
+			return drop(skb, vm, &p, VMFENCE_REASON_CROSS_GROUP, VMFENCE_DIR_FROM_VM);
+		if (g > 0)
+			return TC_ACT_UNSPEC;
 	}
-	r = policy_check(&vmfence_egress_v1, vm->policy_id, &p.daddr, p.proto, p.dport,
-			 VMFENCE_REASON_EGRESS_DENIED);
+	r = rules_check(v, p.proto, p.dport, VMFENCE_REASON_EGRESS_DENIED);
 	if (r) {
 		/* A reply in a flow a peer opened under an ingress rule. Only
 		 * flows a peer opened: a flow the VM opened is what the egress
 		 * check just judged (and in sampled mode it may have been
 		 * recorded unchecked). */
 		if (vm->mode != VMFENCE_MODE_CONNTRACK && flow_allowed(vm, &fk, 1))
+			goto allowed;
+		/* Sampled: the opener may have gone unchecked (no flow), so a
+		 * reply is judged by the ingress rules it answers. */
+		if (vm->mode == VMFENCE_MODE_SAMPLED &&
+		    !policy_check(&vmfence_ingress_v1, vm->policy_id, &p.daddr, p.proto, p.sport,
+				  VMFENCE_REASON_INGRESS_DENIED))
 			goto allowed;
 		if (is_icmp_error(&p) && icmp_error_for_flow(skb, vm, &p, 1))
 			return TC_ACT_UNSPEC;

@@ -161,7 +161,10 @@ struct vmfence_port_rule {
 };
 
 /* vmfence_policy_value.flags */
-#define VMFENCE_POLICY_F_IMDS 0x1 /* prefix is the IMDS address: deny reason IMDS */
+#define VMFENCE_POLICY_F_IMDS   0x1 /* prefix is the IMDS address: deny reason IMDS */
+#define VMFENCE_POLICY_F_VM_NET 0x2 /* prefix inside VM address space: the owner
+				     * decides (group), not the rules. Outside it
+				     * the datapath skips the ownership lookup. */
 
 struct vmfence_policy_value {
 	__u16 count;            /* used entries of rules[] */

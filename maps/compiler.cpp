@@ -96,7 +96,7 @@ std::vector<PortRule> normalize(std::vector<PortRule> rules) {
 
 std::vector<PolicyEntry> compile_rules(const std::vector<Rule>& rules, const VmSpec& vm, const char* field,
                                        const std::optional<Prefix>& imds, bool imds_allowed, uint16_t imds_port,
-                                       std::vector<SpecError>& errors) {
+                                       const std::vector<Prefix>& vm_nets, std::vector<SpecError>& errors) {
   std::map<Prefix, std::vector<PortRule>> own;
   for (const auto& r : rules) {
     auto& v = own[prefix_of(r.peer)];
@@ -115,7 +115,12 @@ std::vector<PolicyEntry> compile_rules(const std::vector<Rule>& rules, const VmS
   for (const auto& kv : own) prefixes.push_back(kv.first);
   for (const auto& kv : barriers)
     if (!own.count(kv.first)) prefixes.push_back(kv.first);
+  // Markers of VM address space: they inherit like any prefix; the flag is
+  // what they add.
+  for (const auto& n : vm_nets)
+    if (!own.count(n) && !barriers.count(n)) prefixes.push_back(n);
   std::sort(prefixes.begin(), prefixes.end());
+  prefixes.erase(std::unique(prefixes.begin(), prefixes.end()), prefixes.end());
 
   std::vector<PolicyEntry> out;
   for (const auto& p : prefixes) {
@@ -130,6 +135,8 @@ std::vector<PolicyEntry> compile_rules(const std::vector<Rule>& rules, const VmS
       all.insert(all.end(), qr.begin(), qr.end());
     }
     uint8_t flags = 0;
+    if (std::any_of(vm_nets.begin(), vm_nets.end(), [&](const Prefix& n) { return n.contains(p); }))
+      flags |= VMFENCE_POLICY_F_VM_NET;
     if (imds && imds->contains(p)) {
       flags |= VMFENCE_POLICY_F_IMDS;
       if (imds_allowed) all.emplace_back(static_cast<uint8_t>(Proto::tcp), imds_port, imds_port);
@@ -158,7 +165,28 @@ std::vector<PolicyEntry> compile_rules(const std::vector<Rule>& rules, const VmS
 
 }  // namespace
 
-VmPlan compile_vm(const VmSpec& vm, const HostSpec& host, std::vector<SpecError>& errors) {
+std::vector<Cidr> vm_address_space(const std::vector<VmSpec>& vms) {
+  std::vector<Cidr> nets;
+  for (const auto& vm : vms)
+    for (Cidr a : vm.addresses) {
+      uint8_t want = a.family == 4 ? 16 : 48;
+      if (a.prefix_len > want) a.prefix_len = want;
+      a.addr = masked_addr(a);
+      bool covered = std::any_of(nets.begin(), nets.end(), [&](const Cidr& n) {
+        return n.family == a.family && n.prefix_len <= a.prefix_len && n.contains(a);
+      });
+      if (covered) continue;
+      std::erase_if(nets, [&](const Cidr& n) { return n.family == a.family && a.prefix_len <= n.prefix_len && a.contains(n); });
+      nets.push_back(a);
+    }
+  std::sort(nets.begin(), nets.end(), [](const Cidr& x, const Cidr& y) {
+    return std::tie(x.family, x.addr, x.prefix_len) < std::tie(y.family, y.addr, y.prefix_len);
+  });
+  return nets;
+}
+
+VmPlan compile_vm(const VmSpec& vm, const HostSpec& host, const std::vector<Cidr>& vm_nets,
+                  std::vector<SpecError>& errors) {
   VmPlan plan;
   plan.name = vm.name;
   plan.interface = vm.interface;
@@ -210,14 +238,17 @@ VmPlan compile_vm(const VmSpec& vm, const HostSpec& host, std::vector<SpecError>
     imds = prefix_of(a);
     imds_port = host.imds->port;
   }
-  plan.egress = compile_rules(vm.egress, vm, "egress", imds, vm.imds, imds_port, errors);
-  plan.ingress = compile_rules(vm.ingress, vm, "ingress", std::nullopt, false, 0, errors);
+  std::vector<Prefix> nets;
+  for (const auto& n : vm_nets) nets.push_back(prefix_of(n));
+  plan.egress = compile_rules(vm.egress, vm, "egress", imds, vm.imds, imds_port, nets, errors);
+  plan.ingress = compile_rules(vm.ingress, vm, "ingress", std::nullopt, false, 0, {}, errors);
   return plan;
 }
 
 Plan compile(const Spec& spec) {
   Plan plan;
-  for (const auto& vm : spec.vms) plan.vms.push_back(compile_vm(vm, spec.host, plan.errors));
+  std::vector<Cidr> nets = vm_address_space(spec.vms);
+  for (const auto& vm : spec.vms) plan.vms.push_back(compile_vm(vm, spec.host, nets, plan.errors));
   return plan;
 }
 

@@ -32,9 +32,17 @@ struct Plan {
   bool ok() const { return errors.empty(); }
 };
 
-// Compile one VM. `host` supplies the IMDS address. Errors (too many port
-// rules apply to one prefix) are appended with the VM's file.
-VmPlan compile_vm(const VmSpec& vm, const HostSpec& host, std::vector<SpecError>& errors);
+// VM address space: the supernets (IPv4 /16, IPv6 /48, or the address itself
+// when shorter) that hold every VM address. Each egress policy gets an entry
+// for each, flagged VMFENCE_POLICY_F_VM_NET, so one lookup tells the datapath
+// whether a destination can belong to a VM at all.
+std::vector<Cidr> vm_address_space(const std::vector<VmSpec>& vms);
+
+// Compile one VM. `host` supplies the IMDS address; `vm_nets` must be
+// vm_address_space() of every VM in force (this one included). Errors (too
+// many port rules apply to one prefix) are appended with the VM's file.
+VmPlan compile_vm(const VmSpec& vm, const HostSpec& host, const std::vector<Cidr>& vm_nets,
+                  std::vector<SpecError>& errors);
 Plan compile(const Spec& spec);
 
 // 16-byte IPv4-mapped form of a Cidr's address, masked to its prefix.

@@ -283,7 +283,9 @@ class World {
     uint32_t ifindex = TestNet::get().tap(vm.interface);
     if (!ifindex) return Status::error(ENODEV, "create TAP " + vm.interface);
     std::vector<SpecError> errors;
-    VmPlan plan = compile_vm(vm, host_, errors);
+    std::vector<VmSpec> all;
+    for (const auto& [name, spec] : specs_) all.push_back(spec);
+    VmPlan plan = compile_vm(vm, host_, vm_address_space(all), errors);
     if (!errors.empty()) return Status::error(EINVAL, errors.front().str());
     return writer_->install(plan, ifindex);
   }

@@ -38,7 +38,7 @@ const char* kBase = R"("name": "vm1", "interface": "tap1", "mac": "02:00:00:00:0
 TEST(Compiler, VmEntryCarriesIdentityModeAndInlineAddresses) {
   std::vector<SpecError> errs;
   VmSpec vm = vm_from(std::string("{") + kBase + R"(, "group": "g", "mode": "sampled", "sample_rate": 0.5})");
-  VmPlan p = compile_vm(vm, HostSpec{}, errs);
+  VmPlan p = compile_vm(vm, HostSpec{}, {}, errs);
   EXPECT_EQ(p.vm.vm_id, name_id("vm1"));
   EXPECT_EQ(p.vm.group_id, name_id("g"));
   EXPECT_EQ(p.vm.mode, VMFENCE_MODE_SAMPLED);
@@ -59,7 +59,7 @@ TEST(Compiler, MoreSpecificPrefixInheritsCoveringRules) {
   VmSpec vm = vm_from(std::string("{") + kBase + R"(, "egress": [
       {"to": "0.0.0.0/0", "proto": "tcp", "ports": ["443"]},
       {"to": "203.0.113.7/32", "proto": "udp", "ports": ["51900"]}]})");
-  VmPlan p = compile_vm(vm, HostSpec{}, errs);
+  VmPlan p = compile_vm(vm, HostSpec{}, {}, errs);
   ASSERT_TRUE(errs.empty());
   const PolicyEntry* host = find(p.egress, "203.0.113.7/32");
   ASSERT_NE(host, nullptr);
@@ -74,7 +74,7 @@ TEST(Compiler, MoreSpecificPrefixInheritsCoveringRules) {
 TEST(Compiler, Ipv6DefaultRouteDoesNotCoverIpv4) {
   std::vector<SpecError> errs;
   VmSpec vm = vm_from(std::string("{") + kBase + R"(, "egress": [{"to": "::/0", "proto": "tcp"}]})");
-  VmPlan p = compile_vm(vm, HostSpec{}, errs);
+  VmPlan p = compile_vm(vm, HostSpec{}, {}, errs);
   const PolicyEntry* v4root = find(p.egress, "0.0.0.0/0");
   ASSERT_NE(v4root, nullptr) << "a barrier entry must fence off the IPv4-mapped space";
   EXPECT_EQ(v4root->value.count, 0);
@@ -84,14 +84,14 @@ TEST(Compiler, ImdsIsFencedFromBroadRules) {
   std::vector<SpecError> errs;
   HostSpec host = host_with_imds();
   VmSpec denied = vm_from(std::string("{") + kBase + R"(, "egress": [{"to": "0.0.0.0/0", "proto": "tcp"}]})");
-  VmPlan p = compile_vm(denied, host, errs);
+  VmPlan p = compile_vm(denied, host, {}, errs);
   const PolicyEntry* imds = find(p.egress, "169.254.169.254/32");
   ASSERT_NE(imds, nullptr);
   EXPECT_EQ(imds->value.count, 0);
   EXPECT_TRUE(imds->value.flags & VMFENCE_POLICY_F_IMDS);
 
   VmSpec allowed = vm_from(std::string("{") + kBase + R"(, "imds": true})");
-  VmPlan q = compile_vm(allowed, host, errs);
+  VmPlan q = compile_vm(allowed, host, {}, errs);
   imds = find(q.egress, "169.254.169.254/32");
   ASSERT_NE(imds, nullptr);
   ASSERT_EQ(imds->value.count, 1);
@@ -105,7 +105,7 @@ TEST(Compiler, OverlappingPortRangesMerge) {
   VmSpec vm = vm_from(std::string("{") + kBase + R"(, "egress": [
       {"to": "10.9.0.0/16", "proto": "tcp", "ports": ["80-90", "85-100", "101"]},
       {"to": "10.9.0.0/16", "proto": "any"}]})");
-  VmPlan p = compile_vm(vm, HostSpec{}, errs);
+  VmPlan p = compile_vm(vm, HostSpec{}, {}, errs);
   const PolicyEntry* e = find(p.egress, "10.9.0.0/16");
   ASSERT_NE(e, nullptr);
   ASSERT_EQ(e->value.count, 1);  // "any" covers every tcp range
@@ -119,7 +119,7 @@ TEST(Compiler, TooManyPortRulesForOnePrefixIsAnError) {
   std::vector<SpecError> errs;
   VmSpec vm = vm_from(std::string("{") + kBase + R"(, "egress": [{"to": "0.0.0.0/0", "proto": "tcp", "ports": [)" +
                       rules + "]}]}");
-  compile_vm(vm, HostSpec{}, errs);
+  compile_vm(vm, HostSpec{}, {}, errs);
   ASSERT_EQ(errs.size(), 1u);
   EXPECT_EQ(errs[0].file, "vm.json");
   EXPECT_EQ(errs[0].path, "egress");
@@ -130,7 +130,7 @@ TEST(Compiler, PrefixAddressesGoToTheOwnerTrie) {
   std::vector<SpecError> errs;
   VmSpec vm = vm_from(R"({"name": "r", "interface": "tap9", "mac": "02:00:00:00:09:02",
                           "addresses": ["10.9.0.2/32", "10.9.1.0/28", "fec0::9/128"]})");
-  VmPlan p = compile_vm(vm, HostSpec{}, errs);
+  VmPlan p = compile_vm(vm, HostSpec{}, {}, errs);
   EXPECT_TRUE(p.vm.flags & VMFENCE_VM_F_MORE_ADDRS);
   ASSERT_EQ(p.net_addresses.size(), 1u);
   EXPECT_EQ(p.net_addresses[0].prefixlen, 96u + 28);
@@ -147,10 +147,28 @@ TEST(Compiler, TerminateSetsQuarantineAndThreshold) {
   std::vector<SpecError> e;
   auto vm = parse_vm("vm.json", std::string("{") + kBase + "}", host, e);
   ASSERT_TRUE(vm);
-  VmPlan p = compile_vm(*vm, HostSpec{}, errs);
+  VmPlan p = compile_vm(*vm, HostSpec{}, {}, errs);
   EXPECT_TRUE(p.vm.flags & VMFENCE_VM_F_QUARANTINE);
   EXPECT_EQ(p.vm.threshold, 3);
   EXPECT_EQ(p.vm.window_ms, 500u);
+}
+
+TEST(Compiler, VmAddressSpaceIsMarkedInEveryEgressPolicy) {
+  std::vector<SpecError> errs;
+  VmSpec a = vm_from(std::string("{") + kBase + R"(, "egress": [{"to": "0.0.0.0/0", "proto": "tcp"}]})");
+  VmSpec b = vm_from(R"({"name": "vm2", "interface": "tap2", "mac": "02:00:00:00:02:02",
+                        "addresses": ["10.1.7.2/32", "192.0.2.9/32", "fec0::2/128"]})");
+  auto nets = vm_address_space({a, b});
+  ASSERT_EQ(nets.size(), 3u);  // 10.1.0.0/16 (both VMs), 192.0.2.0/16 -> 192.0.0.0/16, fec0::/48
+  VmPlan p = compile_vm(a, HostSpec{}, nets, errs);
+  const PolicyEntry* marker = find(p.egress, "10.1.0.0/16");
+  ASSERT_NE(marker, nullptr);
+  EXPECT_TRUE(marker->value.flags & VMFENCE_POLICY_F_VM_NET);
+  EXPECT_EQ(marker->value.count, 1) << "a marker inherits the rules that cover it";
+  const PolicyEntry* world = find(p.egress, "0.0.0.0/0");
+  ASSERT_NE(world, nullptr);
+  EXPECT_FALSE(world->value.flags & VMFENCE_POLICY_F_VM_NET) << "outside VM space: no ownership lookup";
+  EXPECT_NE(find(p.egress, "fec0::/48"), nullptr);
 }
 
 TEST(Compiler, SampleThresholdBounds) {
