@@ -34,9 +34,10 @@ namespace fs = std::filesystem;
 int cmd_check(const std::string& config_dir) {
   SpecLoad load = load_spec(config_dir);
   Plan plan = compile(load.spec);
-  for (const auto& e : load.errors) std::printf("%s\n", e.str().c_str());
+  // Errors on stderr, one per line; the OK line on stdout.
+  for (const auto& e : load.errors) std::fprintf(stderr, "%s\n", e.str().c_str());
   if (load.ok())
-    for (const auto& e : plan.errors) std::printf("%s\n", e.str().c_str());
+    for (const auto& e : plan.errors) std::fprintf(stderr, "%s\n", e.str().c_str());
   if (!load.ok() || !plan.ok()) return 1;
   std::printf("%s: OK (%zu VMs)\n", config_dir.c_str(), load.spec.vms.size());
   return 0;
