@@ -116,9 +116,12 @@ std::vector<PolicyEntry> compile_rules(const std::vector<Rule>& rules, const VmS
   for (const auto& kv : barriers)
     if (!own.count(kv.first)) prefixes.push_back(kv.first);
   // Markers of VM address space: they inherit like any prefix; the flag is
-  // what they add.
-  for (const auto& n : vm_nets)
-    if (!own.count(n) && !barriers.count(n)) prefixes.push_back(n);
+  // what they add. Only where a rule covers them: elsewhere a lookup inside
+  // the net misses, and a miss is checked for an owner anyway.
+  for (const auto& n : vm_nets) {
+    bool covered = std::any_of(own.begin(), own.end(), [&](const auto& kv) { return kv.first.contains(n); });
+    if (covered && !own.count(n) && !barriers.count(n)) prefixes.push_back(n);
+  }
   std::sort(prefixes.begin(), prefixes.end());
   prefixes.erase(std::unique(prefixes.begin(), prefixes.end()), prefixes.end());
 
@@ -165,24 +168,45 @@ std::vector<PolicyEntry> compile_rules(const std::vector<Rule>& rules, const VmS
 
 }  // namespace
 
-std::vector<Cidr> vm_address_space(const std::vector<VmSpec>& vms) {
+namespace {
+// Covering prefixes of `addrs` no longer than `len`, with nested ones dropped.
+std::vector<Cidr> cover(const std::vector<Cidr>& addrs, uint8_t len) {
   std::vector<Cidr> nets;
-  for (const auto& vm : vms)
-    for (Cidr a : vm.addresses) {
-      uint8_t want = a.family == 4 ? 16 : 48;
-      if (a.prefix_len > want) a.prefix_len = want;
-      a.addr = masked_addr(a);
-      bool covered = std::any_of(nets.begin(), nets.end(), [&](const Cidr& n) {
-        return n.family == a.family && n.prefix_len <= a.prefix_len && n.contains(a);
-      });
-      if (covered) continue;
-      std::erase_if(nets, [&](const Cidr& n) { return n.family == a.family && a.prefix_len <= n.prefix_len && a.contains(n); });
-      nets.push_back(a);
+  for (Cidr a : addrs) {
+    if (a.prefix_len > len) a.prefix_len = len;
+    a.addr = masked_addr(a);
+    if (std::any_of(nets.begin(), nets.end(), [&](const Cidr& n) { return n.prefix_len <= a.prefix_len && n.contains(a); }))
+      continue;
+    std::erase_if(nets, [&](const Cidr& n) { return a.prefix_len <= n.prefix_len && a.contains(n); });
+    nets.push_back(a);
+  }
+  return nets;
+}
+}  // namespace
+
+std::vector<Cidr> vm_address_space(const std::vector<VmSpec>& vms) {
+  // Every egress policy carries one marker entry per net, so the number of
+  // nets is bounded: coarser prefixes until at most kMaxNets per family (in
+  // the end /0: every destination of that family is checked for an owner).
+  constexpr size_t kMaxNets = 8;
+  std::vector<Cidr> out;
+  for (int family : {4, 6}) {
+    std::vector<Cidr> addrs;
+    for (const auto& vm : vms)
+      for (const auto& a : vm.addresses)
+        if (a.family == family) addrs.push_back(a);
+    if (addrs.empty()) continue;
+    std::vector<Cidr> nets;
+    for (uint8_t len : family == 4 ? std::vector<uint8_t>{16, 8, 0} : std::vector<uint8_t>{48, 32, 16, 0}) {
+      nets = cover(addrs, len);
+      if (nets.size() <= kMaxNets) break;
     }
-  std::sort(nets.begin(), nets.end(), [](const Cidr& x, const Cidr& y) {
+    out.insert(out.end(), nets.begin(), nets.end());
+  }
+  std::sort(out.begin(), out.end(), [](const Cidr& x, const Cidr& y) {
     return std::tie(x.family, x.addr, x.prefix_len) < std::tie(y.family, y.addr, y.prefix_len);
   });
-  return nets;
+  return out;
 }
 
 VmPlan compile_vm(const VmSpec& vm, const HostSpec& host, const std::vector<Cidr>& vm_nets,
