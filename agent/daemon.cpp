@@ -9,6 +9,7 @@
 #include <signal.h>
 #include <spdlog/spdlog.h>
 #include <sys/epoll.h>
+#include <sys/file.h>
 #include <sys/inotify.h>
 #include <sys/signalfd.h>
 #include <sys/timerfd.h>
@@ -88,7 +89,7 @@ class Daemon {
   std::unique_ptr<MapWriter> writer_;
   nft::Monitor nft_monitor_;
   nl_sock* link_sock_ = nullptr;
-  Fd epoll_, signal_fd_, inotify_, timer_;
+  Fd epoll_, signal_fd_, inotify_, timer_, lock_;
   bool reload_pending_ = false;
   std::chrono::steady_clock::time_point reload_at_{};
   bool running_ = true;
@@ -165,6 +166,15 @@ bool Daemon::start() {
     for (const auto& e : load.errors) fprintf(stderr, "%s\n", e.str().c_str());
     for (const auto& e : plan.errors) fprintf(stderr, "%s\n", e.str().c_str());
     spdlog::error("{}: invalid configuration, nothing changed", config_dir_);
+    return false;
+  }
+  // One agent per pin dir: a second one would fight over the same maps.
+  std::error_code ec;
+  std::filesystem::create_directories(run_dir(), ec);
+  std::string lock_path = run_dir() + "/agent.lock";
+  lock_.reset(::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+  if (!lock_.valid() || flock(lock_.get(), LOCK_EX | LOCK_NB) != 0) {
+    spdlog::error("another vmfence agent holds {} (pin dir {}); not starting", lock_path, pin_dir());
     return false;
   }
   spec_ = std::move(load.spec);
