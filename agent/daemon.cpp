@@ -1,5 +1,6 @@
 #include "agent/daemon.h"
 
+#include <bpf/bpf.h>
 #include <fcntl.h>
 #include <linux/rtnetlink.h>
 #include <net/if.h>
@@ -75,6 +76,7 @@ class Daemon {
   void apply_nft();
   void publish_state();
   void report_lost_events();
+  void check_fill_levels();
   const VmSpec* vm_by_id(uint32_t id) const;
   static int on_link_msg(nl_msg* msg, void* arg);
 
@@ -370,6 +372,28 @@ void Daemon::report_lost_events() {
   }
 }
 
+// Bounded state: say so before a map runs out. The policy and VM maps refuse
+// new entries when full (the change fails, the VM keeps what it had); the
+// flow LRU would start evicting the oldest flows instead, whose replies are
+// then dropped: warn at 90%.
+void Daemon::check_fill_levels() {
+  dp_->maps().for_each([&](const char* name, int fd) {
+    bpf_map_info info{};
+    uint32_t len = sizeof(info);
+    if (bpf_obj_get_info_by_fd(fd, &info, &len) != 0) return;
+    if (info.type == BPF_MAP_TYPE_RINGBUF || info.type == BPF_MAP_TYPE_ARRAY ||
+        info.type == BPF_MAP_TYPE_PERCPU_ARRAY || info.max_entries == 0)
+      return;
+    size_t n = count_entries(fd, info.key_size);
+    if (n * 10 >= static_cast<size_t>(info.max_entries) * 9) {
+      std::string msg = fmt::format("map {} is {:.0f}% full ({} of {} entries)", name,
+                                    100.0 * n / info.max_entries, n, info.max_entries);
+      spdlog::warn("{}", msg);
+      journal_.notice(4, msg, "");
+    }
+  });
+}
+
 int Daemon::run() {
   if (!start()) return 1;
 
@@ -488,6 +512,7 @@ int Daemon::run() {
           // notifications (a dump of the whole table: not every tick).
           if (now - last_check > std::chrono::seconds(30)) {
             last_check = now;
+            check_fill_levels();
             if (!nft::table_intact()) {
               spdlog::warn("nftables: table inet vmfence missing or changed; restoring");
               apply_nft();
