@@ -35,6 +35,7 @@ namespace rj = rapidjson;
 
 #include "agent/actions.h"
 #include "agent/journal.h"
+#include "tests/unit/test_util.h"
 #include "agent/violation.h"
 
 using namespace std::chrono_literals;
@@ -45,10 +46,7 @@ namespace {
 constexpr const char* kSocket = "/run/systemd/journal/socket";
 constexpr const char* kJournald = "/lib/systemd/systemd-journald";
 
-bool in_ci() {
-  const char* ci = std::getenv("CI");
-  return ci && std::string(ci) == "true";
-}
+using testing::in_ci;
 
 // A listener behind the journal socket (not just a file left by a dead journald).
 bool journal_alive() {

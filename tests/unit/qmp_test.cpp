@@ -32,6 +32,7 @@
 #include <gtest/gtest.h>
 
 #include "agent/actions.h"
+#include "tests/unit/test_util.h"
 #include "agent/violation.h"
 
 #ifndef VMFENCE_SOURCE_DIR
@@ -45,58 +46,13 @@ using Clock = std::chrono::steady_clock;
 namespace vmfence {
 namespace {
 
-bool in_ci() {
-  const char* ci = std::getenv("CI");
-  return ci && std::string(ci) == "true";
-}
-
-#define VMFENCE_REQUIRE(cond, why)                                      \
-  do {                                                                  \
-    if (!(cond)) {                                                      \
-      if (in_ci()) FAIL() << "cannot run (CI=true): " << (why);        \
-      GTEST_SKIP() << (why);                                            \
-    }                                                                   \
-  } while (0)
-
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string t = (fs::temp_directory_path() / "vmfence-qmp-XXXXXX").string();
-    if (!::mkdtemp(t.data())) throw std::runtime_error("mkdtemp");
-    path = t;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
+using testing::in_ci;
+using testing::LogCapture;
+using testing::read_file;
+struct TempDir : testing::TempDir {
+  TempDir() : testing::TempDir("vmfence-qmp") {}
 };
 
-std::string read_file(const std::string& p) {
-  std::ifstream f(p);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-
-class LogCapture {
- public:
-  LogCapture() : saved_(spdlog::default_logger()) {
-    auto sink = std::make_shared<spdlog::sinks::ostream_sink_mt>(out_);
-    auto logger = std::make_shared<spdlog::logger>("capture", sink);
-    logger->set_pattern("%l %v");
-    spdlog::set_default_logger(logger);
-  }
-  ~LogCapture() { spdlog::set_default_logger(saved_); }
-  std::string text() {
-    spdlog::default_logger()->flush();
-    return out_.str();
-  }
-
- private:
-  std::ostringstream out_;
-  std::shared_ptr<spdlog::logger> saved_;
-};
 
 // ---- a scripted QMP server -------------------------------------------------------
 
