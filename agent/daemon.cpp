@@ -20,7 +20,6 @@
 #include <chrono>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <set>
 
@@ -38,23 +37,20 @@ namespace vmfence {
 
 namespace {
 
-bool same_plan(const VmPlan& a, const VmPlan& b) {
-  auto eq = [](const auto& x, const auto& y) {
-    if (x.size() != y.size()) return false;
-    for (size_t i = 0; i < x.size(); ++i)
-      if (std::memcmp(&x[i], &y[i], sizeof(x[i])) != 0) return false;
-    return true;
-  };
-  return a.interface == b.interface && std::memcmp(&a.vm, &b.vm, sizeof(a.vm)) == 0 && eq(a.egress, b.egress) &&
-         eq(a.ingress, b.ingress) && eq(a.gateways, b.gateways) && eq(a.host_addresses, b.host_addresses) &&
-         eq(a.net_addresses, b.net_addresses);
+// Element-wise byte equality of two vectors of map keys / values.
+template <typename T>
+bool same_bytes(const std::vector<T>& x, const std::vector<T>& y) {
+  return x.size() == y.size() && (x.empty() || std::memcmp(x.data(), y.data(), x.size() * sizeof(T)) == 0);
 }
 
 bool same_addresses(const VmPlan& a, const VmPlan& b) {
-  auto eq = [](const auto& x, const auto& y) {
-    return x.size() == y.size() && (x.empty() || std::memcmp(x.data(), y.data(), x.size() * sizeof(x[0])) == 0);
-  };
-  return eq(a.host_addresses, b.host_addresses) && eq(a.net_addresses, b.net_addresses);
+  return same_bytes(a.host_addresses, b.host_addresses) && same_bytes(a.net_addresses, b.net_addresses);
+}
+
+bool same_plan(const VmPlan& a, const VmPlan& b) {
+  return a.interface == b.interface && std::memcmp(&a.vm, &b.vm, sizeof(a.vm)) == 0 &&
+         same_bytes(a.egress, b.egress) && same_bytes(a.ingress, b.ingress) && same_bytes(a.gateways, b.gateways) &&
+         same_addresses(a, b);
 }
 
 class Daemon {
@@ -68,7 +64,6 @@ class Daemon {
 
  private:
   bool start();
-  void loop();
   void reload(const char* why);
   void apply_vm(const VmSpec& vm, const VmPlan& plan);
   void on_link_event();
