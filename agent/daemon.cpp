@@ -53,6 +53,17 @@ bool same_plan(const VmPlan& a, const VmPlan& b) {
          same_addresses(a, b);
 }
 
+// The datapath's global knobs for a set of VMs.
+vmfence_config datapath_config(const std::vector<VmSpec>& vms) {
+  vmfence_config cfg{};
+  cfg.event_budget = VMFENCE_DEFAULT_EVENT_BUDGET;
+  cfg.budget_window_ns = VMFENCE_DEFAULT_BUDGET_WINDOW_NS;
+  for (const auto& vm : vms)
+    for (const auto& a : vm.addresses)
+      if (a.mapped_prefix_len() < 128) cfg.flags |= VMFENCE_CFG_F_OWNER_NETS;
+  return cfg;
+}
+
 class Daemon {
  public:
   explicit Daemon(std::string config_dir)
@@ -184,12 +195,7 @@ bool Daemon::start() {
   }
   writer_ = std::make_unique<MapWriter>(dp_->maps());
   writer_->adopt();
-  vmfence_config cfg{};
-  cfg.event_budget = VMFENCE_DEFAULT_EVENT_BUDGET;
-  cfg.budget_window_ns = VMFENCE_DEFAULT_BUDGET_WINDOW_NS;
-  for (const auto& p : plan.vms)
-    if (!p.net_addresses.empty()) cfg.flags |= VMFENCE_CFG_F_OWNER_NETS;
-  writer_->write_config(cfg);
+  writer_->write_config(datapath_config(spec_.vms));
   for (size_t i = 0; i < spec_.vms.size(); ++i) apply_vm(spec_.vms[i], plan.vms[i]);
   writer_->collect_garbage();
   Datapath::remove_stale_pins(dp_->dir());
@@ -278,6 +284,10 @@ void Daemon::reload(const char* why) {
   for (const auto* vm : kept_old) in_force.push_back(*vm);
   std::vector<Cidr> nets = vm_address_space(in_force);
 
+  // Before any install: a VM that owns a prefix needs the datapath to consult
+  // the prefix trie from its first packet on.
+  writer_->write_config(datapath_config(in_force));
+
   Spec next;
   next.host = load.spec.host;
   int changed = 0, removed = 0, kept = 0;
@@ -309,7 +319,6 @@ void Daemon::reload(const char* why) {
     else
       install(vm, plan);
   }
-  for (const auto& [vm, plan] : moved) install(vm, plan);
   // VMs no longer in a valid file: keep those whose file is invalid (their
   // policy, recompiled if the VM address space moved), remove the rest.
   for (const auto& old : spec_.vms) {
@@ -328,16 +337,11 @@ void Daemon::reload(const char* why) {
     ++removed;
     spdlog::warn("vm {}: spec removed; its interface (if present) now drops everything", old.name);
   }
+  for (const auto& [vm, plan] : moved) install(vm, plan);
   std::sort(next.vms.begin(), next.vms.end(), [](const VmSpec& a, const VmSpec& b) { return a.name < b.name; });
   spec_ = std::move(next);
   by_id_.clear();
   for (size_t i = 0; i < spec_.vms.size(); ++i) by_id_[name_id(spec_.vms[i].name)] = i;
-  vmfence_config cfg{};
-  cfg.event_budget = VMFENCE_DEFAULT_EVENT_BUDGET;
-  cfg.budget_window_ns = VMFENCE_DEFAULT_BUDGET_WINDOW_NS;
-  for (const auto& [name, vm] : writer_->installed())
-    if (!vm.plan.net_addresses.empty()) cfg.flags |= VMFENCE_CFG_F_OWNER_NETS;
-  writer_->write_config(cfg);
   apply_nft();
   publish_state();
   spdlog::info("reload ({}): {} VMs changed, {} removed, {} kept at their last good policy", why, changed, removed,
