@@ -66,12 +66,7 @@ for i in $(seq "$N"); do
 	ipn "v$i" link set eth0 address "$mac"
 	ipn "v$i" link set eth0 up
 	ipn hv link set "l$i" up
-	ipn hv addr add 10.41.255.1/32 dev "l$i"
-	nsx hv sysctl -qw "net.ipv4.conf.l$i.proxy_arp=1"
-	ipn hv route add "$ip/32" dev "l$i"
-	ipn "v$i" addr add "$ip/32" dev eth0
-	ipn "v$i" route add 10.41.255.1/32 dev eth0
-	ipn "v$i" route add default via 10.41.255.1 dev eth0
+	route_vm "v$i" "l$i" "$ip" 10.41.255.1
 	write_vm "$PFX-v$i" "{ \"name\": \"$PFX-v$i\", \"interface\": \"l$i\", \"mac\": \"$mac\",
   \"addresses\": [\"$ip/32\"], \"gateway\": [\"10.41.255.1\"], \"mode\": \"filtered\",
   \"egress\": [ { \"to\": \"$CONS/32\", \"proto\": \"udp\", \"ports\": [\"51900\"] } ] }"

@@ -130,6 +130,18 @@ vm_add() {
 	ipn hv link set "$tap" up
 }
 
+# route_vm VM TAP IP GW: seed 003's routed /32 wiring. hv: GW/32 on TAP, proxy
+# ARP, host route IP/32 -> TAP. VM: IP/32 on eth0, GW on link, default via GW.
+route_vm() {
+	local vm=$1 tap=$2 ip=$3 gw=$4
+	ipn hv addr add "$gw/32" dev "$tap"
+	nsx hv sysctl -qw "net.ipv4.conf.$tap.proxy_arp=1"
+	ipn hv route add "$ip/32" dev "$tap"
+	ipn "$vm" addr add "$ip/32" dev eth0
+	ipn "$vm" route add "$gw/32" dev eth0
+	ipn "$vm" route add default via "$gw" dev eth0
+}
+
 # bridge_add NAME CIDR: a bridge in hv with the host address CIDR.
 bridge_add() {
 	ipn hv link add "$1" type bridge

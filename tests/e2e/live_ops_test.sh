@@ -50,12 +50,7 @@ SRV=198.51.100.2
 routed_vm() {
 	local n=$1 dev=vm$1
 	nsx "vm$n" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.eth0.disable_ipv6=1
-	ipn hv addr add 10.0.0.0/32 dev "$dev"
-	nsx hv sysctl -qw "net.ipv4.conf.$dev.proxy_arp=1"
-	ipn hv route add "10.0.0.$n/32" dev "$dev"
-	ipn "vm$n" addr add "10.0.0.$n/32" dev eth0
-	ipn "vm$n" route add 10.0.0.0/32 dev eth0
-	ipn "vm$n" route add default via 10.0.0.0 dev eth0
+	route_vm "vm$n" "$dev" "10.0.0.$n" 10.0.0.0
 }
 
 # vm_spec N MODE EGRESS_RULES [IFACE]

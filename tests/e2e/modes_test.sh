@@ -28,12 +28,7 @@ section topology
 hv_add
 for k in d s c f t; do
 	vm_add "$k" "tap-$k" "$(mac "$k")"
-	ipn hv addr add 10.40.0.1/32 dev "tap-$k"
-	nsx hv sysctl -qw "net.ipv4.conf.tap-$k.proxy_arp=1"
-	ipn hv route add "${IP[$k]}/32" dev "tap-$k"
-	ipn "$k" addr add "${IP[$k]}/32" dev eth0
-	ipn "$k" route add 10.40.0.1/32 dev eth0
-	ipn "$k" route add default via 10.40.0.1 dev eth0
+	route_vm "$k" "tap-$k" "${IP[$k]}" 10.40.0.1
 done
 wan_add cons wan0 198.51.100.1/24 "$CONS/24"
 serve_tcp cons 443

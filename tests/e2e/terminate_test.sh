@@ -33,12 +33,7 @@ tap_up() {
 	ipn "$k" link set eth0 address "$(mac "$k")"
 	ipn "$k" link set eth0 up
 	ipn hv link set "tap-$k" up
-	ipn hv addr add 10.40.0.1/32 dev "tap-$k"
-	nsx hv sysctl -qw "net.ipv4.conf.tap-$k.proxy_arp=1"
-	ipn hv route add "${IP[$k]}/32" dev "tap-$k"
-	ipn "$k" addr add "${IP[$k]}/32" dev eth0
-	ipn "$k" route add 10.40.0.1/32 dev eth0
-	ipn "$k" route add default via 10.40.0.1 dev eth0
+	route_vm "$k" "tap-$k" "${IP[$k]}" 10.40.0.1
 }
 
 section topology
