@@ -48,16 +48,18 @@ bool same_addresses(const VmPlan& a, const VmPlan& b) {
 }
 
 bool same_plan(const VmPlan& a, const VmPlan& b) {
-  return a.interface == b.interface && std::memcmp(&a.vm, &b.vm, sizeof(a.vm)) == 0 &&
-         same_bytes(a.egress, b.egress) && same_bytes(a.ingress, b.ingress) && same_bytes(a.gateways, b.gateways) &&
-         same_addresses(a, b);
+  return a.interface == b.interface && std::memcmp(&a.vm, &b.vm, sizeof(a.vm)) == 0 && same_bytes(a.egress, b.egress) &&
+         same_bytes(a.ingress, b.ingress) && same_bytes(a.gateways, b.gateways) && same_addresses(a, b);
 }
 
 // The datapath's global knobs for a set of VMs.
-vmfence_config datapath_config(const std::vector<VmSpec>& vms) {
+vmfence_config datapath_config(const HostSpec& host, const std::vector<VmSpec>& vms) {
   vmfence_config cfg{};
   cfg.event_budget = VMFENCE_DEFAULT_EVENT_BUDGET;
   cfg.budget_window_ns = VMFENCE_DEFAULT_BUDGET_WINDOW_NS;
+  cfg.tcp_timeout_s = host.flow_timeouts.tcp_s;
+  cfg.udp_timeout_s = host.flow_timeouts.udp_s;
+  cfg.icmp_timeout_s = host.flow_timeouts.icmp_s;
   for (const auto& vm : vms)
     for (const auto& a : vm.addresses)
       if (a.mapped_prefix_len() < 128) cfg.flags |= VMFENCE_CFG_F_OWNER_NETS;
@@ -87,8 +89,8 @@ class Daemon {
   static int on_link_msg(nl_msg* msg, void* arg);
 
   std::string config_dir_;
-  Spec spec_;                       // the VMs in force (last good of each)
-  std::map<uint32_t, size_t> by_id_;  // vm_id -> index in spec_.vms
+  Spec spec_;                           // the VMs in force (last good of each)
+  std::map<uint32_t, size_t> by_id_;    // vm_id -> index in spec_.vms
   std::map<uint32_t, VmSpec> removed_;  // specs removed while their interface remained
   Journal journal_;
   ActionRunner actions_;
@@ -195,7 +197,7 @@ bool Daemon::start() {
   }
   writer_ = std::make_unique<MapWriter>(dp_->maps());
   writer_->adopt();
-  writer_->write_config(datapath_config(spec_.vms));
+  writer_->write_config(datapath_config(spec_.host, spec_.vms));
   for (size_t i = 0; i < spec_.vms.size(); ++i) apply_vm(spec_.vms[i], plan.vms[i]);
   writer_->collect_garbage();
   Datapath::remove_stale_pins(dp_->dir());
@@ -286,7 +288,7 @@ void Daemon::reload(const char* why) {
 
   // Before any install: a VM that owns a prefix needs the datapath to consult
   // the prefix trie from its first packet on.
-  writer_->write_config(datapath_config(in_force));
+  writer_->write_config(datapath_config(load.spec.host, in_force));
 
   Spec next;
   next.host = load.spec.host;
@@ -363,9 +365,10 @@ void Daemon::report_lost_events() {
     uint64_t lost = c.events_lost - std::min<uint64_t>(seen.second, c.events_lost);
     seen = {c.events_suppressed, c.events_lost};
     if (!suppressed && !lost) continue;
-    std::string msg = fmt::format("vm {}: {} violation events suppressed (over the budget of {}/s), {} lost (ring "
-                                  "buffer full); drop counters stay exact (vmfence status)",
-                                  vm->name, suppressed, VMFENCE_DEFAULT_EVENT_BUDGET, lost);
+    std::string msg = fmt::format(
+        "vm {}: {} violation events suppressed (over the budget of {}/s), {} lost (ring "
+        "buffer full); drop counters stay exact (vmfence status)",
+        vm->name, suppressed, VMFENCE_DEFAULT_EVENT_BUDGET, lost);
     spdlog::warn("{}", msg);
     journal_.notice(4, msg, vm->name);
   }
@@ -385,8 +388,8 @@ void Daemon::check_fill_levels() {
       return;
     size_t n = count_entries(fd, info.key_size);
     if (n * 10 >= static_cast<size_t>(info.max_entries) * 9) {
-      std::string msg = fmt::format("map {} is {:.0f}% full ({} of {} entries)", name,
-                                    100.0 * n / info.max_entries, n, info.max_entries);
+      std::string msg = fmt::format("map {} is {:.0f}% full ({} of {} entries)", name, 100.0 * n / info.max_entries, n,
+                                    info.max_entries);
       spdlog::warn("{}", msg);
       journal_.notice(4, msg, "");
     }
@@ -452,6 +455,7 @@ int Daemon::run() {
   sd_notify(0, "READY=1");
   auto last_check = std::chrono::steady_clock::now();
   auto last_report = last_check;
+  auto last_sweep = last_check;
   while (running_) {
     epoll_event evs[16];
     int timeout = -1;
@@ -506,6 +510,12 @@ int Daemon::run() {
           if (now - last_report > std::chrono::seconds(1)) {
             last_report = now;
             report_lost_events();
+          }
+          // Idle flows are already ignored by the datapath; this frees
+          // their room in the VM's table.
+          if (now - last_sweep > std::chrono::seconds(5)) {
+            last_sweep = now;
+            writer_->sweep_flows(datapath_config(spec_.host, spec_.vms));
           }
           // The monitor sees edits as they happen; this only covers lost
           // notifications (a dump of the whole table: not every tick).

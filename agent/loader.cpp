@@ -53,11 +53,11 @@ Status Datapath::load(const std::string& dir, std::unique_ptr<Datapath>& out) {
   dp->maps_.egress = dupfd(m.vmfence_egress_v1);
   dp->maps_.ingress = dupfd(m.vmfence_ingress_v1);
   dp->maps_.gateways = dupfd(m.vmfence_gateways_v1);
-  dp->maps_.flows = dupfd(m.vmfence_flows_v1);
-  dp->maps_.frags = dupfd(m.vmfence_frags_v1);
-  dp->maps_.counters = dupfd(m.vmfence_counters_v1);
+  dp->maps_.flows = dupfd(m.vmfence_flows_v2);
+  dp->maps_.frags = dupfd(m.vmfence_frags_v2);
+  dp->maps_.counters = dupfd(m.vmfence_counters_v2);
   dp->maps_.state = dupfd(m.vmfence_state_v1);
-  dp->maps_.config = dupfd(m.vmfence_config_v1);
+  dp->maps_.config = dupfd(m.vmfence_config_v2);
   dp->maps_.events = dupfd(m.vmfence_events_v1);
   out = std::move(dp);
   return {};

@@ -101,8 +101,7 @@ std::optional<Cidr> parse_cidr(const std::string& text, std::string* why) {
       !std::all_of(len.begin(), len.end(), [](char ch) { return ch >= '0' && ch <= '9'; }))
     return fail("the prefix length is not a number");
   unsigned n = static_cast<unsigned>(std::stoul(len));
-  if (n > max)
-    return fail(c.family == 4 ? "the prefix length must be 0-32" : "the prefix length must be 0-128");
+  if (n > max) return fail(c.family == 4 ? "the prefix length must be 0-32" : "the prefix length must be 0-128");
   c.prefix_len = static_cast<uint8_t>(n);
   return c;
 }
@@ -131,36 +130,46 @@ std::optional<std::array<uint8_t, 6>> parse_mac(const std::string& text) {
 
 std::string mac_str(const std::array<uint8_t, 6>& mac) {
   char buf[18];
-  std::snprintf(buf, sizeof buf, "%02x:%02x:%02x:%02x:%02x:%02x", mac[0], mac[1], mac[2], mac[3], mac[4],
-                mac[5]);
+  std::snprintf(buf, sizeof buf, "%02x:%02x:%02x:%02x:%02x:%02x", mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]);
   return buf;
 }
 
 const char* proto_name(Proto p) {
   switch (p) {
-    case Proto::any: return "any";
-    case Proto::icmp: return "icmp";
-    case Proto::tcp: return "tcp";
-    case Proto::udp: return "udp";
-    case Proto::icmpv6: return "icmpv6";
+    case Proto::any:
+      return "any";
+    case Proto::icmp:
+      return "icmp";
+    case Proto::tcp:
+      return "tcp";
+    case Proto::udp:
+      return "udp";
+    case Proto::icmpv6:
+      return "icmpv6";
   }
   return "?";
 }
 
 const char* mode_name(Mode m) {
   switch (m) {
-    case Mode::filtered: return "filtered";
-    case Mode::conntrack: return "conntrack";
-    case Mode::sampled: return "sampled";
-    case Mode::direct: return "direct";
+    case Mode::filtered:
+      return "filtered";
+    case Mode::conntrack:
+      return "conntrack";
+    case Mode::sampled:
+      return "sampled";
+    case Mode::direct:
+      return "direct";
   }
   return "?";
 }
 
 const char* action_name(Action a) {
   switch (a) {
-    case Action::alert: return "alert";
-    case Action::terminate: return "terminate";
+    case Action::alert:
+      return "alert";
+    case Action::terminate:
+      return "terminate";
   }
   return "?";
 }
@@ -213,10 +222,9 @@ std::string number_str(double d) {
 }
 
 std::string field_path(const std::string& base, std::string_view key) {
-  bool ident =
-      !key.empty() && !(key[0] >= '0' && key[0] <= '9') && std::all_of(key.begin(), key.end(), [](char ch) {
-        return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '_';
-      });
+  bool ident = !key.empty() && !(key[0] >= '0' && key[0] <= '9') && std::all_of(key.begin(), key.end(), [](char ch) {
+    return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '_';
+  });
   if (!ident) return base + "[" + quote(key) + "]";  // keeps odd keys unambiguous
   return base.empty() ? std::string(key) : base + "." + std::string(key);
 }
@@ -225,13 +233,19 @@ std::string index_path(const std::string& base, size_t i) { return base + "[" + 
 
 const char* type_name(const Value& v) {
   switch (v.GetType()) {
-    case rj::kNullType: return "null";
+    case rj::kNullType:
+      return "null";
     case rj::kFalseType:
-    case rj::kTrueType: return "a boolean";
-    case rj::kObjectType: return "an object";
-    case rj::kArrayType: return "an array";
-    case rj::kStringType: return "a string";
-    case rj::kNumberType: return "a number";
+    case rj::kTrueType:
+      return "a boolean";
+    case rj::kObjectType:
+      return "an object";
+    case rj::kArrayType:
+      return "an array";
+    case rj::kStringType:
+      return "a string";
+    case rj::kNumberType:
+      return "a number";
   }
   return "?";
 }
@@ -239,11 +253,8 @@ const char* type_name(const Value& v) {
 // Errors of one file.
 class Ctx {
  public:
-  Ctx(const std::string& file, std::vector<SpecError>& errors)
-      : file_(file), errors_(errors), start_(errors.size()) {}
-  void error(const std::string& path, std::string message) {
-    errors_.push_back({file_, path, std::move(message)});
-  }
+  Ctx(const std::string& file, std::vector<SpecError>& errors) : file_(file), errors_(errors), start_(errors.size()) {}
+  void error(const std::string& path, std::string message) { errors_.push_back({file_, path, std::move(message)}); }
   bool failed() const { return errors_.size() > start_; }
 
  private:
@@ -267,8 +278,7 @@ bool parse_document(Ctx& c, const std::string& json, rj::Document& doc) {
       ++column;
     }
   }
-  c.error("", std::to_string(line) + ":" + std::to_string(column) + ": " +
-                  rj::GetParseError_En(doc.GetParseError()));
+  c.error("", std::to_string(line) + ":" + std::to_string(column) + ": " + rj::GetParseError_En(doc.GetParseError()));
   return false;
 }
 
@@ -279,8 +289,7 @@ std::string join(std::initializer_list<std::string_view> words) {
 }
 
 // Checks that v is an object whose members are all in `known`, each once.
-bool check_object(Ctx& c, const Value& v, const std::string& path,
-                  std::initializer_list<std::string_view> known) {
+bool check_object(Ctx& c, const Value& v, const std::string& path, std::initializer_list<std::string_view> known) {
   if (!v.IsObject()) {
     c.error(path, std::string("expected an object, got ") + type_name(v));
     return false;
@@ -335,9 +344,8 @@ std::optional<uint32_t> get_uint(Ctx& c, const Value& v, const std::string& path
   bool in_range = v.IsUint64() && v.GetUint64() >= lo && v.GetUint64() <= hi;
   if (!in_range) {
     std::string got = v.IsUint64() ? std::to_string(v.GetUint64()) : std::to_string(v.GetInt64());
-    c.error(path, hi == UINT32_MAX
-                      ? "must be at least " + std::to_string(lo) + ", got " + got
-                      : "must be " + std::to_string(lo) + "-" + std::to_string(hi) + ", got " + got);
+    c.error(path, hi == UINT32_MAX ? "must be at least " + std::to_string(lo) + ", got " + got
+                                   : "must be " + std::to_string(lo) + "-" + std::to_string(hi) + ", got " + got);
     return std::nullopt;
   }
   return static_cast<uint32_t>(v.GetUint64());
@@ -356,21 +364,17 @@ bool for_each(Ctx& c, const Value& v, const std::string& path, F each) {
 
 // ---- field rules -----------------------------------------------------------
 
-bool is_alnum(char ch) {
-  return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9');
-}
+bool is_alnum(char ch) { return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9'); }
 
 std::optional<std::string> get_name(Ctx& c, const Value& v, const std::string& path) {
   auto s = get_string(c, v, path);
   if (!s) return std::nullopt;
-  bool ok = !s->empty() && s->size() <= 64 && is_alnum((*s)[0]) &&
-            std::all_of(s->begin(), s->end(),
-                        [](char ch) { return is_alnum(ch) || ch == '_' || ch == '.' || ch == '-'; });
+  bool ok = !s->empty() && s->size() <= 64 && is_alnum((*s)[0]) && std::all_of(s->begin(), s->end(), [](char ch) {
+    return is_alnum(ch) || ch == '_' || ch == '.' || ch == '-';
+  });
   if (!ok) {
-    c.error(
-        path,
-        quote(*s) +
-            " is not a valid name: 1-64 characters of A-Z a-z 0-9 _ . -, starting with a letter or digit");
+    c.error(path,
+            quote(*s) + " is not a valid name: 1-64 characters of A-Z a-z 0-9 _ . -, starting with a letter or digit");
     return std::nullopt;
   }
   return s;
@@ -407,8 +411,7 @@ std::optional<std::array<uint8_t, 6>> get_mac(Ctx& c, const Value& v, const std:
     return std::nullopt;
   }
   if ((*mac)[0] & 1) {
-    c.error(path,
-            quote(*s) + " is a multicast MAC (the low bit of the first byte is set); a VM's MAC is unicast");
+    c.error(path, quote(*s) + " is a multicast MAC (the low bit of the first byte is set); a VM's MAC is unicast");
     return std::nullopt;
   }
   if (*mac == std::array<uint8_t, 6>{}) {
@@ -431,8 +434,8 @@ std::optional<Cidr> get_cidr(Ctx& c, const Value& v, const std::string& path) {
   if (network_of(*cidr) != *cidr) {
     Cidr host = *cidr;
     host.prefix_len = cidr->family == 4 ? 32 : 128;
-    c.error(path, quote(*s) + " has host bits set (did you mean " + network_of(*cidr).str() + " or " +
-                      host.str() + "?)");
+    c.error(path,
+            quote(*s) + " has host bits set (did you mean " + network_of(*cidr).str() + " or " + host.str() + "?)");
     return std::nullopt;
   }
   return cidr;
@@ -458,15 +461,14 @@ std::optional<std::string> reserved_overlap(const Cidr& c) {
   };
   static const std::vector<std::pair<Cidr, const char*>> kRanges = [] {
     std::vector<std::pair<Cidr, const char*>> out;
-    for (const auto& r :
-         std::initializer_list<Range>{{"0.0.0.0/32", "the unspecified address"},
-                                      {"127.0.0.0/8", "loopback"},
-                                      {"224.0.0.0/4", "multicast"},
-                                      {"255.255.255.255/32", "broadcast"},
-                                      {"::/128", "the unspecified address"},
-                                      {"::1/128", "loopback"},
-                                      {"ff00::/8", "multicast"},
-                                      {"::ffff:0:0/96", "IPv4-mapped (write the IPv4 address)"}})
+    for (const auto& r : std::initializer_list<Range>{{"0.0.0.0/32", "the unspecified address"},
+                                                      {"127.0.0.0/8", "loopback"},
+                                                      {"224.0.0.0/4", "multicast"},
+                                                      {"255.255.255.255/32", "broadcast"},
+                                                      {"::/128", "the unspecified address"},
+                                                      {"::1/128", "loopback"},
+                                                      {"ff00::/8", "multicast"},
+                                                      {"::ffff:0:0/96", "IPv4-mapped (write the IPv4 address)"}})
       out.emplace_back(*parse_cidr(r.cidr), r.what);
     return out;
   }();
@@ -477,8 +479,7 @@ std::optional<std::string> reserved_overlap(const Cidr& c) {
 
 std::optional<PortRange> parse_port_entry(Ctx& c, const std::string& s, const std::string& path) {
   auto number = [](std::string_view t) -> std::optional<unsigned long> {
-    if (t.empty() || t.size() > 5 ||
-        !std::all_of(t.begin(), t.end(), [](char ch) { return ch >= '0' && ch <= '9'; }))
+    if (t.empty() || t.size() > 5 || !std::all_of(t.begin(), t.end(), [](char ch) { return ch >= '0' && ch <= '9'; }))
       return std::nullopt;
     return std::stoul(std::string(t));
   };
@@ -492,9 +493,8 @@ std::optional<PortRange> parse_port_entry(Ctx& c, const std::string& s, const st
   }
   for (auto [n, text] : {std::pair{*lo, lo_text}, std::pair{*hi, hi_text}}) {
     if (n > 65535) {
-      c.error(path, dash == std::string::npos
-                        ? quote(s) + " is not a port (0-65535)"
-                        : quote(s) + ": " + std::string(text) + " is not a port (0-65535)");
+      c.error(path, dash == std::string::npos ? quote(s) + " is not a port (0-65535)"
+                                              : quote(s) + ": " + std::string(text) + " is not a port (0-65535)");
       return std::nullopt;
     }
   }
@@ -520,8 +520,7 @@ std::optional<Rule> parse_rule(Ctx& c, const Value& v, const std::string& path, 
   bool ok = true;
   Rule rule;
   std::optional<Cidr> peer;
-  if (const Value* p = required(c, v, path, peer_key);
-      p && (peer = get_cidr(c, *p, field_path(path, peer_key))))
+  if (const Value* p = required(c, v, path, peer_key); p && (peer = get_cidr(c, *p, field_path(path, peer_key))))
     rule.peer = *peer;
   else
     ok = false;
@@ -550,8 +549,7 @@ std::optional<Rule> parse_rule(Ctx& c, const Value& v, const std::string& path, 
       ok = false;
     }
     if (proto && *proto != Proto::tcp && *proto != Proto::udp) {
-      c.error(ports_path,
-              std::string("ports need proto \"tcp\" or \"udp\" (proto is \"") + proto_name(*proto) + "\")");
+      c.error(ports_path, std::string("ports need proto \"tcp\" or \"udp\" (proto is \"") + proto_name(*proto) + "\")");
       ok = false;
     }
   }
@@ -597,8 +595,7 @@ std::optional<std::string> get_nonempty_string(Ctx& c, const Value& v, const std
 
 PolicyFields parse_policy(Ctx& c, const Value& v, const std::string& path) {
   PolicyFields f;
-  if (!check_object(c, v, path,
-                    {"action", "command", "systemd_unit", "qmp_socket", "threshold", "window_ms"}))
+  if (!check_object(c, v, path, {"action", "command", "systemd_unit", "qmp_socket", "threshold", "window_ms"}))
     return f;
   if (const Value* p = member(v, "action")) {
     std::string ap = field_path(path, "action");
@@ -619,9 +616,7 @@ PolicyFields parse_policy(Ctx& c, const Value& v, const std::string& path) {
     });
     if (is_array && argv.size() == p->Size()) {  // else already reported
       if (argv.empty())
-        c.error(
-            cp,
-            "must not be empty (an argv list such as [\"systemctl\", \"stop\", \"microvm@{vm}.service\"])");
+        c.error(cp, "must not be empty (an argv list such as [\"systemctl\", \"stop\", \"microvm@{vm}.service\"])");
       else if (argv[0].empty())
         c.error(index_path(cp, 0), "the program must not be empty");
       else
@@ -686,7 +681,7 @@ HostSpec parse_host(const std::string& file, const std::string& json, std::vecto
   host.file = file;
   rj::Document doc;
   if (!parse_document(c, json, doc)) return host;
-  if (!check_object(c, doc, "", {"wan_interfaces", "nat", "imds", "on_violation"})) return host;
+  if (!check_object(c, doc, "", {"wan_interfaces", "nat", "imds", "on_violation", "flow_timeouts"})) return host;
 
   if (const Value* v = member(doc, "wan_interfaces")) {
     for_each(c, *v, "wan_interfaces", [&](const Value& e, const std::string& ep) {
@@ -713,6 +708,17 @@ HostSpec parse_host(const std::string& file, const std::string& json, std::vecto
     if (const Value* p = member(*v, "port")) port = get_uint(c, *p, "imds.port", 1, 65535);
     if (address && port) host.imds = ImdsSpec{*address, static_cast<uint16_t>(*port)};
   }
+  if (const Value* v = member(doc, "flow_timeouts");
+      v && check_object(c, *v, "flow_timeouts", {"tcp_s", "udp_s", "icmp_s"})) {
+    // At most a week: longer is a leak, not a timeout.
+    auto timeout = [&](const char* key, uint32_t& out) {
+      if (const Value* t = member(*v, key))
+        if (auto n = get_uint(c, *t, field_path("flow_timeouts", key), 1, 604800)) out = *n;
+    };
+    timeout("tcp_s", host.flow_timeouts.tcp_s);
+    timeout("udp_s", host.flow_timeouts.udp_s);
+    timeout("icmp_s", host.flow_timeouts.icmp_s);
+  }
   if (const Value* v = member(doc, "on_violation")) {
     host.on_violation = merge(ViolationPolicy{}, parse_policy(c, *v, "on_violation"));
     if (host.on_violation.action == Action::terminate && !can_terminate(host.on_violation))
@@ -721,14 +727,14 @@ HostSpec parse_host(const std::string& file, const std::string& json, std::vecto
   return host;
 }
 
-std::optional<VmSpec> parse_vm(const std::string& file, const std::string& json,
-                               const ViolationPolicy& host_default, std::vector<SpecError>& errors) {
+std::optional<VmSpec> parse_vm(const std::string& file, const std::string& json, const ViolationPolicy& host_default,
+                               std::vector<SpecError>& errors) {
   Ctx c(file, errors);
   rj::Document doc;
   if (!parse_document(c, json, doc)) return std::nullopt;
   if (!check_object(c, doc, "",
-                    {"name", "interface", "mac", "addresses", "gateway", "group", "mode", "sample_rate",
-                     "egress", "ingress", "imds", "on_violation"}))
+                    {"name", "interface", "mac", "addresses", "gateway", "group", "mode", "sample_rate", "egress",
+                     "ingress", "imds", "on_violation", "limits"}))
     return std::nullopt;
 
   VmSpec vm;
@@ -806,6 +812,10 @@ std::optional<VmSpec> parse_vm(const std::string& file, const std::string& json,
   if (const Value* v = member(doc, "imds"))
     if (auto b = get_bool(c, *v, "imds")) vm.imds = *b;
 
+  if (const Value* v = member(doc, "limits"); v && check_object(c, *v, "limits", {"flows"})) {
+    if (const Value* f = member(*v, "flows"))
+      if (auto n = get_uint(c, *f, "limits.flows", 1, 1048576)) vm.flows = *n;
+  }
   if (const Value* v = member(doc, "on_violation")) {
     PolicyFields f = parse_policy(c, *v, "on_violation");
     vm.on_violation = merge(host_default, f);
@@ -852,9 +862,9 @@ void check_address_overlaps(const std::vector<VmSpec>& vms, std::vector<SpecErro
     if (widest && widest->family == e.family && e.first <= widest->last && widest->vm != e.vm) {
       const Cidr& mine = e.vm->addresses[e.index];
       const Cidr& theirs = widest->vm->addresses[widest->index];
-      errors.push_back({e.vm->file, index_path("addresses", e.index),
-                        mine.str() + " overlaps " + theirs.str() + " of " + widest->vm->name + " (" +
-                            widest->vm->file + ")"});
+      errors.push_back(
+          {e.vm->file, index_path("addresses", e.index),
+           mine.str() + " overlaps " + theirs.str() + " of " + widest->vm->name + " (" + widest->vm->file + ")"});
     }
     if (!widest || widest->family != e.family || widest->last < e.last) widest = &e;
   }
@@ -870,8 +880,7 @@ void validate_vms(const std::vector<VmSpec>& vms, std::vector<SpecError>& errors
       errors.push_back({vm.file, "name", quote(vm.name) + " is also used by " + it->second->file});
     if (auto [it, fresh] = interfaces.emplace(vm.interface, &vm); !fresh)
       taken(errors, vm, "interface", quote(vm.interface), *it->second);
-    if (auto [it, fresh] = macs.emplace(vm.mac, &vm); !fresh)
-      taken(errors, vm, "mac", mac_str(vm.mac), *it->second);
+    if (auto [it, fresh] = macs.emplace(vm.mac, &vm); !fresh) taken(errors, vm, "mac", mac_str(vm.mac), *it->second);
   }
 
   // VM and group names share one id space in the maps: ids must be unique per name.
@@ -927,20 +936,17 @@ SpecLoad load_spec(const std::filesystem::path& dir) {
       errors.push_back({file, "", "cannot read: " + why});
       continue;
     }
-    if (auto vm = parse_vm(file, *text, out.spec.host.on_violation, errors))
-      out.spec.vms.push_back(std::move(*vm));
+    if (auto vm = parse_vm(file, *text, out.spec.host.on_violation, errors)) out.spec.vms.push_back(std::move(*vm));
   }
   auto& vms = out.spec.vms;
-  std::sort(vms.begin(), vms.end(), [](const VmSpec& a, const VmSpec& b) {
-    return std::tie(a.name, a.file) < std::tie(b.name, b.file);
-  });
+  std::sort(vms.begin(), vms.end(),
+            [](const VmSpec& a, const VmSpec& b) { return std::tie(a.name, a.file) < std::tie(b.name, b.file); });
 
   validate_vms(vms, errors);
   const auto& wan = out.spec.host.wan_interfaces;
   for (const auto& vm : vms) {
     if (std::find(wan.begin(), wan.end(), vm.interface) != wan.end())
-      errors.push_back(
-          {vm.file, "interface", quote(vm.interface) + " is a WAN interface in " + out.spec.host.file});
+      errors.push_back({vm.file, "interface", quote(vm.interface) + " is a WAN interface in " + out.spec.host.file});
     if (vm.imds && host_ok && !out.spec.host.imds)  // a broken imds block is reported already
       errors.push_back({vm.file, "imds", "needs \"imds\" (the metadata address) in " + out.spec.host.file});
   }

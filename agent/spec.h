@@ -26,7 +26,7 @@ struct Cidr {
   uint8_t prefix_len = 0;
   // Bits within the 128-bit mapped space (IPv4 adds 96).
   uint8_t mapped_prefix_len() const { return family == 4 ? prefix_len + 96 : prefix_len; }
-  std::string str() const;  // canonical "10.0.0.0/8", "fec0::1/128"
+  std::string str() const;                 // canonical "10.0.0.0/8", "fec0::1/128"
   bool contains(const Cidr& other) const;  // other is inside this (same family)
   bool overlaps(const Cidr& other) const;
   bool operator==(const Cidr&) const = default;
@@ -84,11 +84,20 @@ struct VmSpec {
   std::vector<Rule> ingress;
   bool imds = false;
   ViolationPolicy on_violation;  // effective: host default merged with the VM's fields
+  uint32_t flows = 16384;        // limits.flows: the VM's own flow table size
 };
 
 struct ImdsSpec {
   Cidr address;  // full-length
   uint16_t port = 80;
+};
+
+// host.json "flow_timeouts": idle seconds before a flow is forgotten
+// (conntrack's defaults).
+struct FlowTimeouts {
+  uint32_t tcp_s = 7440;
+  uint32_t udp_s = 180;
+  uint32_t icmp_s = 30;
 };
 
 struct HostSpec {
@@ -97,6 +106,7 @@ struct HostSpec {
   std::vector<Cidr> masquerade;
   std::optional<ImdsSpec> imds;
   ViolationPolicy on_violation;
+  FlowTimeouts flow_timeouts;
 };
 
 struct Spec {
@@ -119,8 +129,8 @@ SpecLoad load_spec(const std::filesystem::path& dir);
 // `file` is only used in error messages. The VM's on_violation is merged with
 // `host_default`.
 HostSpec parse_host(const std::string& file, const std::string& json, std::vector<SpecError>& errors);
-std::optional<VmSpec> parse_vm(const std::string& file, const std::string& json,
-                               const ViolationPolicy& host_default, std::vector<SpecError>& errors);
+std::optional<VmSpec> parse_vm(const std::string& file, const std::string& json, const ViolationPolicy& host_default,
+                               std::vector<SpecError>& errors);
 // Cross-VM checks on an already parsed set.
 void validate_vms(const std::vector<VmSpec>& vms, std::vector<SpecError>& errors);
 

@@ -62,24 +62,43 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } vmfence_gateways_v1 SEC(".maps");
 
-/* Allowed flows, as seen from the VM; LRU so a flood evicts old flows
- * (their later packets are re-checked), never allowed traffic of new ones. */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, VMFENCE_MAX_FLOWS);
+/* Per-VM flow tables: slot -> a hash of the flows the policy allowed, as seen
+ * from the VM, sized by the VM's limits.flows (the agent creates each inner
+ * map; its max_entries may differ from this template's). A full table refuses
+ * new flows of that VM only (flow_limit); idle entries expire by timestamp and
+ * the agent sweeps them. */
+struct vmfence_flow_table {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, VMFENCE_DEFAULT_FLOWS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct vmfence_flow_key);
 	__type(value, struct vmfence_flow);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} vmfence_flows_v1 SEC(".maps");
+};
 
-/* First fragments allowed -> generation, so later fragments may follow. */
 struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, VMFENCE_MAX_VMS);
+	__type(key, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__array(values, struct vmfence_flow_table);
+} vmfence_flows_v2 SEC(".maps");
+
+/* Per-VM first fragments allowed -> generation, so later fragments may
+ * follow; an LRU within the VM only. */
+struct vmfence_frag_table {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, VMFENCE_MAX_FRAGS);
+	__uint(max_entries, VMFENCE_FRAGS_PER_VM);
 	__type(key, struct vmfence_frag_key);
 	__type(value, __u32);
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, VMFENCE_MAX_VMS);
+	__type(key, __u32);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} vmfence_frags_v1 SEC(".maps");
+	__array(values, struct vmfence_frag_table);
+} vmfence_frags_v2 SEC(".maps");
 
 /* Per-CPU counters by VM slot. */
 struct {
@@ -88,7 +107,7 @@ struct {
 	__type(key, __u32);
 	__type(value, struct vmfence_counters);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} vmfence_counters_v1 SEC(".maps");
+} vmfence_counters_v2 SEC(".maps");
 
 /* Runtime state by VM slot: quarantine, violation window, event budget. */
 struct {
@@ -106,7 +125,7 @@ struct {
 	__type(key, __u32);
 	__type(value, struct vmfence_config);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} vmfence_config_v1 SEC(".maps");
+} vmfence_config_v2 SEC(".maps");
 
 /* Violation events to the agent. */
 struct {

@@ -11,7 +11,9 @@
 #define ETH_P_ARP 0x0806
 #define ETH_P_IPV6 0x86DD
 #define ETH_HLEN 14
+#define TCP_FLAG_FIN 0x01
 #define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_RST 0x04
 #define IPPROTO_ICMPV6 58
 
 enum { FRAG_NONE = 0, FRAG_FIRST = 1, FRAG_LATER = 2 };
@@ -27,6 +29,7 @@ struct pkt {
 	union addr16 daddr;
 	__u32 frag_id;          /* network order */
 	__u32 l4_off;           /* L4 header offset from the frame start */
+	__u32 l3_end;           /* end of the IP datagram in the frame (its length field) */
 	__be16 sport;           /* ICMP: echo id; network order */
 	__be16 dport;
 	__u16 ethertype;        /* host order; 0 when the frame was too short */
@@ -36,6 +39,7 @@ struct pkt {
 	__u8 icmp_type;
 	__u8 icmp_code;
 	__u8 tcp_flags;
+	__u8 hop_limit;         /* IPv4 TTL / IPv6 hop limit */
 	__u8 smac[6];
 };
 
@@ -72,6 +76,11 @@ static __always_inline void set_v4_mapped(union addr16 *a, __u32 v4)
 	a->w[3] = v4;
 }
 
+static __always_inline int addr_eq(const union addr16 *a, const union addr16 *b)
+{
+	return a->q[0] == b->q[0] && a->q[1] == b->q[1];
+}
+
 static __always_inline int is_v4_mapped(const union addr16 *a)
 {
 	return a->w[0] == 0 && a->w[1] == 0 && a->w[2] == bpf_htonl(0xffff);
@@ -94,18 +103,6 @@ static __always_inline int is_multicast(const union addr16 *a)
 		return (v >> 28) == 0xe || v == 0xffffffff;
 	}
 	return a->b[0] == 0xff;
-}
-
-static __always_inline int is_nd_or_mld(__u8 t)
-{
-	return t == 130 || t == 131 || t == 132 || t == 143 || (t >= 133 && t <= 137);
-}
-
-/* IGMP to 224.0.0.0/24: link-local group membership, never routed. */
-static __always_inline int is_link_local_igmp(const struct pkt *p)
-{
-	return p->family == 4 && p->proto == 2 && p->frag == FRAG_NONE &&
-	       (bpf_ntohl(p->daddr.w[3]) >> 8) == 0xe00000;
 }
 
 static __always_inline int is_icmp_error(const struct pkt *p)
@@ -174,7 +171,61 @@ static __always_inline int is_ipv6_ext(__u8 nh)
 	return nh == 0 || nh == 43 || nh == 60 || nh == 44;
 }
 
-static __always_inline __u8 parse_ipv6(struct __sk_buff *skb, __u32 off, struct pkt *p)
+/* The frame must hold the whole datagram its IP header announces; beyond
+ * it only Ethernet padding (frames of at most 60 bytes). GSO packets carry
+ * the total of their segments (or 0 for BIG TCP): only the minimum holds. */
+static __always_inline __u8 frame_length_reason(struct __sk_buff *skb, __u32 l3_off, __u32 l3_end,
+						 int len_zero)
+{
+	__u32 len = skb->len;
+
+	if (skb->gso_size)
+		return 0;
+	if (len_zero || l3_end > len)
+		return VMFENCE_REASON_MALFORMED;
+	if (len > l3_end && len > 60)
+		return VMFENCE_REASON_MALFORMED;
+	return 0;
+}
+
+/* IPv4 options: source routing (LSRR 131, SSRR 137) would send the packet on
+ * to addresses the policy never saw. 0 or a drop reason. */
+static __always_inline __u8 ipv4_options_reason(struct __sk_buff *skb, __u32 off, __u32 optlen)
+{
+	__u8 opt[64] = {};
+	__u32 i = 0, n = optlen & 0x3f;
+
+	if (optlen == 0)
+		return 0;
+	if (n == 0 || n > 40 || n != optlen)
+		return VMFENCE_REASON_MALFORMED;
+	if (bpf_skb_load_bytes(skb, off, opt, n))
+		return VMFENCE_REASON_MALFORMED;
+	for (int n = 0; n < 40; n++) {
+		__u8 type, len;
+
+		if (i >= optlen || i >= 40)
+			break;
+		type = opt[i & 0x3f];
+		if (type == 0) /* end of options */
+			break;
+		if (type == 1) { /* no-op */
+			i++;
+			continue;
+		}
+		if (type == 131 || type == 137)
+			return VMFENCE_REASON_MALFORMED;
+		if (i + 1 >= optlen || i + 1 >= 40)
+			return VMFENCE_REASON_MALFORMED;
+		len = opt[(i + 1) & 0x3f];
+		if (len < 2)
+			return VMFENCE_REASON_MALFORMED;
+		i += len;
+	}
+	return 0;
+}
+
+static __always_inline __u8 parse_ipv6(struct __sk_buff *skb, __u32 off, struct pkt *p, int quoted)
 {
 	struct ipv6hdr ip6;
 	__u8 nh;
@@ -186,6 +237,13 @@ static __always_inline __u8 parse_ipv6(struct __sk_buff *skb, __u32 off, struct 
 	__builtin_memcpy(p->saddr.b, &ip6.saddr, 16);
 	__builtin_memcpy(p->daddr.b, &ip6.daddr, 16);
 	p->family = 6;
+	p->hop_limit = ip6.hop_limit;
+	p->l3_end = off + sizeof(ip6) + bpf_ntohs(ip6.payload_len);
+	if (!quoted) {
+		__u8 r = frame_length_reason(skb, off, p->l3_end, ip6.payload_len == 0);
+		if (r)
+			return r;
+	}
 	nh = ip6.nexthdr;
 	off += sizeof(ip6);
 	for (int i = 0; i < 6; i++) {
@@ -198,17 +256,25 @@ static __always_inline __u8 parse_ipv6(struct __sk_buff *skb, __u32 off, struct 
 		if (nh == 44) {
 			__u16 fo = ((__u16)eh[2] << 8) | eh[3];
 			__builtin_memcpy(&p->frag_id, &eh[4], 4);
-			if (fo >> 3)
-				p->frag = FRAG_LATER;
-			else if (fo & 1)
-				p->frag = FRAG_FIRST;
 			off += 8;
-		} else {
-			off += ((__u32)eh[1] + 1) * 8;
+			nh = eh[0];
+			if (fo >> 3) {
+				/* What follows is payload, whatever nh says. */
+				p->frag = FRAG_LATER;
+				break;
+			}
+			if (fo & 1)
+				p->frag = FRAG_FIRST;
+			continue;
 		}
+		/* A routing header with segments left sends the packet on to
+		 * addresses the policy never saw (RH0, SRv6): not allowed. */
+		if (nh == 43 && eh[3] != 0)
+			return VMFENCE_REASON_MALFORMED;
+		off += ((__u32)eh[1] + 1) * 8;
 		nh = eh[0];
 	}
-	if (is_ipv6_ext(nh))
+	if (p->frag != FRAG_LATER && is_ipv6_ext(nh))
 		return VMFENCE_REASON_MALFORMED; /* too many extension headers */
 	p->proto = nh;
 	p->l4_off = off;
@@ -231,6 +297,17 @@ static __always_inline __u8 parse_ipv4_at(struct __sk_buff *skb, __u32 off, stru
 	p->family = 4;
 	p->proto = ip.protocol;
 	p->frag_id = ip.id;
+	p->hop_limit = ip.ttl;
+	p->l3_end = off + bpf_ntohs(ip.tot_len);
+	if (!quoted) {
+		__u8 r = frame_length_reason(skb, off, p->l3_end, 0);
+		if (!r && bpf_ntohs(ip.tot_len) < ip.ihl * 4 && !skb->gso_size)
+			r = VMFENCE_REASON_MALFORMED;
+		if (!r)
+			r = ipv4_options_reason(skb, off + sizeof(ip), ip.ihl * 4 - sizeof(ip));
+		if (r)
+			return r;
+	}
 	fo = bpf_ntohs(ip.frag_off);
 	if (fo & 0x1fff)
 		p->frag = FRAG_LATER;
@@ -258,34 +335,39 @@ static __always_inline __u8 parse(struct __sk_buff *skb, void *data, void *data_
 	case ETH_P_ARP:
 		return 0;
 	case ETH_P_IPV6:
-		return parse_ipv6(skb, ETH_HLEN, p);
+		return parse_ipv6(skb, ETH_HLEN, p, 0);
 	case ETH_P_IP:
 		break;
 	default:
 		return VMFENCE_REASON_BAD_ETHERTYPE; /* VLAN tags, PPPoE, ... */
 	}
 	/* Fast path: IPv4 without options, TCP/UDP, direct packet access. */
+	/* Headers outside the linear area (GSO from vhost-net, small linear
+	 * parts) take the bpf_skb_load_bytes path: never malformed for that. */
 	ip = data + ETH_HLEN;
-	if ((void *)(ip + 1) > data_end)
-		return VMFENCE_REASON_MALFORMED;
-	if (ip->ihl == 5 && ip->version == 4 && !(ip->frag_off & bpf_htons(0x3fff)) &&
+	if ((void *)(ip + 1) <= data_end && ip->ihl == 5 && ip->version == 4 &&
+	    !(ip->frag_off & bpf_htons(0x3fff)) &&
 	    (ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP)) {
 		__u8 *l4 = (void *)(ip + 1);
+		__u32 l3_end = ETH_HLEN + bpf_ntohs(ip->tot_len);
+		__u8 r;
 
-		if ((void *)(l4 + (ip->protocol == IPPROTO_TCP ? 14 : 4)) > data_end)
-			return VMFENCE_REASON_MALFORMED;
+		if ((void *)(l4 + 14) > data_end)
+			return parse_ipv4_at(skb, ETH_HLEN, p, 0);
+		r = frame_length_reason(skb, ETH_HLEN, l3_end, 0);
+		if (r)
+			return r;
 		set_v4_mapped(&p->saddr, ip->saddr);
 		set_v4_mapped(&p->daddr, ip->daddr);
 		p->family = 4;
 		p->proto = ip->protocol;
+		p->hop_limit = ip->ttl;
+		p->l3_end = l3_end;
 		p->l4_off = ETH_HLEN + sizeof(*ip);
 		__builtin_memcpy(&p->sport, l4, 2);
 		__builtin_memcpy(&p->dport, l4 + 2, 2);
-		if (ip->protocol == IPPROTO_TCP) {
-			if ((void *)(l4 + 14) > data_end)
-				return VMFENCE_REASON_MALFORMED;
+		if (ip->protocol == IPPROTO_TCP)
 			p->tcp_flags = l4[13];
-		}
 		return 0;
 	}
 	return parse_ipv4_at(skb, ETH_HLEN, p, 0);

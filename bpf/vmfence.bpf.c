@@ -24,17 +24,30 @@ __u8 last_reason = 0;
 /* BTF anchor: the ring buffer record's type in the object's BTF, so
  * tests/bpf/layout_test.cpp can check its layout like the map types'. */
 struct vmfence_event vmfence_event_btf_anchor __attribute__((unused));
+/* Likewise for the per-VM tables' types, which the maps only reach through
+ * their inner-map templates (libbpf needs their sizes). */
+struct vmfence_flow_key vmfence_flow_key_btf_anchor __attribute__((unused));
+struct vmfence_flow vmfence_flow_btf_anchor __attribute__((unused));
+struct vmfence_frag_key vmfence_frag_key_btf_anchor __attribute__((unused));
 
 static __always_inline struct vmfence_config *vmfence_cfg(void)
 {
 	__u32 zero = 0;
-	return bpf_map_lookup_elem(&vmfence_config_v1, &zero);
+	return bpf_map_lookup_elem(&vmfence_config_v2, &zero);
+}
+
+/* A guest's own noise and its resource limits: counted, never held against
+ * the VM, no event (a booting guest would otherwise flood the log). */
+static __always_inline int is_quiet(__u8 reason)
+{
+	return reason == VMFENCE_REASON_FLOW_LIMIT || reason == VMFENCE_REASON_LINK_LOCAL ||
+	       reason == VMFENCE_REASON_UNASSIGNED_SRC;
 }
 
 static __always_inline int counts_as_violation(__u8 reason)
 {
 	return reason != VMFENCE_REASON_QUARANTINED && reason != VMFENCE_REASON_NO_POLICY &&
-	       reason != VMFENCE_REASON_UNKNOWN_IFINDEX;
+	       reason != VMFENCE_REASON_UNKNOWN_IFINDEX && !is_quiet(reason);
 }
 
 /* Count, track the on_violation window, quarantine, and report one drop. */
@@ -42,7 +55,7 @@ static __noinline int drop(struct __sk_buff *skb, const struct vmfence_vm *vm,
 			   const struct pkt *p, __u8 reason, __u8 dir)
 {
 	__u32 slot = vm ? vm->slot : 0;
-	struct vmfence_counters *c = bpf_map_lookup_elem(&vmfence_counters_v1, &slot);
+	struct vmfence_counters *c = bpf_map_lookup_elem(&vmfence_counters_v2, &slot);
 	struct vmfence_state *st = bpf_map_lookup_elem(&vmfence_state_v1, &slot);
 	struct vmfence_config *cfg = vmfence_cfg();
 	struct vmfence_event *e;
@@ -55,8 +68,10 @@ static __noinline int drop(struct __sk_buff *skb, const struct vmfence_vm *vm,
 	}
 	if (!c || !st || !cfg || !p)
 		return TC_ACT_SHOT;
-	if (reason < VMFENCE_REASON_COUNT)
+	if (reason < VMFENCE_REASON_SLOTS)
 		c->drops[reason]++;
+	if (is_quiet(reason))
+		return TC_ACT_SHOT;
 
 	if (vm && dir == VMFENCE_DIR_FROM_VM && counts_as_violation(reason)) {
 		__u64 window = (__u64)vm->window_ms * 1000000ull;
@@ -275,13 +290,71 @@ static __always_inline void flow_key_to_vm(struct vmfence_flow_key *k, const str
 	k->pad[0] = k->pad[1] = k->pad[2] = 0;
 }
 
+/* --- per-VM flow and fragment state ----------------------------------------- */
+
+static __always_inline void *flow_table(const struct vmfence_vm *vm)
+{
+	__u32 slot = vm->slot;
+	return bpf_map_lookup_elem(&vmfence_flows_v2, &slot);
+}
+
+static __always_inline __u64 flow_timeout_ns(const struct vmfence_flow *f, __u8 proto)
+{
+	struct vmfence_config *cfg = vmfence_cfg();
+	__u32 s;
+
+	if (proto == IPPROTO_TCP) {
+		s = cfg && cfg->tcp_timeout_s ? cfg->tcp_timeout_s : VMFENCE_DEFAULT_TCP_TIMEOUT_S;
+		if ((f->flags & VMFENCE_FLOW_F_CLOSING) && s > VMFENCE_TCP_CLOSING_TIMEOUT_S)
+			s = VMFENCE_TCP_CLOSING_TIMEOUT_S;
+	} else if (proto == IPPROTO_UDP) {
+		s = cfg && cfg->udp_timeout_s ? cfg->udp_timeout_s : VMFENCE_DEFAULT_UDP_TIMEOUT_S;
+	} else {
+		s = cfg && cfg->icmp_timeout_s ? cfg->icmp_timeout_s : VMFENCE_DEFAULT_ICMP_TIMEOUT_S;
+	}
+	return (__u64)s * 1000000000ull;
+}
+
+/* The live entry of a flow, or NULL (absent or idle past its timeout: the
+ * agent's sweep removes those, the datapath already ignores them). */
+static __always_inline struct vmfence_flow *flow_find(void *table, struct vmfence_flow_key *k, __u64 now)
+{
+	struct vmfence_flow *f;
+
+	if (!table)
+		return NULL;
+	f = bpf_map_lookup_elem(table, k);
+	if (!f || now - f->last_seen_ns > flow_timeout_ns(f, k->proto))
+		return NULL;
+	return f;
+}
+
+/* A packet of a live flow: refresh its timestamp (at most once a second, so
+ * the fast path rarely writes) and end it on TCP FIN (linger) or RST. */
+static __always_inline void flow_touch(void *table, struct vmfence_flow_key *k, struct vmfence_flow *f,
+				       __u64 now, __u8 tcp_flags)
+{
+	if (dry_run)
+		return;
+	if (k->proto == IPPROTO_TCP && (tcp_flags & TCP_FLAG_RST)) {
+		bpf_map_delete_elem(table, k);
+		return;
+	}
+	if (k->proto == IPPROTO_TCP && (tcp_flags & TCP_FLAG_FIN))
+		f->flags |= VMFENCE_FLOW_F_CLOSING;
+	if (now - f->last_seen_ns > 1000000000ull)
+		f->last_seen_ns = now;
+}
+
 /* Is this a packet of a flow the policy allowed? A verdict cached under an
  * older policy generation is re-checked against the current rules for the
  * side that opened the flow, so removing a rule cuts the flows it allowed. */
 static __always_inline int flow_allowed(const struct vmfence_vm *vm, struct vmfence_flow_key *k,
-					int peer_opened_only)
+					int peer_opened_only, __u8 tcp_flags)
 {
-	struct vmfence_flow *f = bpf_map_lookup_elem(&vmfence_flows_v1, k);
+	void *table = flow_table(vm);
+	__u64 now = bpf_ktime_get_ns();
+	struct vmfence_flow *f = flow_find(table, k, now);
 	union addr16 peer;
 	__u8 r;
 
@@ -289,36 +362,59 @@ static __always_inline int flow_allowed(const struct vmfence_vm *vm, struct vmfe
 		return 0;
 	if (peer_opened_only && f->opened_by != VMFENCE_FLOW_OPENED_BY_PEER)
 		return 0;
-	if (f->policy_id == vm->policy_id)
-		return 1;
-	__builtin_memcpy(peer.b, k->peer_addr, 16);
-	if (f->opened_by == VMFENCE_FLOW_OPENED_BY_VM)
-		r = policy_check(&vmfence_egress_v1, vm->policy_id, &peer, k->proto, k->peer_port,
-				 VMFENCE_REASON_EGRESS_DENIED);
-	else
-		r = policy_check(&vmfence_ingress_v1, vm->policy_id, &peer, k->proto, k->vm_port,
-				 VMFENCE_REASON_INGRESS_DENIED);
-	if (r) {
+	if (f->policy_id != vm->policy_id) {
+		__builtin_memcpy(peer.b, k->peer_addr, 16);
+		if (f->opened_by == VMFENCE_FLOW_OPENED_BY_VM)
+			r = policy_check(&vmfence_egress_v1, vm->policy_id, &peer, k->proto, k->peer_port,
+					 VMFENCE_REASON_EGRESS_DENIED);
+		else
+			r = policy_check(&vmfence_ingress_v1, vm->policy_id, &peer, k->proto, k->vm_port,
+					 VMFENCE_REASON_INGRESS_DENIED);
+		if (r) {
+			if (!dry_run)
+				bpf_map_delete_elem(table, k);
+			return 0;
+		}
 		if (!dry_run)
-			bpf_map_delete_elem(&vmfence_flows_v1, k);
-		return 0;
+			f->policy_id = vm->policy_id;
 	}
-	if (!dry_run)
-		f->policy_id = vm->policy_id;
+	flow_touch(table, k, f, now, tcp_flags);
 	return 1;
 }
 
-static __always_inline void flow_record(const struct vmfence_vm *vm, struct vmfence_flow_key *k,
-					__u8 opened_by)
+/* Remember a flow the policy allowed. 0, or -1 when the VM's table is full
+ * (the caller drops the packet: flow_limit). An existing entry is renewed in
+ * place and never needs room. */
+static __always_inline int flow_record(const struct vmfence_vm *vm, struct vmfence_flow_key *k,
+				       __u8 opened_by, __u8 tcp_flags)
 {
-	struct vmfence_flow *f = bpf_map_lookup_elem(&vmfence_flows_v1, k);
-	struct vmfence_flow v = { .policy_id = vm->policy_id, .opened_by = opened_by };
+	void *table = flow_table(vm);
+	__u64 now = bpf_ktime_get_ns();
+	struct vmfence_flow *f;
+	struct vmfence_flow v = { .last_seen_ns = now, .policy_id = vm->policy_id, .opened_by = opened_by };
 
-	if (dry_run || (f && f->policy_id == vm->policy_id))
-		return;
-	if (f)
-		v.opened_by = f->opened_by;
-	bpf_map_update_elem(&vmfence_flows_v1, k, &v, BPF_ANY);
+	if (dry_run)
+		return 0;
+	if (!table)
+		return -1;
+	f = bpf_map_lookup_elem(table, k);
+	if (f) {
+		if (now - f->last_seen_ns <= flow_timeout_ns(f, k->proto)) {
+			if (f->policy_id == vm->policy_id) {
+				flow_touch(table, k, f, now, tcp_flags);
+				return 0;
+			}
+			v.opened_by = f->opened_by;
+		}
+		/* Expired or older generation: rewrite the entry in place. */
+	}
+	if (tcp_flags & TCP_FLAG_RST)
+		return 0; /* nothing to remember */
+	if (tcp_flags & TCP_FLAG_FIN)
+		v.flags = VMFENCE_FLOW_F_CLOSING;
+	if (bpf_map_update_elem(table, k, &v, BPF_ANY))
+		return f ? 0 : -1;
+	return 0;
 }
 
 static __always_inline void frag_key(struct vmfence_frag_key *k, const struct vmfence_vm *vm,
@@ -336,23 +432,34 @@ static __always_inline void frag_key(struct vmfence_frag_key *k, const struct vm
  * of the same datagram was allowed under the current policy. */
 static __always_inline int later_fragment_allowed(const struct vmfence_vm *vm, const struct pkt *p)
 {
+	__u32 slot = vm->slot;
+	void *table = bpf_map_lookup_elem(&vmfence_frags_v2, &slot);
 	struct vmfence_frag_key k;
 	__u32 *gen;
 
+	if (!table)
+		return 0;
 	frag_key(&k, vm, p);
-	gen = bpf_map_lookup_elem(&vmfence_frags_v1, &k);
+	gen = bpf_map_lookup_elem(table, &k);
 	return gen && *gen == vm->policy_id;
 }
 
-static __always_inline void first_fragment_allowed(const struct vmfence_vm *vm, const struct pkt *p)
+/* Called for every first fragment that passes, checked or not, so that its
+ * later fragments are never counted against the VM. */
+static __always_inline void first_fragment_passed(const struct vmfence_vm *vm, const struct pkt *p)
 {
+	__u32 slot = vm->slot;
+	void *table;
 	struct vmfence_frag_key k;
 	__u32 gen = vm->policy_id;
 
-	if (dry_run)
+	if (dry_run || p->frag != FRAG_FIRST)
+		return;
+	table = bpf_map_lookup_elem(&vmfence_frags_v2, &slot);
+	if (!table)
 		return;
 	frag_key(&k, vm, p);
-	bpf_map_update_elem(&vmfence_frags_v1, &k, &gen, BPF_ANY);
+	bpf_map_update_elem(table, &k, &gen, BPF_ANY);
 }
 
 /* Should this packet get the full check in sampled mode? bpf_get_prandom_u32
@@ -384,7 +491,7 @@ static __always_inline struct vmfence_vm *hook_start(struct __sk_buff *skb, stru
 		return NULL;
 	}
 	slot = vm->slot;
-	c = dry_run ? NULL : bpf_map_lookup_elem(&vmfence_counters_v1, &slot);
+	c = dry_run ? NULL : bpf_map_lookup_elem(&vmfence_counters_v2, &slot);
 	if (c) {
 		if (dir == VMFENCE_DIR_FROM_VM) {
 			c->from_vm_packets++;
@@ -406,139 +513,384 @@ static __always_inline struct vmfence_vm *hook_start(struct __sk_buff *skb, stru
 	return vm;
 }
 
-/* ICMP errors (unreachable, time exceeded, packet too big) about a flow the
- * policy allowed belong to it. From the VM, the embedded header is the peer's
- * packet to the VM (a closed port answering); to the VM, the VM's own. */
+/* ICMP errors (unreachable, time exceeded, packet too big) belong to the flow
+ * they quote, within the RFC 1812/4443 size limits. From the VM, the quoted
+ * header is the peer's packet to the VM (a closed port answering) and the
+ * error goes back to that peer; to the VM, it is the VM's own packet. */
 static __always_inline int icmp_error_for_flow(struct __sk_buff *skb, const struct vmfence_vm *vm,
 					       const struct pkt *p, int from_vm)
 {
 	struct pkt inner = {};
 	struct vmfence_flow_key k;
+	__u32 max = p->family == 4 ? 576 : 1280;
 
+	if (p->l3_end - ETH_HLEN > max)
+		return 0;
 	if (parse_icmp_inner(skb, p, &inner))
 		return 0;
 	if (from_vm) {
-		if (!vm_owns(vm, &inner.daddr))
+		/* Outer addresses are the quoted ones reversed. */
+		if (!addr_eq(&inner.saddr, &p->daddr) || !addr_eq(&inner.daddr, &p->saddr))
 			return 0;
 		flow_key_to_vm(&k, vm, &inner);
 	} else {
-		if (!vm_owns(vm, &inner.saddr))
+		if (!addr_eq(&inner.saddr, &p->daddr) || !vm_owns(vm, &inner.saddr))
 			return 0;
 		flow_key_from_vm(&k, vm, &inner);
 	}
-	return flow_allowed(vm, &k, 0);
+	return flow_allowed(vm, &k, 0, 0);
+}
+
+/* --- link-local control traffic ----------------------------------------------- */
+
+#define NOT_CONTROL 1000 /* not a TC verdict: judge the packet like any other */
+
+/* The EUI-64 or stable-privacy link-local a VM may use: not one another VM
+ * owns (spec addresses, EUI-64 of its MAC) and not one of its gateways. */
+static __always_inline int ll_usable(const struct vmfence_vm *vm, const union addr16 *a)
+{
+	struct vmfence_owner *o = owner_of(a);
+
+	if (o)
+		return o->vm_id == vm->vm_id;
+	return !is_gateway(vm, a);
+}
+
+/* Same /64 as the VM's (first) IPv6 address. */
+static __always_inline int in_own_v6_64(const struct vmfence_vm *vm, const union addr16 *a)
+{
+	union addr16 mine;
+
+	if (!vm->v6_plen || is_v4_mapped(a))
+		return 0;
+	__builtin_memcpy(mine.b, vm->v6_addr, 16);
+	return a->q[0] == mine.q[0];
+}
+
+/* Why a packet from an address the VM does not own is dropped: a guest's
+ * own noise (not a violation) or spoofing. */
+static __always_inline __u8 unowned_source_reason(const struct vmfence_vm *vm, const struct pkt *p)
+{
+	const union addr16 *s = &p->saddr;
+
+	if (p->family == 4) {
+		__u32 v = bpf_ntohl(s->w[3]);
+		/* DHCP/BOOTP and zeroconf (169.254/16) before an address. */
+		if ((v == 0 && is_multicast(&p->daddr)) ||
+		    ((v >> 16) == 0xa9fe && !owner_of(s)))
+			return VMFENCE_REASON_LINK_LOCAL;
+		return VMFENCE_REASON_SPOOFED_IP;
+	}
+	if (is_unspecified(s))
+		return is_multicast(&p->daddr) ? VMFENCE_REASON_LINK_LOCAL : VMFENCE_REASON_SPOOFED_IP;
+	if (is_link_local(s))
+		return ll_usable(vm, s) ? VMFENCE_REASON_LINK_LOCAL : VMFENCE_REASON_SPOOFED_IP;
+	if (in_own_v6_64(vm, s) && !owner_of(s) && !is_gateway(vm, s))
+		return VMFENCE_REASON_UNASSIGNED_SRC;
+	return VMFENCE_REASON_SPOOFED_IP;
+}
+
+/* Every ND option walked to its end; each link-layer address option must be
+ * the VM's MAC (from_vm) — bpf_loop, since the option count is the sender's. */
+struct nd_walk {
+	struct __sk_buff *skb;
+	__u32 off;
+	__u32 end;
+	__u8 mac[6];
+	__u8 check_mac;
+	__u8 result;   /* 0 ok, else a drop reason */
+	__u8 has_lla;  /* a source/target link-layer option was seen */
+	__u8 done;
+};
+
+static long nd_walk_step(__u64 i, void *ctx)
+{
+	struct nd_walk *w = ctx;
+	__u8 opt[8];
+
+	if (w->off == w->end) {
+		w->done = 1;
+		return 1;
+	}
+	if (w->off + 8 > w->end || bpf_skb_load_bytes(w->skb, w->off, opt, 8)) {
+		w->result = VMFENCE_REASON_MALFORMED;
+		return 1;
+	}
+	if (opt[1] == 0) { /* a zero-length option cannot be walked past */
+		w->result = VMFENCE_REASON_MALFORMED;
+		return 1;
+	}
+	if (opt[0] == 1 || opt[0] == 2) {
+		w->has_lla = 1;
+		if (w->check_mac && (opt[1] != 1 || !mac_eq(&opt[2], w->mac))) {
+			w->result = VMFENCE_REASON_SPOOFED_ND;
+			return 1;
+		}
+	}
+	w->off += (__u32)opt[1] * 8;
+	return 0;
+}
+
+/* 0, or the reason the option list of an ND message at [off, end) fails. */
+static __always_inline __u8 nd_options_reason(struct __sk_buff *skb, const struct vmfence_vm *vm, __u32 off,
+					      __u32 end, int check_mac, int *has_lla)
+{
+	struct nd_walk w = { .skb = skb, .off = off, .end = end, .check_mac = check_mac };
+
+	__builtin_memcpy(w.mac, vm->mac, 6);
+	bpf_loop(64, nd_walk_step, &w, 0);
+	if (!w.result && !w.done)
+		w.result = VMFENCE_REASON_MALFORMED;
+	*has_lla = w.has_lla;
+	return w.result;
+}
+
+static __always_inline int is_solicited_node_of(const union addr16 *d, const union addr16 *t)
+{
+	return d->w[0] == bpf_htonl(0xff020000) && d->w[1] == 0 && d->w[2] == bpf_htonl(1) &&
+	       d->b[12] == 0xff && d->b[13] == t->b[13] && d->b[14] == t->b[14] && d->b[15] == t->b[15];
+}
+
+static __always_inline int is_ff02(const union addr16 *d, __u32 last)
+{
+	return d->w[0] == bpf_htonl(0xff020000) && d->w[1] == 0 && d->w[2] == 0 &&
+	       d->w[3] == bpf_htonl(last);
+}
+
+static __always_inline int is_solicited_node(const union addr16 *d)
+{
+	return d->w[0] == bpf_htonl(0xff020000) && d->w[1] == 0 && d->w[2] == bpf_htonl(1) &&
+	       d->b[12] == 0xff;
+}
+
+/* Length of the ICMPv6/IGMP message (from the L4 header to the datagram's end). */
+static __always_inline __u32 l4_len(const struct pkt *p)
+{
+	return p->l3_end > p->l4_off ? p->l3_end - p->l4_off : 0;
+}
+
+/* A VM's ND target or NA destination that it may resolve/answer: its own,
+ * a gateway, a link-local no VM of another group owns, or a VM of its group.
+ * 0 or a drop reason. */
+static __always_inline __u8 neighbour_reason(const struct vmfence_vm *vm, const union addr16 *t)
+{
+	struct vmfence_owner *o;
+
+	if (is_link_local(t)) {
+		o = owner_of(t);
+		return o && o->group_id != vm->group_id ? VMFENCE_REASON_CROSS_GROUP : 0;
+	}
+	return resolve_target_reason(vm, t);
+}
+
+/* ICMPv6 ND/MLD from the VM. NOT_CONTROL when the packet is not link-local
+ * control traffic within its bounds (the caller judges it as any packet). */
+static __always_inline int from_vm_icmp6_control(struct __sk_buff *skb, const struct vmfence_vm *vm,
+						 struct pkt *p, int src_owned)
+{
+	int src_ok = src_owned || is_unspecified(&p->saddr) ||
+		     (is_link_local(&p->saddr) && ll_usable(vm, &p->saddr));
+	__u32 len = l4_len(p);
+	union addr16 target;
+	int has_lla;
+	__u8 r;
+
+	switch (p->icmp_type) {
+	case 134: /* router advertisement: a VM is never a router */
+	case 137: /* redirect */
+		return drop(skb, vm, p, VMFENCE_REASON_SPOOFED_ND, VMFENCE_DIR_FROM_VM);
+	case 130: /* MLD query: a VM is not a multicast router */
+		if (!src_ok)
+			return NOT_CONTROL;
+		return drop(skb, vm, p, VMFENCE_REASON_LINK_LOCAL, VMFENCE_DIR_FROM_VM);
+	case 131: /* MLDv1 report: to the group itself */
+		if (p->hop_limit != 1 || len != 24 || !is_multicast(&p->daddr))
+			return NOT_CONTROL;
+		if (bpf_skb_load_bytes(skb, p->l4_off + 8, target.b, 16) || !addr_eq(&target, &p->daddr))
+			return NOT_CONTROL;
+		break;
+	case 132: /* MLDv1 done */
+		if (p->hop_limit != 1 || len != 24 || !is_ff02(&p->daddr, 2))
+			return NOT_CONTROL;
+		break;
+	case 143: /* MLDv2 report */
+		if (p->hop_limit != 1 || len < 8 || len > 8 + 20 * 32 || !is_ff02(&p->daddr, 0x16))
+			return NOT_CONTROL;
+		break;
+	case 133: /* router solicitation */
+		if (p->hop_limit != 255 || p->icmp_code || len < 8 || len > 40 || !is_ff02(&p->daddr, 2))
+			return NOT_CONTROL;
+		if (!src_ok)
+			return drop(skb, vm, p, VMFENCE_REASON_SPOOFED_IP, VMFENCE_DIR_FROM_VM);
+		r = nd_options_reason(skb, vm, p->l4_off + 8, p->l3_end, 1, &has_lla);
+		if (!r && has_lla && is_unspecified(&p->saddr))
+			r = VMFENCE_REASON_SPOOFED_ND; /* RFC 4861 6.1.1 */
+		if (r)
+			return drop(skb, vm, p, r, VMFENCE_DIR_FROM_VM);
+		return TC_ACT_UNSPEC;
+	case 135: /* neighbour solicitation */
+	case 136: /* neighbour advertisement */
+		if (p->hop_limit != 255 || p->icmp_code || len < 24 || len > 64)
+			return NOT_CONTROL;
+		if (bpf_skb_load_bytes(skb, p->l4_off + 8, target.b, 16))
+			return NOT_CONTROL;
+		if (p->icmp_type == 135) {
+			if (!is_solicited_node_of(&p->daddr, &target) && !addr_eq(&p->daddr, &target))
+				return NOT_CONTROL;
+		} else if (!is_ff02(&p->daddr, 1) && !is_link_local(&p->daddr) &&
+			   neighbour_reason(vm, &p->daddr)) {
+			return NOT_CONTROL;
+		}
+		if (!src_ok)
+			return drop(skb, vm, p, VMFENCE_REASON_SPOOFED_IP, VMFENCE_DIR_FROM_VM);
+		r = nd_options_reason(skb, vm, p->l4_off + 24, p->l3_end, 1, &has_lla);
+		if (!r && has_lla && is_unspecified(&p->saddr))
+			r = VMFENCE_REASON_SPOOFED_ND;
+		if (r)
+			return drop(skb, vm, p, r, VMFENCE_DIR_FROM_VM);
+		if (p->icmp_type == 136) {
+			/* Advertise only an address it may use. */
+			if (vm_owns(vm, &target) || (is_link_local(&target) && ll_usable(vm, &target)))
+				return TC_ACT_UNSPEC;
+			if (in_own_v6_64(vm, &target) && !owner_of(&target) && !is_gateway(vm, &target))
+				return drop(skb, vm, p, VMFENCE_REASON_UNASSIGNED_SRC, VMFENCE_DIR_FROM_VM);
+			return drop(skb, vm, p, VMFENCE_REASON_SPOOFED_ND, VMFENCE_DIR_FROM_VM);
+		}
+		if (is_unspecified(&p->saddr)) {
+			/* Duplicate address detection: asking, not claiming. */
+			if (vm_owns(vm, &target) || (is_link_local(&target) && ll_usable(vm, &target)))
+				return TC_ACT_UNSPEC;
+			if (owner_of(&target) || is_gateway(vm, &target))
+				return drop(skb, vm, p, VMFENCE_REASON_SPOOFED_ND, VMFENCE_DIR_FROM_VM);
+			return drop(skb, vm, p, VMFENCE_REASON_UNASSIGNED_SRC, VMFENCE_DIR_FROM_VM);
+		}
+		r = neighbour_reason(vm, &target);
+		if (r)
+			return drop(skb, vm, p, r, VMFENCE_DIR_FROM_VM);
+		return TC_ACT_UNSPEC;
+	default:
+		return NOT_CONTROL;
+	}
+	/* MLD reports within their bounds. */
+	if (!src_ok)
+		return drop(skb, vm, p, VMFENCE_REASON_SPOOFED_IP, VMFENCE_DIR_FROM_VM);
+	return TC_ACT_UNSPEC;
+}
+
+/* IGMP from the VM: membership reports and leaves to their fixed groups. */
+static __always_inline int from_vm_igmp(struct __sk_buff *skb, const struct vmfence_vm *vm, struct pkt *p,
+					int src_owned)
+{
+	__u32 len = l4_len(p);
+	__u32 dst = bpf_ntohl(p->daddr.w[3]);
+	__u8 hdr[8];
+	__u32 group;
+
+	if (p->hop_limit != 1 || len < 8 || len > 8 + 8 * 32 || !is_multicast(&p->daddr))
+		return NOT_CONTROL;
+	if (bpf_skb_load_bytes(skb, p->l4_off, hdr, 8))
+		return NOT_CONTROL;
+	__builtin_memcpy(&group, &hdr[4], 4);
+	switch (hdr[0]) {
+	case 0x11: /* query: a VM is not a multicast router */
+		return drop(skb, vm, p, VMFENCE_REASON_LINK_LOCAL, VMFENCE_DIR_FROM_VM);
+	case 0x12: /* v1 report */
+	case 0x16: /* v2 report: to the group itself */
+		if (len != 8 || group != p->daddr.w[3])
+			return NOT_CONTROL;
+		break;
+	case 0x17: /* v2 leave */
+		if (len != 8 || dst != 0xe0000002)
+			return NOT_CONTROL;
+		break;
+	case 0x22: /* v3 report */
+		if (dst != 0xe0000016)
+			return NOT_CONTROL;
+		break;
+	default:
+		return NOT_CONTROL;
+	}
+	if (!src_owned && p->saddr.w[3] != 0)
+		return drop(skb, vm, p, VMFENCE_REASON_SPOOFED_IP, VMFENCE_DIR_FROM_VM);
+	return TC_ACT_UNSPEC;
 }
 
 /* --- VM -> host ------------------------------------------------------------- */
 
-static __always_inline int from_vm_arp(struct __sk_buff *skb, const struct vmfence_vm *vm,
-				       struct pkt *p, void *data, void *data_end)
+/* IEEE 802.3/LLC frames (a length, not an ethertype) and the bridge group
+ * addresses 01:80:c2:00:00:0x (STP, LLDP, LACP, 802.1X). */
+static __always_inline int is_ieee_link_local(struct __sk_buff *skb, const struct pkt *p)
 {
-	struct arp_eth *arp = data + sizeof(struct ethhdr);
+	__u8 dmac[6];
+
+	if (p->ethertype && p->ethertype < 0x600)
+		return 1;
+	if (bpf_skb_load_bytes(skb, 0, dmac, 6))
+		return 0;
+	return dmac[0] == 0x01 && dmac[1] == 0x80 && dmac[2] == 0xc2 && dmac[3] == 0 && dmac[4] == 0 &&
+	       (dmac[5] & 0xf0) == 0;
+}
+
+#define ARP_MAX_FRAME 60
+
+static __always_inline int load_arp(struct __sk_buff *skb, struct arp_eth *arp)
+{
+	if (skb->len > ARP_MAX_FRAME || bpf_skb_load_bytes(skb, ETH_HLEN, arp, sizeof(*arp)))
+		return -1;
+	if (arp->htype != bpf_htons(1) || arp->ptype != bpf_htons(ETH_P_IP) || arp->hlen != 6 ||
+	    arp->plen != 4 || (arp->op != bpf_htons(1) && arp->op != bpf_htons(2)))
+		return -1;
+	return 0;
+}
+
+static __always_inline int from_vm_arp(struct __sk_buff *skb, const struct vmfence_vm *vm, struct pkt *p)
+{
+	struct arp_eth arp;
 	union addr16 spa, tpa;
 	__u8 r;
 
-	if ((void *)(arp + 1) > data_end)
+	if (load_arp(skb, &arp))
 		return drop(skb, vm, p, VMFENCE_REASON_MALFORMED, VMFENCE_DIR_FROM_VM);
-	if (arp->htype != bpf_htons(1) || arp->ptype != bpf_htons(ETH_P_IP) || arp->hlen != 6 ||
-	    arp->plen != 4)
-		return drop(skb, vm, p, VMFENCE_REASON_MALFORMED, VMFENCE_DIR_FROM_VM);
-	set_v4_mapped(&spa, arp_ip(arp->spa));
-	set_v4_mapped(&tpa, arp_ip(arp->tpa));
+	set_v4_mapped(&spa, arp_ip(arp.spa));
+	set_v4_mapped(&tpa, arp_ip(arp.tpa));
 	p->family = 4;
 	p->saddr = spa;
 	p->daddr = tpa;
-	if (!mac_eq(arp->sha, vm->mac))
+	if (!mac_eq(arp.sha, vm->mac))
 		return drop(skb, vm, p, VMFENCE_REASON_SPOOFED_ARP, VMFENCE_DIR_FROM_VM);
-	if (arp->op == bpf_htons(1)) {
-		/* Request: sender 0.0.0.0 is an address probe (RFC 5227). */
-		if (spa.w[3] != 0 && !vm_owns(vm, &spa))
-			return drop(skb, vm, p, VMFENCE_REASON_SPOOFED_ARP, VMFENCE_DIR_FROM_VM);
-		r = resolve_target_reason(vm, &tpa);
-		if (r)
-			return drop(skb, vm, p, r, VMFENCE_DIR_FROM_VM);
-		return TC_ACT_UNSPEC;
+	if (!vm_owns(vm, &spa)) {
+		if (arp.op == bpf_htons(1) && spa.w[3] == 0) {
+			/* A probe (RFC 5227): fine for its own address. */
+			if (vm_owns(vm, &tpa))
+				return TC_ACT_UNSPEC;
+			return drop(skb, vm, p, VMFENCE_REASON_LINK_LOCAL, VMFENCE_DIR_FROM_VM);
+		}
+		if ((bpf_ntohl(spa.w[3]) >> 16) == 0xa9fe && !owner_of(&spa))
+			return drop(skb, vm, p, VMFENCE_REASON_LINK_LOCAL, VMFENCE_DIR_FROM_VM);
+		return drop(skb, vm, p, VMFENCE_REASON_SPOOFED_ARP, VMFENCE_DIR_FROM_VM);
 	}
-	if (arp->op == bpf_htons(2)) {
-		if (!vm_owns(vm, &spa))
-			return drop(skb, vm, p, VMFENCE_REASON_SPOOFED_ARP, VMFENCE_DIR_FROM_VM);
-		return TC_ACT_UNSPEC;
-	}
-	return drop(skb, vm, p, VMFENCE_REASON_MALFORMED, VMFENCE_DIR_FROM_VM);
-}
-
-/* ND options: every source/target link-layer address option must be the VM's MAC. */
-static __always_inline int nd_options_ok(struct __sk_buff *skb, const struct vmfence_vm *vm, __u32 off)
-{
-	struct {
-		__u8 type;
-		__u8 len;
-		__u8 mac[6];
-	} opt;
-
-	for (int i = 0; i < 8; i++) {
-		if (bpf_skb_load_bytes(skb, off, &opt, sizeof(opt)))
-			return 1; /* end of packet */
-		if (opt.len == 0)
-			return 0;
-		if ((opt.type == 1 || opt.type == 2) && !mac_eq(opt.mac, vm->mac))
-			return 0;
-		off += opt.len * 8;
-	}
-	return 1;
-}
-
-#define NOT_ND 1000 /* not a TC verdict: the packet is not ND/MLD */
-
-/* ICMPv6 neighbour discovery and MLD from the VM. Returns NOT_ND when the
- * packet is not ND/MLD (the caller goes on with policy), else a verdict. */
-static __always_inline int from_vm_nd(struct __sk_buff *skb, const struct vmfence_vm *vm, struct pkt *p,
-				      int src_owned)
-{
-	int src_ok = src_owned || is_link_local(&p->saddr) || is_unspecified(&p->saddr);
-	union addr16 target;
-	__u8 r;
-
-	switch (p->icmp_type) {
-	case 130: case 131: case 132: case 143: /* MLD */
-	case 133:                               /* router solicitation */
-		if (!src_ok)
-			return drop(skb, vm, p, VMFENCE_REASON_SPOOFED_IP, VMFENCE_DIR_FROM_VM);
-		return TC_ACT_UNSPEC;
-	case 134: /* router advertisement: a VM is never a router */
-	case 137: /* redirect */
-		return drop(skb, vm, p, VMFENCE_REASON_SPOOFED_ND, VMFENCE_DIR_FROM_VM);
-	case 135: /* neighbour solicitation */
-	case 136: /* neighbour advertisement */
-		break;
-	default:
-		return NOT_ND;
-	}
-	if (!src_ok)
-		return drop(skb, vm, p, VMFENCE_REASON_SPOOFED_IP, VMFENCE_DIR_FROM_VM);
-	if (bpf_skb_load_bytes(skb, p->l4_off + 8, target.b, 16))
-		return drop(skb, vm, p, VMFENCE_REASON_MALFORMED, VMFENCE_DIR_FROM_VM);
-	if (!nd_options_ok(skb, vm, p->l4_off + 24))
-		return drop(skb, vm, p, VMFENCE_REASON_SPOOFED_ND, VMFENCE_DIR_FROM_VM);
-	if (p->icmp_type == 136) {
-		/* Advertise only itself. */
-		if (!vm_owns(vm, &target) && !is_link_local(&target))
-			return drop(skb, vm, p, VMFENCE_REASON_SPOOFED_ND, VMFENCE_DIR_FROM_VM);
-		return TC_ACT_UNSPEC;
-	}
-	if (is_link_local(&target))
-		return TC_ACT_UNSPEC;
-	r = resolve_target_reason(vm, &target);
+	r = resolve_target_reason(vm, &tpa);
 	if (r)
 		return drop(skb, vm, p, r, VMFENCE_DIR_FROM_VM);
 	return TC_ACT_UNSPEC;
 }
 
+/* Vouch for a packet the from_vm checks passed: it entered through the TAP of
+ * the VM that owns its source address (see VMFENCE_MARK_FROM_VM). */
+static __always_inline int pass_from_vm(struct __sk_buff *skb)
+{
+	skb->mark |= VMFENCE_MARK_FROM_VM;
+	return TC_ACT_UNSPEC;
+}
+
+static __always_inline int is_broadcast_or_multicast(const struct pkt *p)
+{
+	return is_multicast(&p->daddr);
+}
+
 SEC("tc")
 int vmfence_from_vm(struct __sk_buff *skb)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
 	struct vmfence_policy_value *v;
 	struct vmfence_flow_key fk;
 	struct vmfence_vm *vm;
@@ -552,22 +904,33 @@ int vmfence_from_vm(struct __sk_buff *skb)
 
 	if (p.ethertype && !mac_eq(p.smac, vm->mac))
 		return drop(skb, vm, &p, VMFENCE_REASON_SPOOFED_MAC, VMFENCE_DIR_FROM_VM);
+	/* The kernel moved a VLAN tag into the skb before TC saw the frame. */
+	if (skb->vlan_present)
+		return drop(skb, vm, &p, VMFENCE_REASON_BAD_ETHERTYPE, VMFENCE_DIR_FROM_VM);
+	if (r == VMFENCE_REASON_BAD_ETHERTYPE && is_ieee_link_local(skb, &p))
+		return drop(skb, vm, &p, VMFENCE_REASON_LINK_LOCAL, VMFENCE_DIR_FROM_VM);
 	if (r)
 		return drop(skb, vm, &p, r, VMFENCE_DIR_FROM_VM);
-	if (p.ethertype == ETH_P_ARP)
-		return from_vm_arp(skb, vm, &p, data, data_end);
+	if (p.ethertype == ETH_P_ARP) {
+		ret = from_vm_arp(skb, vm, &p);
+		return ret == TC_ACT_UNSPEC ? pass_from_vm(skb) : ret;
+	}
 
 	src_owned = vm_owns(vm, &p.saddr);
-	if (p.proto == IPPROTO_ICMPV6 && p.frag == FRAG_NONE) {
-		ret = from_vm_nd(skb, vm, &p, src_owned);
-		if (ret != NOT_ND)
-			return ret;
+	if (p.frag == FRAG_NONE) {
+		ret = NOT_CONTROL;
+		if (p.proto == IPPROTO_ICMPV6)
+			ret = from_vm_icmp6_control(skb, vm, &p, src_owned);
+		else if (p.proto == 2 && p.family == 4)
+			ret = from_vm_igmp(skb, vm, &p, src_owned);
+		if (ret != NOT_CONTROL)
+			return ret == TC_ACT_UNSPEC ? pass_from_vm(skb) : ret;
 	}
 	if (!src_owned)
-		return drop(skb, vm, &p, VMFENCE_REASON_SPOOFED_IP, VMFENCE_DIR_FROM_VM);
-	/* IGMP membership reports stay on the link (224.0.0.0/24): like MLD. */
-	if (is_link_local_igmp(&p))
-		return TC_ACT_UNSPEC;
+		return drop(skb, vm, &p, unowned_source_reason(vm, &p), VMFENCE_DIR_FROM_VM);
+	/* Link-local IP traffic other than ND/MLD is not carried. */
+	if (p.family == 6 && (is_link_local(&p.saddr) || is_link_local(&p.daddr)))
+		return drop(skb, vm, &p, VMFENCE_REASON_LINK_LOCAL, VMFENCE_DIR_FROM_VM);
 
 	/* Isolation holds in every mode: VM to VM only within a group. Where
 	 * the policy is checked, its lookup says whether the destination is
@@ -579,29 +942,34 @@ int vmfence_from_vm(struct __sk_buff *skb)
 		g = group_of_owner(vm, &p.daddr);
 		if (g < 0)
 			return drop(skb, vm, &p, VMFENCE_REASON_CROSS_GROUP, VMFENCE_DIR_FROM_VM);
-		if (g > 0 || !checked) {
-			if (!g && vm->mode == VMFENCE_MODE_SAMPLED && p.frag != FRAG_LATER) {
-				/* Unchecked, but remembered so replies find their flow. */
-				flow_key_from_vm(&fk, vm, &p);
-				flow_record(vm, &fk, VMFENCE_FLOW_OPENED_BY_VM);
-			}
-			return TC_ACT_UNSPEC;
+		if (p.frag == FRAG_LATER) {
+			/* Same group, unchecked modes, or the first fragment passed. */
+			if (g > 0 || !checked || later_fragment_allowed(vm, &p))
+				return pass_from_vm(skb);
+			return drop(skb, vm, &p, VMFENCE_REASON_FRAGMENT, VMFENCE_DIR_FROM_VM);
 		}
-		if (later_fragment_allowed(vm, &p))
-			return TC_ACT_UNSPEC;
-		return drop(skb, vm, &p, VMFENCE_REASON_FRAGMENT, VMFENCE_DIR_FROM_VM);
+		if (!g && vm->mode == VMFENCE_MODE_SAMPLED) {
+			/* Unchecked, but remembered so replies find their flow. */
+			flow_key_from_vm(&fk, vm, &p);
+			if (flow_record(vm, &fk, VMFENCE_FLOW_OPENED_BY_VM, p.tcp_flags))
+				return drop(skb, vm, &p, VMFENCE_REASON_FLOW_LIMIT, VMFENCE_DIR_FROM_VM);
+		}
+		first_fragment_passed(vm, &p);
+		return pass_from_vm(skb);
 	}
 
 	flow_key_from_vm(&fk, vm, &p);
-	if (vm->mode == VMFENCE_MODE_CONNTRACK && flow_allowed(vm, &fk, 0))
+	if (vm->mode == VMFENCE_MODE_CONNTRACK && flow_allowed(vm, &fk, 0, p.tcp_flags))
 		goto allowed;
 	v = policy_lookup(&vmfence_egress_v1, vm->policy_id, &p.daddr);
 	if (!v || (v->flags & VMFENCE_POLICY_F_VM_NET)) {
 		g = group_of_owner(vm, &p.daddr);
 		if (g < 0)
 			return drop(skb, vm, &p, VMFENCE_REASON_CROSS_GROUP, VMFENCE_DIR_FROM_VM);
-		if (g > 0)
-			return TC_ACT_UNSPEC;
+		if (g > 0) {
+			first_fragment_passed(vm, &p);
+			return pass_from_vm(skb);
+		}
 	}
 	r = rules_check(v, p.proto, p.dport, VMFENCE_REASON_EGRESS_DENIED);
 	if (r) {
@@ -609,73 +977,165 @@ int vmfence_from_vm(struct __sk_buff *skb)
 		 * flows a peer opened: a flow the VM opened is what the egress
 		 * check just judged (and in sampled mode it may have been
 		 * recorded unchecked). */
-		if (vm->mode != VMFENCE_MODE_CONNTRACK && flow_allowed(vm, &fk, 1))
-			goto allowed;
-		/* Sampled: the opener may have gone unchecked (no flow), so a
-		 * reply is judged by the ingress rules it answers. */
-		if (vm->mode == VMFENCE_MODE_SAMPLED &&
-		    !policy_check(&vmfence_ingress_v1, vm->policy_id, &p.daddr, p.proto, p.sport,
-				  VMFENCE_REASON_INGRESS_DENIED))
+		if (vm->mode != VMFENCE_MODE_CONNTRACK && flow_allowed(vm, &fk, 1, p.tcp_flags))
 			goto allowed;
 		if (is_icmp_error(&p) && icmp_error_for_flow(skb, vm, &p, 1))
-			return TC_ACT_UNSPEC;
+			return pass_from_vm(skb);
+		/* Multicast and broadcast no rule allows (mDNS, LLMNR, SSDP,
+		 * DHCPv6, NetBIOS): the guest's link-local noise. */
+		if (r == VMFENCE_REASON_EGRESS_DENIED && is_broadcast_or_multicast(&p))
+			r = VMFENCE_REASON_LINK_LOCAL;
 		return drop(skb, vm, &p, r, VMFENCE_DIR_FROM_VM);
 	}
-	/* TCP records its flow on the SYN only: later segments need no write. */
-	if (p.proto != IPPROTO_TCP || (p.tcp_flags & TCP_FLAG_SYN) ||
-	    vm->mode == VMFENCE_MODE_CONNTRACK)
-		flow_record(vm, &fk, VMFENCE_FLOW_OPENED_BY_VM);
+	/* TCP records its flow on the SYN (and ends it on FIN/RST); later
+	 * segments need no write. */
+	if (p.proto != IPPROTO_TCP || (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST)) ||
+	    vm->mode == VMFENCE_MODE_CONNTRACK) {
+		if (flow_record(vm, &fk, VMFENCE_FLOW_OPENED_BY_VM, p.tcp_flags))
+			return drop(skb, vm, &p, VMFENCE_REASON_FLOW_LIMIT, VMFENCE_DIR_FROM_VM);
+	}
 allowed:
-	if (p.frag == FRAG_FIRST)
-		first_fragment_allowed(vm, &p);
-	return TC_ACT_UNSPEC;
+	first_fragment_passed(vm, &p);
+	return pass_from_vm(skb);
 }
 
 /* --- host -> VM ------------------------------------------------------------- */
 
+/* A packet claiming a VM's address toward a VM: it must have entered through
+ * that VM's TAP (the mark), must not claim the target itself, and must come
+ * from the target's group. 0 (no VM's address, or trusted same group: *same
+ * set) or a drop reason. */
+static __always_inline __u8 vm_source_reason(struct __sk_buff *skb, const struct vmfence_vm *vm,
+					     const union addr16 *src, int *same)
+{
+	struct vmfence_owner *o = owner_of(src);
+
+	*same = 0;
+	if (!o)
+		return 0;
+	if (o->vm_id == vm->vm_id || !(skb->mark & VMFENCE_MARK_FROM_VM))
+		return VMFENCE_REASON_SPOOFED_IP;
+	if (o->group_id != vm->group_id)
+		return VMFENCE_REASON_CROSS_GROUP;
+	*same = 1;
+	return 0;
+}
+
+static __always_inline int to_vm_arp(struct __sk_buff *skb, const struct vmfence_vm *vm, struct pkt *p)
+{
+	struct arp_eth arp;
+	union addr16 spa, tpa;
+	int same;
+	__u8 r;
+
+	if (load_arp(skb, &arp))
+		return drop(skb, vm, p, VMFENCE_REASON_MALFORMED, VMFENCE_DIR_TO_VM);
+	set_v4_mapped(&spa, arp_ip(arp.spa));
+	set_v4_mapped(&tpa, arp_ip(arp.tpa));
+	p->family = 4;
+	p->saddr = spa;
+	p->daddr = tpa;
+	r = vm_source_reason(skb, vm, &spa, &same);
+	if (r)
+		return drop(skb, vm, p, r == VMFENCE_REASON_SPOOFED_IP ? VMFENCE_REASON_SPOOFED_ARP : r,
+			    VMFENCE_DIR_TO_VM);
+	/* Only ARP that concerns this VM: its addresses or its gateway. */
+	if (vm_owns(vm, &tpa) || is_gateway(vm, &spa) || is_gateway(vm, &tpa))
+		return TC_ACT_UNSPEC;
+	return drop(skb, vm, p, VMFENCE_REASON_ARP_DENIED, VMFENCE_DIR_TO_VM);
+}
+
+/* ND/MLD/IGMP toward the VM within bounds. NOT_CONTROL otherwise. */
+static __always_inline int to_vm_control(struct __sk_buff *skb, const struct vmfence_vm *vm, struct pkt *p)
+{
+	__u32 len = l4_len(p);
+	const union addr16 *d = &p->daddr;
+	int dst_ok;
+
+	if (p->family == 4) {
+		__u8 type;
+
+		if (p->proto != 2)
+			return NOT_CONTROL;
+		if (bpf_skb_load_bytes(skb, p->l4_off, &type, 1))
+			return NOT_CONTROL;
+		if (type != 0x11)
+			return drop(skb, vm, p, VMFENCE_REASON_LINK_LOCAL, VMFENCE_DIR_TO_VM);
+		if (p->hop_limit != 1 || len < 8 || len > 12 + 4 * 32 || !is_multicast(d))
+			return NOT_CONTROL;
+		return TC_ACT_UNSPEC;
+	}
+	if (p->proto != IPPROTO_ICMPV6)
+		return NOT_CONTROL;
+	dst_ok = vm_owns(vm, d) || is_link_local(d) || is_ff02(d, 1) || is_solicited_node(d);
+	switch (p->icmp_type) {
+	case 131: case 132: case 143: /* other hosts' MLD reports */
+	case 133:                     /* router solicitations */
+		return drop(skb, vm, p, VMFENCE_REASON_LINK_LOCAL, VMFENCE_DIR_TO_VM);
+	case 130: /* MLD query */
+		if (p->hop_limit != 1 || len < 24 || len > 28 + 16 * 32 || !dst_ok)
+			return NOT_CONTROL;
+		return TC_ACT_UNSPEC;
+	case 135: case 136: /* NS, NA */
+		if (p->hop_limit != 255 || p->icmp_code || len < 24 || len > 64 || !dst_ok)
+			return NOT_CONTROL;
+		return TC_ACT_UNSPEC;
+	case 134: /* RA: prefixes, MTU, RDNSS */
+		if (p->hop_limit != 255 || p->icmp_code || len < 16 || len > 512 || !dst_ok)
+			return NOT_CONTROL;
+		return TC_ACT_UNSPEC;
+	case 137: /* redirect (quotes a packet) */
+		if (p->hop_limit != 255 || p->icmp_code || len < 40 || len > 1280 - 40 || !dst_ok)
+			return NOT_CONTROL;
+		return TC_ACT_UNSPEC;
+	}
+	return NOT_CONTROL;
+}
+
 SEC("tc")
 int vmfence_to_vm(struct __sk_buff *skb)
 {
-	struct vmfence_owner *o;
 	struct vmfence_flow_key fk;
 	struct vmfence_vm *vm;
 	struct pkt p = {};
-	int verdict;
+	int verdict, same, ret;
 	__u8 r;
 
 	vm = hook_start(skb, &p, VMFENCE_DIR_TO_VM, &verdict, &r);
 	if (!vm)
 		return verdict;
 
+	if (skb->vlan_present)
+		return drop(skb, vm, &p, VMFENCE_REASON_BAD_ETHERTYPE, VMFENCE_DIR_TO_VM);
 	if (r)
 		return drop(skb, vm, &p, r, VMFENCE_DIR_TO_VM);
 	if (p.ethertype == ETH_P_ARP)
-		return TC_ACT_UNSPEC; /* resolution toward the VM; the sender's own hook polices lies */
-	if (p.proto == IPPROTO_ICMPV6 && p.frag == FRAG_NONE && is_nd_or_mld(p.icmp_type))
-		return TC_ACT_UNSPEC;
-	if (is_link_local_igmp(&p))
-		return TC_ACT_UNSPEC;
+		return to_vm_arp(skb, vm, &p);
+
+	r = vm_source_reason(skb, vm, &p.saddr, &same);
+	if (r)
+		return drop(skb, vm, &p, r, VMFENCE_DIR_TO_VM);
+	if (p.frag == FRAG_NONE) {
+		ret = to_vm_control(skb, vm, &p);
+		if (ret != NOT_CONTROL)
+			return ret;
+	}
 	if (!is_multicast(&p.daddr) && !vm_owns(vm, &p.daddr))
 		return drop(skb, vm, &p, VMFENCE_REASON_NOT_FOR_VM, VMFENCE_DIR_TO_VM);
-
-	o = owner_of(&p.saddr);
-	if (o) {
-		if (o->group_id != vm->group_id)
-			return drop(skb, vm, &p, VMFENCE_REASON_CROSS_GROUP, VMFENCE_DIR_TO_VM);
+	if (same || vm->mode == VMFENCE_MODE_DIRECT) {
+		first_fragment_passed(vm, &p);
 		return TC_ACT_UNSPEC;
 	}
-	if (vm->mode == VMFENCE_MODE_DIRECT)
-		return TC_ACT_UNSPEC;
-	if (vm->mode == VMFENCE_MODE_SAMPLED && !sample(vm))
-		return TC_ACT_UNSPEC;
-
+	/* Sampling applies to the VM's own packets: what reaches it is always
+	 * checked, so an outsider's packet can never make the VM's answer look
+	 * like a violation. */
 	if (p.frag == FRAG_LATER) {
 		if (later_fragment_allowed(vm, &p))
 			return TC_ACT_UNSPEC;
 		return drop(skb, vm, &p, VMFENCE_REASON_FRAGMENT, VMFENCE_DIR_TO_VM);
 	}
 	flow_key_to_vm(&fk, vm, &p);
-	if (flow_allowed(vm, &fk, 0))
+	if (flow_allowed(vm, &fk, 0, p.tcp_flags))
 		goto allowed;
 	if (is_icmp_error(&p) && icmp_error_for_flow(skb, vm, &p, 0))
 		return TC_ACT_UNSPEC;
@@ -685,10 +1145,11 @@ int vmfence_to_vm(struct __sk_buff *skb)
 		r = VMFENCE_REASON_INGRESS_DENIED;
 	if (r)
 		return drop(skb, vm, &p, r, VMFENCE_DIR_TO_VM);
-	if (p.proto != IPPROTO_TCP || (p.tcp_flags & TCP_FLAG_SYN))
-		flow_record(vm, &fk, VMFENCE_FLOW_OPENED_BY_PEER);
+	if (p.proto != IPPROTO_TCP || (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST))) {
+		if (flow_record(vm, &fk, VMFENCE_FLOW_OPENED_BY_PEER, p.tcp_flags))
+			return drop(skb, vm, &p, VMFENCE_REASON_FLOW_LIMIT, VMFENCE_DIR_TO_VM);
+	}
 allowed:
-	if (p.frag == FRAG_FIRST)
-		first_fragment_allowed(vm, &p);
+	first_fragment_passed(vm, &p);
 	return TC_ACT_UNSPEC;
 }

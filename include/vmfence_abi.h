@@ -27,11 +27,11 @@
 #define VMFENCE_MAP_EGRESS     "vmfence_egress_v1"    /* (policy, dst) LPM     */
 #define VMFENCE_MAP_INGRESS    "vmfence_ingress_v1"   /* (policy, src) LPM     */
 #define VMFENCE_MAP_GATEWAYS   "vmfence_gateways_v1"  /* (vm, addr) -> 1       */
-#define VMFENCE_MAP_FLOWS      "vmfence_flows_v1"     /* 5-tuple LRU           */
-#define VMFENCE_MAP_FRAGS      "vmfence_frags_v1"     /* fragment id LRU       */
-#define VMFENCE_MAP_COUNTERS   "vmfence_counters_v1"  /* per-CPU, per vm       */
+#define VMFENCE_MAP_FLOWS      "vmfence_flows_v2"     /* slot -> VM flow table */
+#define VMFENCE_MAP_FRAGS      "vmfence_frags_v2"     /* slot -> VM frag table */
+#define VMFENCE_MAP_COUNTERS   "vmfence_counters_v2"  /* per-CPU, per vm       */
 #define VMFENCE_MAP_STATE      "vmfence_state_v1"     /* per vm runtime state  */
-#define VMFENCE_MAP_CONFIG     "vmfence_config_v1"    /* global knobs, 1 entry */
+#define VMFENCE_MAP_CONFIG     "vmfence_config_v2"    /* global knobs, 1 entry */
 #define VMFENCE_MAP_EVENTS     "vmfence_events_v1"    /* violation ring buffer */
 #define VMFENCE_LINK_DIR       VMFENCE_PIN_DIR "/links"
 
@@ -41,8 +41,11 @@
 #define VMFENCE_MAX_OWNER_NETS      4096  /* VM addresses that are prefixes */
 #define VMFENCE_MAX_POLICY_PREFIXES 262144
 #define VMFENCE_MAX_GATEWAYS        65536
-#define VMFENCE_MAX_FLOWS           262144
-#define VMFENCE_MAX_FRAGS           16384
+/* Flow and fragment state is per VM (one inner map per slot), so one VM's
+ * flood never evicts another VM's flows. */
+#define VMFENCE_DEFAULT_FLOWS       16384  /* limits.flows when absent */
+#define VMFENCE_MAX_FLOWS_PER_VM    1048576
+#define VMFENCE_FRAGS_PER_VM        256
 #define VMFENCE_EVENTS_BYTES        (1u << 20)
 /* Port rules that apply to one destination prefix (after the compiler has
  * merged in the rules of every covering, less specific prefix). */
@@ -76,8 +79,14 @@ enum vmfence_reason {
 	VMFENCE_REASON_QUARANTINED     = 14, /* VM quarantined after violation*/
 	VMFENCE_REASON_NO_POLICY       = 15, /* spec removed, iface remains   */
 	VMFENCE_REASON_NOT_FOR_VM      = 16, /* to-VM packet for another addr */
-	VMFENCE_REASON_COUNT           = 17,
+	/* Not violations: counted, never held against the VM, no event. */
+	VMFENCE_REASON_FLOW_LIMIT      = 17, /* VM's flow table full          */
+	VMFENCE_REASON_LINK_LOCAL      = 18, /* link-local noise not carried  */
+	VMFENCE_REASON_UNASSIGNED_SRC  = 19, /* self-made IPv6 addr in its /64 */
+	VMFENCE_REASON_COUNT           = 20,
 };
+/* Room in the counters for reasons still to come without a layout change. */
+#define VMFENCE_REASON_SLOTS 24
 
 /* Hook that saw the packet. */
 enum vmfence_direction {
@@ -89,6 +98,12 @@ enum vmfence_direction {
 #define VMFENCE_VM_F_QUARANTINE   0x1 /* terminate action: quarantine on violation */
 #define VMFENCE_VM_F_NO_POLICY    0x2 /* spec removed: drop everything             */
 #define VMFENCE_VM_F_MORE_ADDRS   0x4 /* addresses beyond the inline v4/v6 ones    */
+
+/* skb->mark bit the from_vm program sets on every packet it passes: the packet
+ * entered the host through the TAP of the VM owning its source address. The
+ * to_vm program trusts a VM source address only with it. A guest cannot set
+ * it; nothing else of the mark is touched. */
+#define VMFENCE_MARK_FROM_VM 0x10000000u
 
 /* Addresses are 16 bytes; IPv4 is stored IPv4-mapped (::ffff:a.b.c.d) so one
  * LPM trie serves both families. Network byte order. */
@@ -139,7 +154,15 @@ struct vmfence_config {
 	__u32 flags;            /* VMFENCE_CFG_F_*                        */
 	__u32 event_budget;     /* events per VM per budget window        */
 	__u64 budget_window_ns; /* 0 = VMFENCE_DEFAULT_BUDGET_WINDOW_NS   */
+	__u32 tcp_timeout_s;    /* flow_timeouts; 0 = the default below   */
+	__u32 udp_timeout_s;
+	__u32 icmp_timeout_s;   /* ICMP and every other protocol          */
+	__u32 pad;
 };
+#define VMFENCE_DEFAULT_TCP_TIMEOUT_S  7440
+#define VMFENCE_DEFAULT_UDP_TIMEOUT_S  180
+#define VMFENCE_DEFAULT_ICMP_TIMEOUT_S 30
+#define VMFENCE_TCP_CLOSING_TIMEOUT_S  120 /* after a FIN */
 
 /* VMFENCE_MAP_EGRESS / _INGRESS key: (policy_id, peer prefix). prefixlen =
  * 32 (policy_id, always fully matched) + bits of addr. Longest prefix wins;
@@ -179,8 +202,10 @@ struct vmfence_gateway_key {
 	__u8  addr[16];         /* network order, IPv4-mapped */
 };
 
-/* VMFENCE_MAP_FLOWS: flows allowed by policy, keyed as seen from the VM
- * whichever side opened them, so both hooks look up the same key. */
+/* VMFENCE_MAP_FLOWS: array of maps indexed by the VM's slot; each inner map
+ * is a hash of limits.flows entries holding the flows the policy allowed,
+ * keyed as seen from the VM whichever side opened them, so both hooks look up
+ * the same key. */
 struct vmfence_flow_key {
 	__u8  vm_addr[16];      /* network order, IPv4-mapped     */
 	__u8  peer_addr[16];    /* network order, IPv4-mapped     */
@@ -193,13 +218,17 @@ struct vmfence_flow_key {
 
 #define VMFENCE_FLOW_OPENED_BY_VM   0
 #define VMFENCE_FLOW_OPENED_BY_PEER 1
+#define VMFENCE_FLOW_F_CLOSING 0x1 /* TCP FIN seen: short timeout */
 struct vmfence_flow {
+	__u64 last_seen_ns;     /* bpf_ktime_get_ns, refreshed at most 1/s    */
 	__u32 policy_id;        /* generation the verdict was computed under */
 	__u8  opened_by;        /* VMFENCE_FLOW_OPENED_BY_*                   */
-	__u8  pad[3];
+	__u8  flags;            /* VMFENCE_FLOW_F_*                           */
+	__u8  pad[2];
 };
 
-/* VMFENCE_MAP_FRAGS: first fragments the policy allowed. */
+/* VMFENCE_MAP_FRAGS: array of maps indexed by slot; each inner map is an LRU
+ * of VMFENCE_FRAGS_PER_VM first fragments the policy allowed. */
 struct vmfence_frag_key {
 	__u8  saddr[16];
 	__u8  daddr[16];
@@ -218,8 +247,7 @@ struct vmfence_counters {
 	__u64 to_vm_bytes;
 	__u64 events_suppressed; /* over the per-VM event budget */
 	__u64 events_lost;       /* ring buffer full             */
-	__u64 drops[VMFENCE_REASON_COUNT];
-	__u64 pad;
+	__u64 drops[VMFENCE_REASON_SLOTS];
 };
 
 /* VMFENCE_MAP_STATE: array indexed by slot; written by the datapath, zeroed by

@@ -105,9 +105,8 @@ std::vector<PolicyEntry> compile_rules(const std::vector<Rule>& rules, const VmS
   }
   // Barriers: prefixes that must not inherit from their ancestors.
   std::map<Prefix, uint8_t> barriers;  // prefix -> flags
-  bool v6_covers_v4 = std::any_of(own.begin(), own.end(), [](const auto& kv) {
-    return kv.first.bits < 96 && kv.first.contains(v4_root());
-  });
+  bool v6_covers_v4 = std::any_of(own.begin(), own.end(),
+                                  [](const auto& kv) { return kv.first.bits < 96 && kv.first.contains(v4_root()); });
   if (v6_covers_v4) barriers[v4_root()] = 0;
   if (imds) barriers[*imds] = VMFENCE_POLICY_F_IMDS;
 
@@ -175,7 +174,8 @@ std::vector<Cidr> cover(const std::vector<Cidr>& addrs, uint8_t len) {
   for (Cidr a : addrs) {
     if (a.prefix_len > len) a.prefix_len = len;
     a.addr = masked_addr(a);
-    if (std::any_of(nets.begin(), nets.end(), [&](const Cidr& n) { return n.prefix_len <= a.prefix_len && n.contains(a); }))
+    if (std::any_of(nets.begin(), nets.end(),
+                    [&](const Cidr& n) { return n.prefix_len <= a.prefix_len && n.contains(a); }))
       continue;
     std::erase_if(nets, [&](const Cidr& n) { return a.prefix_len <= n.prefix_len && a.contains(n); });
     nets.push_back(a);
@@ -207,6 +207,21 @@ std::vector<Cidr> vm_address_space(const std::vector<VmSpec>& vms) {
     return std::tie(x.family, x.addr, x.prefix_len) < std::tie(y.family, y.addr, y.prefix_len);
   });
   return out;
+}
+
+vmfence_addr eui64_link_local(const std::array<uint8_t, 6>& mac) {
+  vmfence_addr a{};
+  a.addr[0] = 0xfe;
+  a.addr[1] = 0x80;
+  a.addr[8] = mac[0] ^ 0x02;
+  a.addr[9] = mac[1];
+  a.addr[10] = mac[2];
+  a.addr[11] = 0xff;
+  a.addr[12] = 0xfe;
+  a.addr[13] = mac[3];
+  a.addr[14] = mac[4];
+  a.addr[15] = mac[5];
+  return a;
 }
 
 VmPlan compile_vm(const VmSpec& vm, const HostSpec& host, const std::vector<Cidr>& vm_nets,
@@ -247,6 +262,10 @@ VmPlan compile_vm(const VmSpec& vm, const HostSpec& host, const std::vector<Cidr
       plan.net_addresses.push_back(k);
     }
   }
+  // Its EUI-64 link-local is its own (README "Link-local addresses").
+  plan.host_addresses.push_back(eui64_link_local(vm.mac));
+  v.flags |= VMFENCE_VM_F_MORE_ADDRS;
+  plan.flow_limit = vm.flows;
   for (const auto& g : vm.gateway) {
     vmfence_gateway_key k{};
     k.vm_id = v.vm_id;

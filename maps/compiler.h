@@ -22,12 +22,17 @@ struct VmPlan {
   std::vector<PolicyEntry> egress;
   std::vector<PolicyEntry> ingress;
   std::vector<vmfence_gateway_key> gateways;
-  std::vector<vmfence_addr> host_addresses;   // -> VMFENCE_MAP_OWNERS
+  std::vector<vmfence_addr> host_addresses;     // -> VMFENCE_MAP_OWNERS
   std::vector<vmfence_addr_key> net_addresses;  // -> VMFENCE_MAP_OWNER_NETS
+  uint32_t flow_limit = VMFENCE_DEFAULT_FLOWS;  // size of the VM's flow table
 };
 
+// The EUI-64 link-local address of a MAC (fe80::, U/L bit flipped, ff:fe in
+// the middle): registered as the VM's own, so no other VM may claim it.
+vmfence_addr eui64_link_local(const std::array<uint8_t, 6>& mac);
+
 struct Plan {
-  std::vector<VmPlan> vms;  // in spec order (sorted by name)
+  std::vector<VmPlan> vms;        // in spec order (sorted by name)
   std::vector<SpecError> errors;  // limits the spec cannot express (port rules per prefix)
   bool ok() const { return errors.empty(); }
 };

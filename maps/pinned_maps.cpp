@@ -4,9 +4,11 @@
 #include <bpf/libbpf.h>
 #include <errno.h>
 #include <linux/magic.h>
+#include <netinet/in.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cstdlib>
@@ -54,12 +56,18 @@ struct Named {
   Fd MapSet::*member;
 };
 constexpr Named kMaps[] = {
-    {VMFENCE_MAP_VMS, &MapSet::vms},           {VMFENCE_MAP_OWNERS, &MapSet::owners},
-    {VMFENCE_MAP_OWNER_NETS, &MapSet::owner_nets}, {VMFENCE_MAP_EGRESS, &MapSet::egress},
-    {VMFENCE_MAP_INGRESS, &MapSet::ingress},   {VMFENCE_MAP_GATEWAYS, &MapSet::gateways},
-    {VMFENCE_MAP_FLOWS, &MapSet::flows},       {VMFENCE_MAP_FRAGS, &MapSet::frags},
-    {VMFENCE_MAP_COUNTERS, &MapSet::counters}, {VMFENCE_MAP_STATE, &MapSet::state},
-    {VMFENCE_MAP_CONFIG, &MapSet::config},     {VMFENCE_MAP_EVENTS, &MapSet::events},
+    {VMFENCE_MAP_VMS, &MapSet::vms},
+    {VMFENCE_MAP_OWNERS, &MapSet::owners},
+    {VMFENCE_MAP_OWNER_NETS, &MapSet::owner_nets},
+    {VMFENCE_MAP_EGRESS, &MapSet::egress},
+    {VMFENCE_MAP_INGRESS, &MapSet::ingress},
+    {VMFENCE_MAP_GATEWAYS, &MapSet::gateways},
+    {VMFENCE_MAP_FLOWS, &MapSet::flows},
+    {VMFENCE_MAP_FRAGS, &MapSet::frags},
+    {VMFENCE_MAP_COUNTERS, &MapSet::counters},
+    {VMFENCE_MAP_STATE, &MapSet::state},
+    {VMFENCE_MAP_CONFIG, &MapSet::config},
+    {VMFENCE_MAP_EVENTS, &MapSet::events},
 };
 }  // namespace
 
@@ -81,8 +89,7 @@ Status read_counters(const MapSet& maps, uint32_t slot, vmfence_counters& out) {
   int ncpu = libbpf_num_possible_cpus();
   if (ncpu <= 0) return Status::error(ncpu, "count CPUs");
   std::vector<vmfence_counters> per(static_cast<size_t>(ncpu));
-  if (bpf_map_lookup_elem(maps.counters.get(), &slot, per.data()) != 0)
-    return Status::error(errno, "read counters");
+  if (bpf_map_lookup_elem(maps.counters.get(), &slot, per.data()) != 0) return Status::error(errno, "read counters");
   out = {};
   for (const auto& c : per) {
     out.from_vm_packets += c.from_vm_packets;
@@ -91,7 +98,7 @@ Status read_counters(const MapSet& maps, uint32_t slot, vmfence_counters& out) {
     out.to_vm_bytes += c.to_vm_bytes;
     out.events_suppressed += c.events_suppressed;
     out.events_lost += c.events_lost;
-    for (int r = 0; r < VMFENCE_REASON_COUNT; ++r) out.drops[r] += c.drops[r];
+    for (int r = 0; r < VMFENCE_REASON_SLOTS; ++r) out.drops[r] += c.drops[r];
   }
   return {};
 }
@@ -140,6 +147,22 @@ static std::vector<K> keys_of(int fd) {
   return out;
 }
 
+Fd inner_map(int outer_fd, uint32_t slot) {
+  uint32_t id = 0;
+  if (bpf_map_lookup_elem(outer_fd, &slot, &id) != 0) return Fd();
+  int fd = bpf_map_get_fd_by_id(id);
+  return Fd(fd);
+}
+
+size_t count_flows(const MapSet& maps) {
+  size_t n = 0;
+  for (uint32_t slot = 0; slot < VMFENCE_MAX_VMS; ++slot) {
+    Fd t = inner_map(maps.flows.get(), slot);
+    if (t.valid()) n += count_entries(t.get(), sizeof(vmfence_flow_key));
+  }
+  return n;
+}
+
 Status MapWriter::adopt() {
   used_slots_.insert(0);  // slot 0: packets on interfaces without a VM
   for (const auto& [ifindex, vm] : read_vms(maps_)) {
@@ -168,7 +191,80 @@ uint32_t MapWriter::alloc_slot(uint32_t vm_id) {
   return 0;
 }
 
+void MapWriter::free_slot(uint32_t slot) {
+  used_slots_.erase(slot);
+  // The next VM in this slot starts with empty tables.
+  bpf_map_delete_elem(maps_.flows.get(), &slot);
+  bpf_map_delete_elem(maps_.frags.get(), &slot);
+}
+
+static uint32_t max_entries_of(int fd) {
+  bpf_map_info info{};
+  uint32_t len = sizeof(info);
+  return bpf_obj_get_info_by_fd(fd, &info, &len) == 0 ? info.max_entries : 0;
+}
+
+Status MapWriter::ensure_tables(uint32_t slot, uint32_t flow_limit) {
+  Fd flows = inner_map(maps_.flows.get(), slot);
+  if (!flows.valid() || max_entries_of(flows.get()) != flow_limit) {
+    // No preallocation: a VM pays for the flows it has, not its limit.
+    LIBBPF_OPTS(bpf_map_create_opts, opts, .map_flags = BPF_F_NO_PREALLOC);
+    Fd table(bpf_map_create(BPF_MAP_TYPE_HASH, "vmfence_vm_flow", sizeof(vmfence_flow_key), sizeof(vmfence_flow),
+                            flow_limit, &opts));
+    if (!table.valid()) return Status::error(errno, "create the VM's flow table");
+    if (flows.valid()) {
+      // A changed limit: carry the live flows over (as many as fit).
+      for (const auto& k : keys_of<vmfence_flow_key>(flows.get())) {
+        vmfence_flow f{};
+        if (bpf_map_lookup_elem(flows.get(), &k, &f) == 0 &&
+            bpf_map_update_elem(table.get(), &k, &f, BPF_NOEXIST) != 0 && errno == E2BIG)
+          break;
+      }
+    }
+    int fd = table.get();
+    if (bpf_map_update_elem(maps_.flows.get(), &slot, &fd, BPF_ANY) != 0)
+      return Status::error(errno, "install the VM's flow table");
+  }
+  if (!inner_map(maps_.frags.get(), slot).valid()) {
+    Fd table(bpf_map_create(BPF_MAP_TYPE_LRU_HASH, "vmfence_vm_frag", sizeof(vmfence_frag_key), sizeof(uint32_t),
+                            VMFENCE_FRAGS_PER_VM, nullptr));
+    if (!table.valid()) return Status::error(errno, "create the VM's fragment table");
+    int fd = table.get();
+    if (bpf_map_update_elem(maps_.frags.get(), &slot, &fd, BPF_ANY) != 0)
+      return Status::error(errno, "install the VM's fragment table");
+  }
+  return {};
+}
+
+size_t MapWriter::sweep_flows(const vmfence_config& cfg) {
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);  // bpf_ktime_get_ns's clock
+  uint64_t now = static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
+  auto secs = [](uint32_t v, uint32_t def) { return static_cast<uint64_t>(v ? v : def) * 1000000000ull; };
+  size_t swept = 0;
+  std::set<uint32_t> slots;
+  for (const auto& [name, vm] : vms_) slots.insert(vm.slot);
+  for (const auto& [ifindex, slot] : orphaned_) slots.insert(slot);
+  for (uint32_t slot : slots) {
+    Fd table = inner_map(maps_.flows.get(), slot);
+    if (!table.valid()) continue;
+    for (const auto& k : keys_of<vmfence_flow_key>(table.get())) {
+      vmfence_flow f{};
+      if (bpf_map_lookup_elem(table.get(), &k, &f) != 0) continue;
+      uint64_t timeout = k.proto == IPPROTO_TCP   ? secs(cfg.tcp_timeout_s, VMFENCE_DEFAULT_TCP_TIMEOUT_S)
+                         : k.proto == IPPROTO_UDP ? secs(cfg.udp_timeout_s, VMFENCE_DEFAULT_UDP_TIMEOUT_S)
+                                                  : secs(cfg.icmp_timeout_s, VMFENCE_DEFAULT_ICMP_TIMEOUT_S);
+      if (k.proto == IPPROTO_TCP && (f.flags & VMFENCE_FLOW_F_CLOSING))
+        timeout = std::min<uint64_t>(timeout, VMFENCE_TCP_CLOSING_TIMEOUT_S * 1000000000ull);
+      if (now > f.last_seen_ns && now - f.last_seen_ns > timeout && bpf_map_delete_elem(table.get(), &k) == 0) ++swept;
+    }
+  }
+  return swept;
+}
+
 Status MapWriter::zero_slot(uint32_t slot) {
+  bpf_map_delete_elem(maps_.flows.get(), &slot);
+  bpf_map_delete_elem(maps_.frags.get(), &slot);
   vmfence_state st{};
   if (bpf_map_update_elem(maps_.state.get(), &slot, &st, BPF_ANY) != 0) return Status::error(errno, "reset state");
   int ncpu = libbpf_num_possible_cpus();
@@ -217,6 +313,10 @@ Status MapWriter::install(const VmPlan& plan, uint32_t ifindex) {
   next.ifindex = ifindex;
   next.slot = it != vms_.end() ? it->second.slot : alloc_slot(plan.vm.vm_id);
   if (next.slot == 0) return Status::error(ENOSPC, "no free VM slot (max " + std::to_string(VMFENCE_MAX_VMS) + ")");
+  if (auto s = ensure_tables(next.slot, plan.flow_limit); !s) {
+    if (it == vms_.end()) free_slot(next.slot);
+    return s;
+  }
   next.policy_id = next_policy_id_++;
 
   // 1. The new generation, invisible until the VM entry points at it.
@@ -235,8 +335,7 @@ Status MapWriter::install(const VmPlan& plan, uint32_t ifindex) {
     if (bpf_map_update_elem(maps_.owner_nets.get(), &a, &owner, BPF_ANY) != 0)
       return Status::error(errno, "write address prefix owner");
   for (const auto& g : plan.gateways)
-    if (bpf_map_update_elem(maps_.gateways.get(), &g, &one, BPF_ANY) != 0)
-      return Status::error(errno, "write gateway");
+    if (bpf_map_update_elem(maps_.gateways.get(), &g, &one, BPF_ANY) != 0) return Status::error(errno, "write gateway");
   // 3. The switch: one update of the VM entry.
   vmfence_vm vm = plan.vm;
   vm.slot = next.slot;
@@ -245,7 +344,7 @@ Status MapWriter::install(const VmPlan& plan, uint32_t ifindex) {
     if (bpf_map_update_elem(maps_.vms.get(), &ifindex, &vm, BPF_ANY) != 0)
       return Status::error(errno, "write VM entry");
     if (auto o = orphaned_.find(ifindex); o != orphaned_.end()) {
-      if (o->second != next.slot) used_slots_.erase(o->second);
+      if (o->second != next.slot) free_slot(o->second);
       orphaned_.erase(o);
     }
   }
@@ -257,8 +356,7 @@ Status MapWriter::install(const VmPlan& plan, uint32_t ifindex) {
     delete_policy(maps_.egress.get(), old.plan.egress, old.policy_id);
     delete_policy(maps_.ingress.get(), old.plan.ingress, old.policy_id);
     auto gone = [](const auto& list, const auto& x) {
-      return std::none_of(list.begin(), list.end(),
-                          [&](const auto& y) { return std::memcmp(&x, &y, sizeof(x)) == 0; });
+      return std::none_of(list.begin(), list.end(), [&](const auto& y) { return std::memcmp(&x, &y, sizeof(x)) == 0; });
     };
     for (const auto& a : old.plan.host_addresses)
       if (gone(plan.host_addresses, a)) bpf_map_delete_elem(maps_.owners.get(), &a);
@@ -283,7 +381,7 @@ Status MapWriter::bind(const std::string& name, uint32_t ifindex) {
   if (it->second.ifindex != ifindex) clear_quarantine(it->second.slot);
   it->second.ifindex = ifindex;
   if (auto o = orphaned_.find(ifindex); o != orphaned_.end()) {
-    if (o->second != it->second.slot) used_slots_.erase(o->second);
+    if (o->second != it->second.slot) free_slot(o->second);
     orphaned_.erase(o);
   }
   return {};
@@ -316,7 +414,7 @@ Status MapWriter::remove(const std::string& name) {
   for (const auto& a : old.plan.host_addresses) bpf_map_delete_elem(maps_.owners.get(), &a);
   for (const auto& a : old.plan.net_addresses) bpf_map_delete_elem(maps_.owner_nets.get(), &a);
   for (const auto& g : old.plan.gateways) bpf_map_delete_elem(maps_.gateways.get(), &g);
-  if (!old.ifindex) used_slots_.erase(old.slot);
+  if (!old.ifindex) free_slot(old.slot);
   vms_.erase(it);
   return {};
 }
@@ -325,7 +423,7 @@ void MapWriter::forget_orphan(uint32_t ifindex) {
   auto o = orphaned_.find(ifindex);
   if (o == orphaned_.end()) return;
   bpf_map_delete_elem(maps_.vms.get(), &ifindex);
-  used_slots_.erase(o->second);
+  free_slot(o->second);
   orphaned_.erase(o);
 }
 
@@ -355,6 +453,14 @@ Status MapWriter::collect_garbage() {
     if (!live_gws.count(bytes(k))) bpf_map_delete_elem(maps_.gateways.get(), &k);
   for (const auto& k : keys_of<uint32_t>(maps_.vms.get()))
     if (!live_ifindexes.count(k)) bpf_map_delete_elem(maps_.vms.get(), &k);
+  std::set<uint32_t> live_slots;
+  for (const auto& [name, vm] : vms_) live_slots.insert(vm.slot);
+  for (const auto& [ifindex, slot] : orphaned_) live_slots.insert(slot);
+  for (uint32_t slot = 1; slot < VMFENCE_MAX_VMS; ++slot)
+    if (!live_slots.count(slot)) {
+      bpf_map_delete_elem(maps_.flows.get(), &slot);
+      bpf_map_delete_elem(maps_.frags.get(), &slot);
+    }
   return {};
 }
 

@@ -39,6 +39,10 @@ Status read_state(const MapSet& maps, uint32_t slot, vmfence_state& out);
 std::vector<std::pair<uint32_t, vmfence_vm>> read_vms(const MapSet& maps);
 // Number of entries (iterates keys).
 size_t count_entries(int map_fd, size_t key_size);
+// The inner map at `slot` of an array of maps (invalid Fd when empty).
+Fd inner_map(int outer_fd, uint32_t slot);
+// Flows in every VM's table together.
+size_t count_flows(const MapSet& maps);
 
 // What is installed for one VM.
 struct InstalledVm {
@@ -69,6 +73,9 @@ class MapWriter {
   // Remove entries no installed VM owns (after a restart's full install).
   Status collect_garbage();
   Status write_config(const vmfence_config& cfg);
+  // Delete flows idle past their timeout from every VM's table (the datapath
+  // already ignores them; this frees their room). Returns how many went.
+  size_t sweep_flows(const vmfence_config& cfg);
   const std::map<std::string, InstalledVm>& installed() const { return vms_; }
   // ifindex entries that drop everything because their spec was removed.
   bool is_orphaned(uint32_t ifindex) const { return orphaned_.count(ifindex) != 0; }
@@ -77,6 +84,10 @@ class MapWriter {
   Status write_policy(int fd, const std::vector<PolicyEntry>& entries, uint32_t policy_id);
   void delete_policy(int fd, const std::vector<PolicyEntry>& entries, uint32_t policy_id);
   uint32_t alloc_slot(uint32_t vm_id);
+  void free_slot(uint32_t slot);
+  // The slot's own flow table (limit entries) and fragment table; a changed
+  // limit gets a new table with the live flows copied over.
+  Status ensure_tables(uint32_t slot, uint32_t flow_limit);
   Status zero_slot(uint32_t slot);
   void clear_quarantine(uint32_t slot);
 

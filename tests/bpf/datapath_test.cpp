@@ -149,10 +149,11 @@ struct Step {
   Frame frame;
   Expect expect;
   int repeat = 1;
-  bool truncated = false;                         // cut short: the event has no addresses
-  bool via_tap = false;                           // written to the TAP, not BPF_PROG_TEST_RUN
-  std::optional<uint8_t> event_flags;             // VMFENCE_EVENT_F_* of the drop's event
-  std::function<void(World&)> action;             // instead of a frame: a change
+  uint32_t mark = 0;                               // skb->mark (VMFENCE_MARK_FROM_VM: another VM's from_vm passed it)
+  bool truncated = false;                          // cut short: the event has no addresses
+  bool via_tap = false;                            // written to the TAP, not BPF_PROG_TEST_RUN
+  std::optional<uint8_t> event_flags;              // VMFENCE_EVENT_F_* of the drop's event
+  std::function<void(World&)> action;              // instead of a frame: a change
   std::function<void(World&, const Step&)> check;  // extra assertions after the frame
 };
 
@@ -186,6 +187,12 @@ Step cut(Step s, size_t bytes) {
 Step wire(Step s) {
   s.via_tap = true;
   s.what += " (via the TAP)";
+  return s;
+}
+// A packet that entered through a VM's TAP: its from_vm vouched for it.
+Step vouched(Step s) {
+  s.mark = VMFENCE_MARK_FROM_VM;
+  s.what += " (vouched)";
   return s;
 }
 Step times(Step s, int n) {
@@ -222,8 +229,7 @@ Packet tcp4(const char* src, const char* dst, uint16_t sport, uint16_t dport, ui
 Packet udp4(const char* src, const char* dst, uint16_t sport, uint16_t dport, const std::string& vm = "vm1") {
   return F(vm).ipv4(ip(src), ip(dst)).udp(sport, dport).payload(8);
 }
-Packet tcp4_to(const std::string& vm, const char* src, const char* dst, uint16_t sport, uint16_t dport,
-               uint8_t flags) {
+Packet tcp4_to(const std::string& vm, const char* src, const char* dst, uint16_t sport, uint16_t dport, uint8_t flags) {
   return T(vm).ipv4(ip(src), ip(dst)).tcp(sport, dport, flags);
 }
 Packet arp_req(const std::string& vm, const Mac& sha, const char* spa, const char* tpa) {
@@ -248,50 +254,68 @@ std::vector<Fixture> fixtures() {
   // ---- egress policy (filtered) ----
   add("allowed_tcp443_any", {out("vm1", tcp4("10.1.0.2", "93.184.216.34", 40000, 443), PASS)});
   add("allowed_prefix_inherits_wider_rule", {out("vm1", tcp4("10.1.0.2", "198.51.100.9", 40000, 443), PASS)});
-  add("not_allowlisted_port", {out("vm1", tcp4("10.1.0.2", "93.184.216.34", 40000, 80), DROP(VMFENCE_REASON_EGRESS_DENIED))});
-  add("not_allowlisted_dns",
-      {out("vm1", udp4("10.1.0.2", "8.8.8.8", 40000, 53), DROP(VMFENCE_REASON_EGRESS_DENIED))});
-  add("port_range_bounds", {out("vm1", tcp4("10.1.0.2", "198.51.100.9", 40000, 8000), PASS),
-                            out("vm1", tcp4("10.1.0.2", "198.51.100.9", 40001, 8080), PASS),
-                            out("vm1", tcp4("10.1.0.2", "198.51.100.9", 40002, 7999), DROP(VMFENCE_REASON_EGRESS_DENIED)),
-                            out("vm1", tcp4("10.1.0.2", "198.51.100.9", 40003, 8081), DROP(VMFENCE_REASON_EGRESS_DENIED)),
-                            out("vm1", tcp4("10.1.0.2", "198.51.101.9", 40004, 8000), DROP(VMFENCE_REASON_EGRESS_DENIED))});
-  add("allowlist_udp_exact_host", {out("vm1", udp4("10.1.0.2", "203.0.113.7", 40000, 51900), PASS),
-                                   out("vm1", udp4("10.1.0.2", "203.0.113.7", 40000, 51901), DROP(VMFENCE_REASON_EGRESS_DENIED)),
-                                   out("vm1", udp4("10.1.0.2", "203.0.113.8", 40000, 51900), DROP(VMFENCE_REASON_EGRESS_DENIED)),
-                                   out("vm1", tcp4("10.1.0.2", "203.0.113.7", 40000, 51900), DROP(VMFENCE_REASON_EGRESS_DENIED))});
+  add("not_allowlisted_port",
+      {out("vm1", tcp4("10.1.0.2", "93.184.216.34", 40000, 80), DROP(VMFENCE_REASON_EGRESS_DENIED))});
+  add("not_allowlisted_dns", {out("vm1", udp4("10.1.0.2", "8.8.8.8", 40000, 53), DROP(VMFENCE_REASON_EGRESS_DENIED))});
+  add("port_range_bounds",
+      {out("vm1", tcp4("10.1.0.2", "198.51.100.9", 40000, 8000), PASS),
+       out("vm1", tcp4("10.1.0.2", "198.51.100.9", 40001, 8080), PASS),
+       out("vm1", tcp4("10.1.0.2", "198.51.100.9", 40002, 7999), DROP(VMFENCE_REASON_EGRESS_DENIED)),
+       out("vm1", tcp4("10.1.0.2", "198.51.100.9", 40003, 8081), DROP(VMFENCE_REASON_EGRESS_DENIED)),
+       out("vm1", tcp4("10.1.0.2", "198.51.101.9", 40004, 8000), DROP(VMFENCE_REASON_EGRESS_DENIED))});
+  add("allowlist_udp_exact_host",
+      {out("vm1", udp4("10.1.0.2", "203.0.113.7", 40000, 51900), PASS),
+       out("vm1", udp4("10.1.0.2", "203.0.113.7", 40000, 51901), DROP(VMFENCE_REASON_EGRESS_DENIED)),
+       out("vm1", udp4("10.1.0.2", "203.0.113.8", 40000, 51900), DROP(VMFENCE_REASON_EGRESS_DENIED)),
+       out("vm1", tcp4("10.1.0.2", "203.0.113.7", 40000, 51900), DROP(VMFENCE_REASON_EGRESS_DENIED))});
   add("protocol_mismatch_udp443",
       {out("vm1", udp4("10.1.0.2", "93.184.216.34", 40000, 443), DROP(VMFENCE_REASON_EGRESS_DENIED))});
-  add("ipv4_options_allowed", {out("vm1",
-                                   F("vm1").ipv4(ip("10.1.0.2"), ip("93.184.216.34"),
-                                                 ip4_options({0x94, 0x04, 0x00, 0x00}))  // router alert
-                                       .tcp(40000, 443, SYN),
-                                   PASS)});
+  add("ipv4_options_allowed",
+      {out("vm1",
+           F("vm1")
+               .ipv4(ip("10.1.0.2"), ip("93.184.216.34"), ip4_options({0x94, 0x04, 0x00, 0x00}))  // router alert
+               .tcp(40000, 443, SYN),
+           PASS)});
   add("tcp_options_allowed", {out("vm1",
-                                  F("vm1").ipv4(ip("10.1.0.2"), ip("93.184.216.34"))
+                                  F("vm1")
+                                      .ipv4(ip("10.1.0.2"), ip("93.184.216.34"))
                                       .tcp(40000, 443, SYN, {2, 4, 0x05, 0xb4, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0}),
                                   PASS)});
   add("host_gateway_needs_rule",
       {out("vm1", udp4("10.1.0.2", "10.1.0.1", 40000, 53), DROP(VMFENCE_REASON_EGRESS_DENIED)),
        out("vm1", tcp4("10.1.0.2", "10.1.0.1", 40000, 443), PASS)});
+  // Multicast/broadcast no rule allows is the guest's link-local noise.
   add("broadcast_not_allowlisted",
-      {out("vm1", udp4("10.1.0.2", "255.255.255.255", 68, 67), DROP(VMFENCE_REASON_EGRESS_DENIED))});
+      {out("vm1", udp4("10.1.0.2", "255.255.255.255", 68, 67), DROP(VMFENCE_REASON_LINK_LOCAL)),
+       out("vm1", udp4("10.1.0.2", "224.0.0.251", 5353, 5353), DROP(VMFENCE_REASON_LINK_LOCAL)),
+       out("vm1", udp4("10.1.0.2", "239.255.255.250", 40000, 1900), DROP(VMFENCE_REASON_LINK_LOCAL))});
+  add("dhcp_discover_is_noise",
+      {out("vm1", udp4("0.0.0.0", "255.255.255.255", 68, 67), DROP(VMFENCE_REASON_LINK_LOCAL)),
+       out("vm1", udp4("0.0.0.0", "10.1.0.1", 68, 67), DROP(VMFENCE_REASON_SPOOFED_IP))});
 
   // ---- isolation ----
   add("same_group_without_rule", {out("vm1", tcp4("10.1.0.2", "10.2.0.2", 40000, 5555), PASS),
-                                  in("vm2", tcp4_to("vm2", "10.1.0.2", "10.2.0.2", 40000, 5555, SYN), PASS)});
+                                  vouched(in("vm2", tcp4_to("vm2", "10.1.0.2", "10.2.0.2", 40000, 5555, SYN), PASS))});
+  // A VM's address toward a VM counts only when that VM's TAP vouched for it.
+  add("group_peer_address_from_outside",
+      {in("vm2", tcp4_to("vm2", "10.1.0.2", "10.2.0.2", 40000, 5555, SYN), DROP(VMFENCE_REASON_SPOOFED_IP)),
+       in("vm2", T("vm2").ipv6(ip("fec0::1"), ip("fec0::2")).udp(4000, 5000), DROP(VMFENCE_REASON_SPOOFED_IP))});
+  add("own_address_toward_vm",
+      {vouched(in("vm1", tcp4_to("vm1", "10.1.0.2", "10.1.0.2", 40000, 22, SYN), DROP(VMFENCE_REASON_SPOOFED_IP))),
+       in("vm1", tcp4_to("vm1", "10.1.0.2", "10.1.0.2", 40000, 22, SYN), DROP(VMFENCE_REASON_SPOOFED_IP))});
   add("same_group_owner_prefix_and_extra_address",
       {out("vm1", tcp4("10.1.0.2", "10.5.0.3", 40000, 5555), PASS),
        out("vm1", tcp4("10.1.0.2", "10.5.1.2", 40000, 5555), PASS),
        out("vm1", F("vm1").ipv6(ip("fec0::1"), ip("fec0:5::77")).udp(4000, 5000), PASS)});
-  add("other_group", {out("vm1", tcp4("10.1.0.2", "10.3.0.2", 40000, 443), DROP(VMFENCE_REASON_CROSS_GROUP)),
-                      out("vm3", tcp4("10.3.0.2", "10.1.0.2", 40000, 22, SYN, "vm3"), DROP(VMFENCE_REASON_CROSS_GROUP))});
-  add("other_group_to_vm", {in("vm1", tcp4_to("vm1", "10.3.0.2", "10.1.0.2", 40000, 22, SYN),
-                               DROP(VMFENCE_REASON_CROSS_GROUP))});
-  add("other_group_owner_prefix", {out("vm3", tcp4("10.3.0.2", "10.5.0.9", 40000, 443, SYN, "vm3"),
-                                       DROP(VMFENCE_REASON_CROSS_GROUP))});
-  add("other_group_ipv6", {out("vm1", F("vm1").ipv6(ip("fec0::1"), ip("fec0::3")).tcp(40000, 443, SYN),
-                               DROP(VMFENCE_REASON_CROSS_GROUP))});
+  add("other_group",
+      {out("vm1", tcp4("10.1.0.2", "10.3.0.2", 40000, 443), DROP(VMFENCE_REASON_CROSS_GROUP)),
+       out("vm3", tcp4("10.3.0.2", "10.1.0.2", 40000, 22, SYN, "vm3"), DROP(VMFENCE_REASON_CROSS_GROUP))});
+  add("other_group_to_vm",
+      {vouched(in("vm1", tcp4_to("vm1", "10.3.0.2", "10.1.0.2", 40000, 22, SYN), DROP(VMFENCE_REASON_CROSS_GROUP)))});
+  add("other_group_owner_prefix",
+      {out("vm3", tcp4("10.3.0.2", "10.5.0.9", 40000, 443, SYN, "vm3"), DROP(VMFENCE_REASON_CROSS_GROUP))});
+  add("other_group_ipv6",
+      {out("vm1", F("vm1").ipv6(ip("fec0::1"), ip("fec0::3")).tcp(40000, 443, SYN), DROP(VMFENCE_REASON_CROSS_GROUP))});
 
   // ---- anti-spoofing: MAC, IP ----
   add("spoofed_ip", {out("vm1", tcp4("10.1.0.3", "93.184.216.34", 40000, 443), DROP(VMFENCE_REASON_SPOOFED_IP))});
@@ -301,41 +325,53 @@ std::vector<Fixture> fixtures() {
       {out("vm5", tcp4("10.5.0.7", "93.184.216.34", 40000, 443, SYN, "vm5"), PASS),
        out("vm5", tcp4("10.5.1.2", "93.184.216.34", 40000, 443, SYN, "vm5"), PASS),
        out("vm5", tcp4("10.5.0.16", "93.184.216.34", 40000, 443, SYN, "vm5"), DROP(VMFENCE_REASON_SPOOFED_IP))});
-  add("spoofed_mac", {out("vm1",
-                          Packet().eth(kOtherMac, kGwMac).ipv4(ip("10.1.0.2"), ip("93.184.216.34")).tcp(40000, 443, SYN),
-                          DROP(VMFENCE_REASON_SPOOFED_MAC))});
-  add("spoofed_mac_on_arp", {out("vm1",
-                                 Packet().eth(kOtherMac, kGwMac).arp(1, mac_of("vm1"), ip("10.1.0.2"), Mac{}, ip("10.1.0.1")),
-                                 DROP(VMFENCE_REASON_SPOOFED_MAC))});
-  add("spoofed_mac_on_malformed", {wire(cut(out("vm1",
-                                           Packet().eth(kOtherMac, kGwMac).ipv4(ip("10.1.0.2"), ip("93.184.216.34")).tcp(1, 443, SYN),
-                                           DROP(VMFENCE_REASON_SPOOFED_MAC)),
-                                       20))});
-  add("spoofed_ipv6", {out("vm1", F("vm1").ipv6(ip("fec0::9"), ip("2001:db8::5")).tcp(40000, 443, SYN),
+  add("spoofed_mac",
+      {out("vm1", Packet().eth(kOtherMac, kGwMac).ipv4(ip("10.1.0.2"), ip("93.184.216.34")).tcp(40000, 443, SYN),
+           DROP(VMFENCE_REASON_SPOOFED_MAC))});
+  add("spoofed_mac_on_arp",
+      {out("vm1", Packet().eth(kOtherMac, kGwMac).arp(1, mac_of("vm1"), ip("10.1.0.2"), Mac{}, ip("10.1.0.1")),
+           DROP(VMFENCE_REASON_SPOOFED_MAC))});
+  add("spoofed_mac_on_malformed",
+      {wire(cut(out("vm1", Packet().eth(kOtherMac, kGwMac).ipv4(ip("10.1.0.2"), ip("93.184.216.34")).tcp(1, 443, SYN),
+                    DROP(VMFENCE_REASON_SPOOFED_MAC)),
+                20))});
+  add("spoofed_ipv6", {out("vm1", F("vm1").ipv6(ip("fec0::2"), ip("2001:db8::5")).tcp(40000, 443, SYN),
+                           DROP(VMFENCE_REASON_SPOOFED_IP)),
+                       out("vm1", F("vm1").ipv6(ip("2001:db8:1::9"), ip("2001:db8::5")).tcp(40000, 443, SYN),
+                           DROP(VMFENCE_REASON_SPOOFED_IP)),
+                       out("vm1", F("vm1").ipv6(ip("fec0::ffff"), ip("2001:db8::5")).tcp(40000, 443, SYN),
                            DROP(VMFENCE_REASON_SPOOFED_IP))});
-  add("ipv6_link_local_source_not_nd", {out("vm1", F("vm1").ipv6(ip("fe80::1"), ip("2001:db8::5")).tcp(40000, 443, SYN),
-                                            DROP(VMFENCE_REASON_SPOOFED_IP))});
+  // A SLAAC privacy address in its own /64: not its to use, not a violation.
+  add("ipv6_privacy_address_source", {out("vm1", F("vm1").ipv6(ip("fec0::9"), ip("2001:db8::5")).tcp(40000, 443, SYN),
+                                          DROP(VMFENCE_REASON_UNASSIGNED_SRC))});
+  add("ipv6_link_local_source_not_nd",
+      {out("vm1", F("vm1").ipv6(ip("fe80::1"), ip("2001:db8::5")).tcp(40000, 443, SYN),
+           DROP(VMFENCE_REASON_LINK_LOCAL)),
+       out("vm1", F("vm1").ipv6(ip("fe80::1"), ip("ff02::fb")).udp(5353, 5353), DROP(VMFENCE_REASON_LINK_LOCAL)),
+       // vm2's EUI-64 link-local (02:00:00:00:02:02) is vm2's.
+       out("vm1", F("vm1").ipv6(ip("fe80::ff:fe00:202"), ip("ff02::fb")).udp(5353, 5353),
+           DROP(VMFENCE_REASON_SPOOFED_IP)),
+       out("vm1", F("vm1").ipv6(ip("fec0::1"), ip("fe80::2")).udp(5353, 5353), DROP(VMFENCE_REASON_LINK_LOCAL))});
 
   // ---- ARP ----
   add("arp_request_gateway", {out("vm1", arp_req("vm1", mac_of("vm1"), "10.1.0.2", "10.1.0.1"), PASS)});
   add("arp_request_group_peer", {out("vm1", arp_req("vm1", mac_of("vm1"), "10.1.0.2", "10.2.0.2"), PASS)});
-  add("arp_request_other_group", {out("vm1", arp_req("vm1", mac_of("vm1"), "10.1.0.2", "10.3.0.2"),
-                                      DROP(VMFENCE_REASON_CROSS_GROUP))});
-  add("arp_request_foreign", {out("vm1", arp_req("vm1", mac_of("vm1"), "10.1.0.2", "10.9.9.9"),
-                                  DROP(VMFENCE_REASON_ARP_DENIED))});
+  add("arp_request_other_group",
+      {out("vm1", arp_req("vm1", mac_of("vm1"), "10.1.0.2", "10.3.0.2"), DROP(VMFENCE_REASON_CROSS_GROUP))});
+  add("arp_request_foreign",
+      {out("vm1", arp_req("vm1", mac_of("vm1"), "10.1.0.2", "10.9.9.9"), DROP(VMFENCE_REASON_ARP_DENIED))});
   add("arp_probe_unspecified_sender", {out("vm1", arp_req("vm1", mac_of("vm1"), "0.0.0.0", "10.1.0.2"), PASS)});
-  add("arp_spoofed_sender_mac", {out("vm1", arp_req("vm1", kOtherMac, "10.1.0.2", "10.1.0.1"),
-                                     DROP(VMFENCE_REASON_SPOOFED_ARP))});
-  add("arp_spoofed_sender_ip", {out("vm1", arp_req("vm1", mac_of("vm1"), "10.1.0.1", "10.1.0.1"),
-                                    DROP(VMFENCE_REASON_SPOOFED_ARP))});
+  add("arp_spoofed_sender_mac",
+      {out("vm1", arp_req("vm1", kOtherMac, "10.1.0.2", "10.1.0.1"), DROP(VMFENCE_REASON_SPOOFED_ARP))});
+  add("arp_spoofed_sender_ip",
+      {out("vm1", arp_req("vm1", mac_of("vm1"), "10.1.0.1", "10.1.0.1"), DROP(VMFENCE_REASON_SPOOFED_ARP))});
   add("arp_reply_own_address",
       {out("vm1", F("vm1").arp(2, mac_of("vm1"), ip("10.1.0.2"), kGwMac, ip("10.1.0.1")), PASS)});
   add("arp_reply_spoofed_ip",  // "I am the gateway"
       {out("vm1", F("vm1").arp(2, mac_of("vm1"), ip("10.1.0.1"), kGwMac, ip("10.1.0.1")),
            DROP(VMFENCE_REASON_SPOOFED_ARP))});
-  add("arp_reply_spoofed_sender_mac",
-      {out("vm1", F("vm1").arp(2, kOtherMac, ip("10.1.0.2"), kGwMac, ip("10.1.0.1")),
-           DROP(VMFENCE_REASON_SPOOFED_ARP))});
+  add("arp_reply_spoofed_sender_mac", {out("vm1", F("vm1").arp(2, kOtherMac, ip("10.1.0.2"), kGwMac, ip("10.1.0.1")),
+                                           DROP(VMFENCE_REASON_SPOOFED_ARP))});
   add("arp_bad_opcode", {out("vm1", F("vm1").arp(3, mac_of("vm1"), ip("10.1.0.2"), Mac{}, ip("10.1.0.1")),
                              DROP(VMFENCE_REASON_MALFORMED))});
   add("arp_to_vm_passes", {in("vm1", T("vm1").arp(1, kGwMac, ip("10.1.0.1"), Mac{}, ip("10.1.0.2")), PASS)});
@@ -347,67 +383,116 @@ std::vector<Fixture> fixtures() {
                                out("vm1", F("vm1").ipv6(ip("fec0::1"), ip("2001:db8::5")).tcp(40000, 80, SYN),
                                    DROP(VMFENCE_REASON_EGRESS_DENIED))});
   add("ipv6_extension_headers_allowed",
-      {out("vm1", F("vm1").ipv6(ip("fec0::1"), ip("2001:db8::5")).hop_by_hop().dest_opts().tcp(40000, 443, SYN),
-           PASS),
+      {out("vm1", F("vm1").ipv6(ip("fec0::1"), ip("2001:db8::5")).hop_by_hop().dest_opts().tcp(40000, 443, SYN), PASS),
        out("vm1", F("vm1").ipv6(ip("fec0::1"), ip("2001:db8::5")).dest_opts().tcp(40000, 80, SYN),
            DROP(VMFENCE_REASON_EGRESS_DENIED))});
-  add("ipv6_too_many_extension_headers",
-      {out("vm1",
-           F("vm1").ipv6(ip("fec0::1"), ip("2001:db8::5")).hop_by_hop().dest_opts().dest_opts().dest_opts()
-               .dest_opts().dest_opts().dest_opts().tcp(40000, 443, SYN),
-           DROP(VMFENCE_REASON_MALFORMED))});
+  add("ipv6_too_many_extension_headers", {out("vm1",
+                                              F("vm1")
+                                                  .ipv6(ip("fec0::1"), ip("2001:db8::5"))
+                                                  .hop_by_hop()
+                                                  .dest_opts()
+                                                  .dest_opts()
+                                                  .dest_opts()
+                                                  .dest_opts()
+                                                  .dest_opts()
+                                                  .dest_opts()
+                                                  .tcp(40000, 443, SYN),
+                                              DROP(VMFENCE_REASON_MALFORMED))});
   add("nd_ns_gateway_with_slla",
-      {out("vm1", F("vm1").ipv6(ip("fec0::1"), solicited_node("fec0::ffff"), 255).ns(ip("fec0::ffff")).lla(1, mac_of("vm1")),
+      {out("vm1",
+           F("vm1").ipv6(ip("fec0::1"), solicited_node("fec0::ffff"), 255).ns(ip("fec0::ffff")).lla(1, mac_of("vm1")),
            PASS),
-       out("vm1", F("vm1").ipv6(ip("fe80::1"), solicited_node("fec0::ffff"), 255).ns(ip("fec0::ffff")).lla(1, mac_of("vm1")),
+       out("vm1",
+           F("vm1").ipv6(ip("fe80::1"), solicited_node("fec0::ffff"), 255).ns(ip("fec0::ffff")).lla(1, mac_of("vm1")),
            PASS)});
-  add("nd_ns_link_local_target", {out("vm1", F("vm1").ipv6(ip("fe80::1"), solicited_node("fe80::2"), 255)
-                                                 .ns(ip("fe80::2")).lla(1, mac_of("vm1")),
-                                             PASS)});
-  add("nd_ns_wrong_slla", {out("vm1", F("vm1").ipv6(ip("fec0::1"), solicited_node("fec0::ffff"), 255)
-                                          .ns(ip("fec0::ffff")).lla(1, kOtherMac),
-                               DROP(VMFENCE_REASON_SPOOFED_ND))});
-  add("nd_ns_wrong_slla_after_other_option",
-      {out("vm1", F("vm1").ipv6(ip("fec0::1"), solicited_node("fec0::ffff"), 255)
-                      .ns(ip("fec0::ffff")).nd_option(14, 1).lla(1, kOtherMac),
+  add("nd_ns_link_local_target",
+      {out("vm1", F("vm1").ipv6(ip("fe80::1"), solicited_node("fe80::2"), 255).ns(ip("fe80::2")).lla(1, mac_of("vm1")),
+           PASS)});
+  add("nd_ns_wrong_slla",
+      {out("vm1",
+           F("vm1").ipv6(ip("fec0::1"), solicited_node("fec0::ffff"), 255).ns(ip("fec0::ffff")).lla(1, kOtherMac),
            DROP(VMFENCE_REASON_SPOOFED_ND))});
-  add("nd_ns_zero_length_option", {out("vm1", F("vm1").ipv6(ip("fec0::1"), solicited_node("fec0::ffff"), 255)
-                                                  .ns(ip("fec0::ffff")).raw({1, 0, 0, 0, 0, 0, 0, 0}),
-                                       DROP(VMFENCE_REASON_SPOOFED_ND))});
-  add("nd_ns_foreign_target", {out("vm1", F("vm1").ipv6(ip("fec0::1"), solicited_node("fec0::99"), 255)
-                                              .ns(ip("fec0::99")).lla(1, mac_of("vm1")),
-                                   DROP(VMFENCE_REASON_ARP_DENIED))});
-  add("nd_ns_other_group_target", {out("vm1", F("vm1").ipv6(ip("fec0::1"), solicited_node("fec0::3"), 255)
-                                                  .ns(ip("fec0::3")).lla(1, mac_of("vm1")),
-                                       DROP(VMFENCE_REASON_CROSS_GROUP))});
-  add("nd_ns_spoofed_source", {out("vm1", F("vm1").ipv6(ip("fec0::9"), solicited_node("fec0::ffff"), 255)
-                                              .ns(ip("fec0::ffff")).lla(1, mac_of("vm1")),
-                                   DROP(VMFENCE_REASON_SPOOFED_IP))});
-  add("nd_dad_from_unspecified", {out("vm1", F("vm1").ipv6(ip("::"), solicited_node("fec0::1"), 255).ns(ip("fec0::1")),
-                                      PASS)});
-  add("nd_na_own_target", {out("vm1", F("vm1").ipv6(ip("fec0::1"), ip("fec0::ffff"), 255).na(ip("fec0::1")).lla(2, mac_of("vm1")),
-                               PASS)});
-  add("nd_na_foreign_target", {out("vm1", F("vm1").ipv6(ip("fec0::1"), kAllNodes, 255)
-                                              .na(ip("fec0::ffff"), false).lla(2, mac_of("vm1")),
-                                   DROP(VMFENCE_REASON_SPOOFED_ND))});
-  add("nd_na_wrong_tlla", {out("vm1", F("vm1").ipv6(ip("fec0::1"), ip("fec0::ffff"), 255).na(ip("fec0::1")).lla(2, kOtherMac),
-                               DROP(VMFENCE_REASON_SPOOFED_ND))});
+  add("nd_ns_wrong_slla_after_other_option", {out("vm1",
+                                                  F("vm1")
+                                                      .ipv6(ip("fec0::1"), solicited_node("fec0::ffff"), 255)
+                                                      .ns(ip("fec0::ffff"))
+                                                      .nd_option(14, 1)
+                                                      .lla(1, kOtherMac),
+                                                  DROP(VMFENCE_REASON_SPOOFED_ND))});
+  add("nd_ns_zero_length_option", {out("vm1",
+                                       F("vm1")
+                                           .ipv6(ip("fec0::1"), solicited_node("fec0::ffff"), 255)
+                                           .ns(ip("fec0::ffff"))
+                                           .raw({1, 0, 0, 0, 0, 0, 0, 0}),
+                                       DROP(VMFENCE_REASON_MALFORMED))});
+  // Options are walked to the end however many come first (bpf_loop).
+  add("nd_ns_wrong_slla_after_many_options", {out("vm1",
+                                                  F("vm1")
+                                                      .ipv6(ip("fec0::1"), solicited_node("fec0::ffff"), 255)
+                                                      .ns(ip("fec0::ffff"))
+                                                      .nd_option(14, 1)
+                                                      .nd_option(14, 1)
+                                                      .nd_option(14, 1)
+                                                      .nd_option(14, 1)
+                                                      .lla(1, kOtherMac),
+                                                  DROP(VMFENCE_REASON_SPOOFED_ND))});
+  // Beyond the size bound an NS is not control traffic: judged as any packet.
+  add("nd_ns_oversized_is_policy_packet", {out("vm1",
+                                               F("vm1")
+                                                   .ipv6(ip("fec0::1"), solicited_node("fec0::ffff"), 255)
+                                                   .ns(ip("fec0::ffff"))
+                                                   .nd_option(14, 1)
+                                                   .nd_option(14, 1)
+                                                   .nd_option(14, 1)
+                                                   .nd_option(14, 1)
+                                                   .nd_option(14, 1)
+                                                   .lla(1, mac_of("vm1")),
+                                               DROP(VMFENCE_REASON_LINK_LOCAL))});
+  add("nd_ns_to_remote_address_is_policy_packet",
+      {out("vm1", F("vm1").ipv6(ip("fec0::1"), ip("2001:db9::5"), 255).ns(ip("fec0::ffff")).lla(1, mac_of("vm1")),
+           DROP(VMFENCE_REASON_EGRESS_DENIED)),
+       out("vm1",
+           F("vm1").ipv6(ip("fec0::1"), solicited_node("fec0::ffff"), 64).ns(ip("fec0::ffff")).lla(1, mac_of("vm1")),
+           DROP(VMFENCE_REASON_LINK_LOCAL))});
+  add("nd_na_claims_group_peer_link_local",
+      {out("vm1", F("vm1").ipv6(ip("fe80::1"), kAllNodes, 255).na(ip("fe80::ff:fe00:202"), false).lla(2, mac_of("vm1")),
+           DROP(VMFENCE_REASON_SPOOFED_ND))});
+  add("nd_ns_foreign_target",
+      {out("vm1",
+           F("vm1").ipv6(ip("fec0::1"), solicited_node("fec0::99"), 255).ns(ip("fec0::99")).lla(1, mac_of("vm1")),
+           DROP(VMFENCE_REASON_ARP_DENIED))});
+  add("nd_ns_other_group_target",
+      {out("vm1", F("vm1").ipv6(ip("fec0::1"), solicited_node("fec0::3"), 255).ns(ip("fec0::3")).lla(1, mac_of("vm1")),
+           DROP(VMFENCE_REASON_CROSS_GROUP))});
+  add("nd_ns_spoofed_source",
+      {out("vm1",
+           F("vm1").ipv6(ip("fec0::9"), solicited_node("fec0::ffff"), 255).ns(ip("fec0::ffff")).lla(1, mac_of("vm1")),
+           DROP(VMFENCE_REASON_SPOOFED_IP))});
+  add("nd_dad_from_unspecified",
+      {out("vm1", F("vm1").ipv6(ip("::"), solicited_node("fec0::1"), 255).ns(ip("fec0::1")), PASS)});
+  add("nd_na_own_target",
+      {out("vm1", F("vm1").ipv6(ip("fec0::1"), ip("fec0::ffff"), 255).na(ip("fec0::1")).lla(2, mac_of("vm1")), PASS)});
+  add("nd_na_foreign_target",
+      {out("vm1", F("vm1").ipv6(ip("fec0::1"), kAllNodes, 255).na(ip("fec0::ffff"), false).lla(2, mac_of("vm1")),
+           DROP(VMFENCE_REASON_SPOOFED_ND))});
+  add("nd_na_wrong_tlla",
+      {out("vm1", F("vm1").ipv6(ip("fec0::1"), ip("fec0::ffff"), 255).na(ip("fec0::1")).lla(2, kOtherMac),
+           DROP(VMFENCE_REASON_SPOOFED_ND))});
   add("nd_ra_from_vm", {out("vm1", F("vm1").ipv6(ip("fe80::1"), kAllNodes, 255).ra().lla(1, mac_of("vm1")),
                             DROP(VMFENCE_REASON_SPOOFED_ND))});
-  add("nd_redirect_from_vm", {out("vm1", F("vm1").ipv6(ip("fe80::1"), ip("fe80::2"), 255)
-                                             .redirect(ip("fe80::3"), ip("2001:db8::5")),
-                                  DROP(VMFENCE_REASON_SPOOFED_ND))});
+  add("nd_redirect_from_vm",
+      {out("vm1", F("vm1").ipv6(ip("fe80::1"), ip("fe80::2"), 255).redirect(ip("fe80::3"), ip("2001:db8::5")),
+           DROP(VMFENCE_REASON_SPOOFED_ND))});
   add("nd_rs_from_vm", {out("vm1", F("vm1").ipv6(ip("fe80::1"), ip("ff02::2"), 255).rs().lla(1, mac_of("vm1")), PASS)});
-  add("mld_report", {out("vm1", F("vm1").ipv6(ip("fe80::1"), ip("ff02::16"), 1).hop_by_hop().mld2_report(ip("ff02::1:ff00:1")),
-                         PASS),
-                     out("vm1", F("vm1").ipv6(ip("::"), ip("ff02::16"), 1).hop_by_hop().mld2_report(ip("ff02::1:ff00:1")),
-                         PASS)});
-  add("mld_report_spoofed_source", {out("vm1", F("vm1").ipv6(ip("fec0::9"), ip("ff02::16"), 1).hop_by_hop()
-                                                   .mld2_report(ip("ff02::1:ff00:1")),
-                                        DROP(VMFENCE_REASON_SPOOFED_IP))});
-  add("nd_to_vm_passes", {in("vm1", T("vm1").ipv6(ip("fec0::ffff"), solicited_node("fec0::1"), 255)
-                                        .ns(ip("fec0::1")).lla(1, kGwMac),
-                             PASS)});
+  add("mld_report",
+      {out("vm1", F("vm1").ipv6(ip("fe80::1"), ip("ff02::16"), 1).hop_by_hop().mld2_report(ip("ff02::1:ff00:1")), PASS),
+       out("vm1", F("vm1").ipv6(ip("::"), ip("ff02::16"), 1).hop_by_hop().mld2_report(ip("ff02::1:ff00:1")), PASS)});
+  add("mld_report_spoofed_source",
+      {out("vm1", F("vm1").ipv6(ip("fec0::9"), ip("ff02::16"), 1).hop_by_hop().mld2_report(ip("ff02::1:ff00:1")),
+           DROP(VMFENCE_REASON_SPOOFED_IP))});
+  add("nd_to_vm_passes",
+      {in("vm1", T("vm1").ipv6(ip("fec0::ffff"), solicited_node("fec0::1"), 255).ns(ip("fec0::1")).lla(1, kGwMac),
+          PASS)});
 
   // ---- IGMP (link-local group membership, like MLD) ----
   {
@@ -417,19 +502,22 @@ std::vector<Fixture> fixtures() {
       return p.ipv4(ip(src), ip(dst), o).next_proto(2).raw({type, 0, 0, 0, 0, 0, 0, 0});
     };
     add("igmp_report_link_local", {out("vm1", igmp(F("vm1"), "10.1.0.2", "224.0.0.22", 0x22), PASS)});
+    // A v2 report whose group is not its destination is not a report.
     add("igmp_to_routed_group_needs_rule",
-        {out("vm1", igmp(F("vm1"), "10.1.0.2", "239.1.1.1", 0x16), DROP(VMFENCE_REASON_EGRESS_DENIED))});
-    add("igmp_spoofed_source", {out("vm1", igmp(F("vm1"), "10.1.0.9", "224.0.0.22", 0x22), DROP(VMFENCE_REASON_SPOOFED_IP))});
+        {out("vm1", igmp(F("vm1"), "10.1.0.2", "239.1.1.1", 0x16), DROP(VMFENCE_REASON_LINK_LOCAL))});
+    add("igmp_to_unicast_is_policy_packet",
+        {out("vm1", igmp(F("vm1"), "10.1.0.2", "93.184.216.34", 0x22), DROP(VMFENCE_REASON_EGRESS_DENIED))});
+    add("igmp_spoofed_source",
+        {out("vm1", igmp(F("vm1"), "10.1.0.9", "224.0.0.22", 0x22), DROP(VMFENCE_REASON_SPOOFED_IP))});
     add("igmp_query_to_vm", {in("vm1", igmp(T("vm1"), "10.1.0.1", "224.0.0.1", 0x11), PASS)});
   }
 
   // ---- unknown interface ----
-  add("unknown_ifindex", {on_iface(kNoVmIface, true, tcp4("10.1.0.2", "93.184.216.34", 40000, 443),
-                                   DROP(VMFENCE_REASON_UNKNOWN_IFINDEX)),
-                          on_iface(kNoVmIface, false, tcp4_to("vm1", "93.184.216.34", "10.1.0.2", 443, 40000, SYN | ACK),
-                                   DROP(VMFENCE_REASON_UNKNOWN_IFINDEX)),
-                          on_iface("lo", true, tcp4("10.1.0.2", "93.184.216.34", 40000, 443),
-                                   DROP(VMFENCE_REASON_UNKNOWN_IFINDEX))});
+  add("unknown_ifindex",
+      {on_iface(kNoVmIface, true, tcp4("10.1.0.2", "93.184.216.34", 40000, 443), DROP(VMFENCE_REASON_UNKNOWN_IFINDEX)),
+       on_iface(kNoVmIface, false, tcp4_to("vm1", "93.184.216.34", "10.1.0.2", 443, 40000, SYN | ACK),
+                DROP(VMFENCE_REASON_UNKNOWN_IFINDEX)),
+       on_iface("lo", true, tcp4("10.1.0.2", "93.184.216.34", 40000, 443), DROP(VMFENCE_REASON_UNKNOWN_IFINDEX))});
 
   // ---- truncated headers at each layer ----
   {
@@ -437,9 +525,9 @@ std::vector<Fixture> fixtures() {
     const Step udp = out("vm1", udp4("10.1.0.2", "203.0.113.7", 40000, 51900), DROP(VMFENCE_REASON_MALFORMED));
     const Step icmp = out("vm1", F("vm1").ipv4(ip("10.1.0.2"), ip("192.0.2.10")).icmp(8, 0, 7, 1).payload(8),
                           DROP(VMFENCE_REASON_MALFORMED));
-    const Step opts = out("vm1", F("vm1").ipv4(ip("10.1.0.2"), ip("93.184.216.34"), ip4_options({1, 1, 1, 0}))
-                                     .tcp(40000, 443, SYN),
-                          DROP(VMFENCE_REASON_MALFORMED));
+    const Step opts =
+        out("vm1", F("vm1").ipv4(ip("10.1.0.2"), ip("93.184.216.34"), ip4_options({1, 1, 1, 0})).tcp(40000, 443, SYN),
+            DROP(VMFENCE_REASON_MALFORMED));
     const Step tcp6 = out("vm1", F("vm1").ipv6(ip("fec0::1"), ip("2001:db8::5")).tcp(40000, 443, SYN),
                           DROP(VMFENCE_REASON_MALFORMED));
     const Step ext6 = out("vm1", F("vm1").ipv6(ip("fec0::1"), ip("2001:db8::5")).hop_by_hop().tcp(40000, 443, SYN),
@@ -463,29 +551,29 @@ std::vector<Fixture> fixtures() {
     add("truncated_ipv6_tcp_header", {cut(tcp6, 14 + 40 + 13)});
     add("truncated_nd_target", {cut(ns, 14 + 40 + 8 + 15)});
     add("truncated_arp", {cut(arp, 14 + 27)});
-    add("truncated_to_vm", {cut(in("vm1", tcp4_to("vm1", "100.64.1.5", "10.1.0.2", 50000, 22, SYN),
-                                   DROP(VMFENCE_REASON_MALFORMED)),
-                                14 + 20 + 10)});
+    add("truncated_to_vm",
+        {cut(in("vm1", tcp4_to("vm1", "100.64.1.5", "10.1.0.2", 50000, 22, SYN), DROP(VMFENCE_REASON_MALFORMED)),
+             14 + 20 + 10)});
     add("ipv4_bad_version",
         {out("vm1", F("vm1").ipv4(ip("10.1.0.2"), ip("93.184.216.34"), ip4_header(5, -1)).tcp(40000, 443, SYN),
              DROP(VMFENCE_REASON_MALFORMED))});
     add("ipv4_ihl_below_5",
         {out("vm1", F("vm1").ipv4(ip("10.1.0.2"), ip("93.184.216.34"), ip4_header(4, 4)).tcp(40000, 443, SYN),
              DROP(VMFENCE_REASON_MALFORMED))});
-    add("ipv6_bad_version", {out("vm1",
-                                 F("vm1").ethertype(kEthIpv6).raw(std::vector<uint8_t>(60, 0x40)),
-                                 DROP(VMFENCE_REASON_MALFORMED))});
+    add("ipv6_bad_version",
+        {out("vm1", F("vm1").ethertype(kEthIpv6).raw(std::vector<uint8_t>(60, 0x40)), DROP(VMFENCE_REASON_MALFORMED))});
   }
 
   // ---- link layer ----
   add("vlan_tagged", {out("vm1", F("vm1").vlan(10).ipv4(ip("10.1.0.2"), ip("93.184.216.34")).tcp(40000, 443, SYN),
                           DROP(VMFENCE_REASON_BAD_ETHERTYPE))});
-  add("qinq_tagged", {out("vm1", F("vm1").vlan(10, kEthQinQ).vlan(20).ipv4(ip("10.1.0.2"), ip("93.184.216.34"))
-                                     .tcp(40000, 443, SYN),
-                          DROP(VMFENCE_REASON_BAD_ETHERTYPE))});
+  add("qinq_tagged",
+      {out("vm1", F("vm1").vlan(10, kEthQinQ).vlan(20).ipv4(ip("10.1.0.2"), ip("93.184.216.34")).tcp(40000, 443, SYN),
+           DROP(VMFENCE_REASON_BAD_ETHERTYPE))});
   add("vlan_tagged_to_vm", {in("vm1", T("vm1").vlan(10).ipv4(ip("100.64.1.5"), ip("10.1.0.2")).tcp(50000, 22, SYN),
                                DROP(VMFENCE_REASON_BAD_ETHERTYPE))});
-  add("unknown_ethertype_lldp", {out("vm1", F("vm1").ethertype(0x88cc).payload(46), DROP(VMFENCE_REASON_BAD_ETHERTYPE))});
+  add("unknown_ethertype_lldp",
+      {out("vm1", F("vm1").ethertype(0x88cc).payload(46), DROP(VMFENCE_REASON_BAD_ETHERTYPE))});
 
   // ---- fragments ----
   {
@@ -494,16 +582,15 @@ std::vector<Fixture> fixtures() {
       if (offset == 0) return p.udp(40000, dport).payload(1472);
       return p.next_proto(kProtoUdp).payload(600);
     };
-    add("ipv4_fragments_of_allowed_datagram",
-        {out("vm1", frag4(0x1111, true, 0, 51900), PASS, "first fragment"),
-         out("vm1", frag4(0x1111, true, 185, 0), PASS, "middle fragment"),
-         out("vm1", frag4(0x1111, false, 370, 0), PASS, "last fragment")});
+    add("ipv4_fragments_of_allowed_datagram", {out("vm1", frag4(0x1111, true, 0, 51900), PASS, "first fragment"),
+                                               out("vm1", frag4(0x1111, true, 185, 0), PASS, "middle fragment"),
+                                               out("vm1", frag4(0x1111, false, 370, 0), PASS, "last fragment")});
     add("ipv4_later_fragment_alone", {out("vm1", frag4(0x2222, false, 185, 0), DROP(VMFENCE_REASON_FRAGMENT))});
     add("ipv4_fragments_of_denied_datagram",
         {out("vm1", frag4(0x3333, true, 0, 53), DROP(VMFENCE_REASON_EGRESS_DENIED)),
          out("vm1", frag4(0x3333, false, 185, 0), DROP(VMFENCE_REASON_FRAGMENT))});
-    add("ipv4_later_fragment_other_id",
-        {out("vm1", frag4(0x4444, true, 0, 51900), PASS), out("vm1", frag4(0x4445, false, 185, 0), DROP(VMFENCE_REASON_FRAGMENT))});
+    add("ipv4_later_fragment_other_id", {out("vm1", frag4(0x4444, true, 0, 51900), PASS),
+                                         out("vm1", frag4(0x4445, false, 185, 0), DROP(VMFENCE_REASON_FRAGMENT))});
     add("ipv4_fragments_after_policy_change",
         {out("vm1", frag4(0x5555, true, 0, 51900), PASS),
          change("vm1 loses its udp rule",
@@ -524,11 +611,15 @@ std::vector<Fixture> fixtures() {
     add("ipv6_fragments_of_denied_packet", {out("vm1", frag6(0xcdef, true, 0, 80), DROP(VMFENCE_REASON_EGRESS_DENIED)),
                                             out("vm1", frag6(0xcdef, false, 154, 0), DROP(VMFENCE_REASON_FRAGMENT))});
     add("to_vm_later_fragment_alone",
-        {in("vm1", T("vm1").ipv4(ip("100.64.1.5"), ip("10.1.0.2"), ip4_frag(9, false, 185)).next_proto(kProtoTcp).payload(100),
+        {in("vm1",
+            T("vm1").ipv4(ip("100.64.1.5"), ip("10.1.0.2"), ip4_frag(9, false, 185)).next_proto(kProtoTcp).payload(100),
             DROP(VMFENCE_REASON_FRAGMENT))});
     add("to_vm_fragments_of_allowed_packet",
-        {in("vm1", T("vm1").ipv4(ip("100.64.1.5"), ip("10.1.0.2"), ip4_frag(9, true, 0)).tcp(50000, 22, SYN).payload(1000), PASS),
-         in("vm1", T("vm1").ipv4(ip("100.64.1.5"), ip("10.1.0.2"), ip4_frag(9, false, 128)).next_proto(kProtoTcp).payload(100),
+        {in("vm1",
+            T("vm1").ipv4(ip("100.64.1.5"), ip("10.1.0.2"), ip4_frag(9, true, 0)).tcp(50000, 22, SYN).payload(1000),
+            PASS),
+         in("vm1",
+            T("vm1").ipv4(ip("100.64.1.5"), ip("10.1.0.2"), ip4_frag(9, false, 128)).next_proto(kProtoTcp).payload(100),
             PASS)});
   }
 
@@ -536,10 +627,10 @@ std::vector<Fixture> fixtures() {
   add("imds_denied", {out("vm1", tcp4("10.1.0.2", "169.254.169.254", 40000, 80), DROP(VMFENCE_REASON_IMDS_DENIED)),
                       // tcp 443 to 0.0.0.0/0 does not open the IMDS address either.
                       out("vm1", tcp4("10.1.0.2", "169.254.169.254", 40001, 443), DROP(VMFENCE_REASON_IMDS_DENIED))});
-  add("imds_allowed", {out("vm2", tcp4("10.2.0.2", "169.254.169.254", 40000, 80, SYN, "vm2"), PASS),
-                       out("vm2", tcp4("10.2.0.2", "169.254.169.254", 40001, 443, SYN, "vm2"),
-                           DROP(VMFENCE_REASON_IMDS_DENIED)),
-                       in("vm2", tcp4_to("vm2", "169.254.169.254", "10.2.0.2", 80, 40000, SYN | ACK), PASS)});
+  add("imds_allowed",
+      {out("vm2", tcp4("10.2.0.2", "169.254.169.254", 40000, 80, SYN, "vm2"), PASS),
+       out("vm2", tcp4("10.2.0.2", "169.254.169.254", 40001, 443, SYN, "vm2"), DROP(VMFENCE_REASON_IMDS_DENIED)),
+       in("vm2", tcp4_to("vm2", "169.254.169.254", "10.2.0.2", 80, 40000, SYN | ACK), PASS)});
 
   // ---- host -> VM ----
   add("reply_to_flow_vm_opened",
@@ -551,15 +642,18 @@ std::vector<Fixture> fixtures() {
                             in("vm1", T("vm1").ipv4(ip("203.0.113.7"), ip("10.1.0.2")).udp(51900, 40000), PASS),
                             in("vm1", T("vm1").ipv4(ip("203.0.113.7"), ip("10.1.0.2")).udp(51900, 40001),
                                DROP(VMFENCE_REASON_INGRESS_DENIED))});
-  add("reply_to_ipv6_flow", {out("vm1", F("vm1").ipv6(ip("fec0::1"), ip("2001:db8::5")).tcp(40000, 443, SYN), PASS),
-                             in("vm1", T("vm1").ipv6(ip("2001:db8::5"), ip("fec0::1")).tcp(443, 40000, SYN | ACK), PASS)});
+  add("reply_to_ipv6_flow",
+      {out("vm1", F("vm1").ipv6(ip("fec0::1"), ip("2001:db8::5")).tcp(40000, 443, SYN), PASS),
+       in("vm1", T("vm1").ipv6(ip("2001:db8::5"), ip("fec0::1")).tcp(443, 40000, SYN | ACK), PASS)});
   add("unsolicited_inbound",
-      {in("vm1", tcp4_to("vm1", "93.184.216.34", "10.1.0.2", 443, 40001, SYN | ACK), DROP(VMFENCE_REASON_INGRESS_DENIED)),
+      {in("vm1", tcp4_to("vm1", "93.184.216.34", "10.1.0.2", 443, 40001, SYN | ACK),
+          DROP(VMFENCE_REASON_INGRESS_DENIED)),
        in("vm1", tcp4_to("vm1", "8.8.8.8", "10.1.0.2", 50000, 22, SYN), DROP(VMFENCE_REASON_INGRESS_DENIED)),
        in("vm1", T("vm1").ipv4(ip("8.8.8.8"), ip("10.1.0.2")).udp(53, 40000), DROP(VMFENCE_REASON_INGRESS_DENIED))});
   add("denied_syn_opens_no_flow",
       {out("vm1", tcp4("10.1.0.2", "93.184.216.34", 40000, 80, SYN), DROP(VMFENCE_REASON_EGRESS_DENIED)),
-       in("vm1", tcp4_to("vm1", "93.184.216.34", "10.1.0.2", 80, 40000, SYN | ACK), DROP(VMFENCE_REASON_INGRESS_DENIED))});
+       in("vm1", tcp4_to("vm1", "93.184.216.34", "10.1.0.2", 80, 40000, SYN | ACK),
+          DROP(VMFENCE_REASON_INGRESS_DENIED))});
   add("inbound_by_ingress_rule_then_reply",
       {in("vm1", tcp4_to("vm1", "100.64.1.5", "10.1.0.2", 50000, 22, SYN), PASS, "SYN in"),
        out("vm1", tcp4("10.1.0.2", "100.64.1.5", 22, 50000, SYN | ACK), PASS, "SYN-ACK out"),
@@ -567,18 +661,21 @@ std::vector<Fixture> fixtures() {
        out("vm1", tcp4("10.1.0.2", "100.64.1.5", 22, 50000, ACK | PSH), PASS, "data out")});
   add("reply_without_inbound_is_egress",
       {out("vm1", tcp4("10.1.0.2", "100.64.1.5", 22, 50000, SYN | ACK), DROP(VMFENCE_REASON_EGRESS_DENIED))});
-  add("ingress_rule_wrong_port", {in("vm1", tcp4_to("vm1", "100.64.1.5", "10.1.0.2", 50000, 23, SYN),
-                                     DROP(VMFENCE_REASON_INGRESS_DENIED))});
+  add("ingress_rule_wrong_port",
+      {in("vm1", tcp4_to("vm1", "100.64.1.5", "10.1.0.2", 50000, 23, SYN), DROP(VMFENCE_REASON_INGRESS_DENIED))});
   add("ingress_rule_ipv6_udp_range",
       {in("vm1", T("vm1").ipv6(ip("2001:db8:ffff::9"), ip("fec0::1")).udp(7000, 5010), PASS),
        out("vm1", F("vm1").ipv6(ip("fec0::1"), ip("2001:db8:ffff::9")).udp(5010, 7000), PASS),
-       in("vm1", T("vm1").ipv6(ip("2001:db8:ffff::9"), ip("fec0::1")).udp(7000, 5011), DROP(VMFENCE_REASON_INGRESS_DENIED))});
-  add("icmp_echo_reply", {out("vm1", F("vm1").ipv4(ip("10.1.0.2"), ip("192.0.2.10")).icmp(8, 0, 0x77, 1).payload(56), PASS),
-                          in("vm1", T("vm1").ipv4(ip("192.0.2.10"), ip("10.1.0.2")).icmp(0, 0, 0x77, 1).payload(56), PASS),
-                          in("vm1", T("vm1").ipv4(ip("192.0.2.10"), ip("10.1.0.2")).icmp(0, 0, 0x78, 1).payload(56),
-                             DROP(VMFENCE_REASON_INGRESS_DENIED))});
+       in("vm1", T("vm1").ipv6(ip("2001:db8:ffff::9"), ip("fec0::1")).udp(7000, 5011),
+          DROP(VMFENCE_REASON_INGRESS_DENIED))});
+  add("icmp_echo_reply",
+      {out("vm1", F("vm1").ipv4(ip("10.1.0.2"), ip("192.0.2.10")).icmp(8, 0, 0x77, 1).payload(56), PASS),
+       in("vm1", T("vm1").ipv4(ip("192.0.2.10"), ip("10.1.0.2")).icmp(0, 0, 0x77, 1).payload(56), PASS),
+       in("vm1", T("vm1").ipv4(ip("192.0.2.10"), ip("10.1.0.2")).icmp(0, 0, 0x78, 1).payload(56),
+          DROP(VMFENCE_REASON_INGRESS_DENIED))});
   add("icmp_echo_not_allowlisted",
-      {out("vm1", F("vm1").ipv4(ip("10.1.0.2"), ip("1.1.1.1")).icmp(8, 0, 0x77, 1).payload(56), DROP(VMFENCE_REASON_EGRESS_DENIED)),
+      {out("vm1", F("vm1").ipv4(ip("10.1.0.2"), ip("1.1.1.1")).icmp(8, 0, 0x77, 1).payload(56),
+           DROP(VMFENCE_REASON_EGRESS_DENIED)),
        in("vm1", T("vm1").ipv4(ip("192.0.2.10"), ip("10.1.0.2")).icmp(8, 0, 0x99, 1).payload(56),
           DROP(VMFENCE_REASON_INGRESS_DENIED))});
   add("icmpv6_echo_reply",
@@ -596,8 +693,8 @@ std::vector<Fixture> fixtures() {
     // RFC 792: the error quotes the IP header + 64 bits (the ports only).
     add("icmp_error_rfc792_minimal_quote",
         {out("vm1", tcp4("10.1.0.2", "93.184.216.34", 40002, 443, SYN), PASS, "SYN"), unreachable(28)});
-    add("icmp_error_without_flow",
-        {in("vm1", T("vm1").ipv4(ip("192.0.2.254"), ip("10.1.0.2")).icmp(3, 1).embed(syn), DROP(VMFENCE_REASON_INGRESS_DENIED))});
+    add("icmp_error_without_flow", {in("vm1", T("vm1").ipv4(ip("192.0.2.254"), ip("10.1.0.2")).icmp(3, 1).embed(syn),
+                                       DROP(VMFENCE_REASON_INGRESS_DENIED))});
     add("icmpv6_packet_too_big_about_vm_flow",
         {out("vm1", F("vm1").ipv6(ip("fec0::1"), ip("2001:db8::5")).tcp(40002, 443, SYN), PASS, "SYN"),
          in("vm1", T("vm1").ipv6(ip("2001:db8::fe"), ip("fec0::1")).icmp6(2, 0, 1280).embed(syn6), PASS)});
@@ -612,24 +709,26 @@ std::vector<Fixture> fixtures() {
     add("icmp_error_from_vm_quoting_foreign_packet",
         {in("vm1", dgram, PASS),
          out("vm1",
-             F("vm1").ipv4(ip("10.1.0.2"), ip("100.64.1.5")).icmp(3, 3).embed(
-                 T("vm1").ipv4(ip("100.64.1.5"), ip("10.2.0.2")).udp(7000, 5005).payload(20).build()),
+             F("vm1")
+                 .ipv4(ip("10.1.0.2"), ip("100.64.1.5"))
+                 .icmp(3, 3)
+                 .embed(T("vm1").ipv4(ip("100.64.1.5"), ip("10.2.0.2")).udp(7000, 5005).payload(20).build()),
              DROP(VMFENCE_REASON_EGRESS_DENIED))});
   }
-  add("not_for_vm", {in("vm1", tcp4_to("vm1", "100.64.1.5", "10.1.0.9", 50000, 22, SYN), DROP(VMFENCE_REASON_NOT_FOR_VM)),
-                     in("vm1", tcp4_to("vm1", "100.64.1.5", "10.2.0.2", 50000, 22, SYN), DROP(VMFENCE_REASON_NOT_FOR_VM)),
-                     in("vm1", T("vm1").ipv6(ip("2001:db8:ffff::9"), ip("fec0::2")).udp(7000, 5000),
-                        DROP(VMFENCE_REASON_NOT_FOR_VM))});
+  add("not_for_vm",
+      {in("vm1", tcp4_to("vm1", "100.64.1.5", "10.1.0.9", 50000, 22, SYN), DROP(VMFENCE_REASON_NOT_FOR_VM)),
+       in("vm1", tcp4_to("vm1", "100.64.1.5", "10.2.0.2", 50000, 22, SYN), DROP(VMFENCE_REASON_NOT_FOR_VM)),
+       in("vm1", T("vm1").ipv6(ip("2001:db8:ffff::9"), ip("fec0::2")).udp(7000, 5000),
+          DROP(VMFENCE_REASON_NOT_FOR_VM))});
 
   add("ipv6_any_rule_does_not_open_ipv4",
       {out("vm4", tcp4("10.4.0.2", "93.184.216.34", 40000, 443, SYN, "vm4"), DROP(VMFENCE_REASON_EGRESS_DENIED)),
        out("vm4", F("vm4").ipv6(ip("fec0::4"), ip("2001:db8::5")).udp(40000, 53), PASS)});
 
   // ---- modes ----
-  add("direct_skips_policy",
-      {out("vmdirect", tcp4("10.6.0.2", "93.184.216.34", 40000, 80, SYN, "vmdirect"), PASS),
-       out("vmdirect", udp4("10.6.0.2", "8.8.8.8", 40000, 53, "vmdirect"), PASS),
-       in("vmdirect", tcp4_to("vmdirect", "8.8.8.8", "10.6.0.2", 50000, 22, SYN), PASS)});
+  add("direct_skips_policy", {out("vmdirect", tcp4("10.6.0.2", "93.184.216.34", 40000, 80, SYN, "vmdirect"), PASS),
+                              out("vmdirect", udp4("10.6.0.2", "8.8.8.8", 40000, 53, "vmdirect"), PASS),
+                              in("vmdirect", tcp4_to("vmdirect", "8.8.8.8", "10.6.0.2", 50000, 22, SYN), PASS)});
   add("direct_still_antispoofing",
       {out("vmdirect", tcp4("10.6.0.3", "93.184.216.34", 40000, 80, SYN, "vmdirect"), DROP(VMFENCE_REASON_SPOOFED_IP)),
        out("vmdirect", Packet().eth(kOtherMac, kGwMac).ipv4(ip("10.6.0.2"), ip("1.1.1.1")).tcp(1, 80, SYN),
@@ -638,12 +737,18 @@ std::vector<Fixture> fixtures() {
        out("vmdirect", tcp4("10.6.0.2", "10.3.0.2", 40000, 80, SYN, "vmdirect"), DROP(VMFENCE_REASON_CROSS_GROUP)),
        in("vmdirect", tcp4_to("vmdirect", "8.8.8.8", "10.6.0.9", 50000, 22, SYN), DROP(VMFENCE_REASON_NOT_FOR_VM))});
   add("sampled_rate_1_checks_every_packet",
-      {times(out("vmsamp1", tcp4("10.7.0.2", "93.184.216.34", 40000, 80, SYN, "vmsamp1"), DROP(VMFENCE_REASON_EGRESS_DENIED)), 50),
+      {times(out("vmsamp1", tcp4("10.7.0.2", "93.184.216.34", 40000, 80, SYN, "vmsamp1"),
+                 DROP(VMFENCE_REASON_EGRESS_DENIED)),
+             50),
        times(out("vmsamp1", tcp4("10.7.0.2", "93.184.216.34", 40001, 443, SYN, "vmsamp1"), PASS), 50),
-       times(in("vmsamp1", tcp4_to("vmsamp1", "8.8.8.8", "10.7.0.2", 50000, 22, SYN), DROP(VMFENCE_REASON_INGRESS_DENIED)), 50)});
+       times(in("vmsamp1", tcp4_to("vmsamp1", "8.8.8.8", "10.7.0.2", 50000, 22, SYN),
+                DROP(VMFENCE_REASON_INGRESS_DENIED)),
+             50)});
   add("sampled_tiny_rate_lets_violations_pass",
       {times(out("vmsamp0", tcp4("10.8.0.2", "93.184.216.34", 40000, 80, SYN, "vmsamp0"), PASS), 2000),
-       times(in("vmsamp0", tcp4_to("vmsamp0", "8.8.8.8", "10.8.0.2", 50000, 22, SYN), PASS), 2000),
+       // What reaches the VM is always checked (an outsider must not make
+       // the VM's answer look like its violation).
+       in("vmsamp0", tcp4_to("vmsamp0", "8.8.8.8", "10.8.0.2", 50000, 22, SYN), DROP(VMFENCE_REASON_INGRESS_DENIED)),
        // Anti-spoofing and isolation are not sampled.
        out("vmsamp0", tcp4("10.8.0.3", "93.184.216.34", 40000, 80, SYN, "vmsamp0"), DROP(VMFENCE_REASON_SPOOFED_IP)),
        out("vmsamp0", tcp4("10.8.0.2", "10.3.0.2", 40000, 80, SYN, "vmsamp0"), DROP(VMFENCE_REASON_CROSS_GROUP))});
@@ -652,8 +757,9 @@ std::vector<Fixture> fixtures() {
                   [](World& w, const Step&) { EXPECT_EQ(w.flow_count(), 1u) << "the SYN's flow is cached"; }),
        times(out("vmct", tcp4("10.9.0.2", "93.184.216.34", 40000, 443, ACK, "vmct"), PASS, "cached ACKs"), 100),
        in("vmct", tcp4_to("vmct", "93.184.216.34", "10.9.0.2", 443, 40000, ACK), PASS, "reply"),
-       then_check(out("vmct", tcp4("10.9.0.2", "93.184.216.34", 40001, 80, SYN, "vmct"), DROP(VMFENCE_REASON_EGRESS_DENIED)),
-                  [](World& w, const Step&) { EXPECT_EQ(w.flow_count(), 1u) << "a denied flow is not cached"; })});
+       then_check(
+           out("vmct", tcp4("10.9.0.2", "93.184.216.34", 40001, 80, SYN, "vmct"), DROP(VMFENCE_REASON_EGRESS_DENIED)),
+           [](World& w, const Step&) { EXPECT_EQ(w.flow_count(), 1u) << "a denied flow is not cached"; })});
   add("conntrack_policy_change_rechecks_cached_flow",
       {out("vmct", tcp4("10.9.0.2", "93.184.216.34", 40000, 443, SYN, "vmct"), PASS, "SYN"),
        out("vmct", udp4("10.9.0.2", "203.0.113.7", 40000, 51900, "vmct"), PASS, "udp flow"),
@@ -705,21 +811,28 @@ std::vector<Fixture> fixtures() {
        out("vmquar", arp_req("vmquar", mac_of("vmquar"), "10.10.0.2", "10.10.0.1"), DROP(VMFENCE_REASON_QUARANTINED),
            "ARP after")});
   add("quarantine_on_spoofing",
-      {with_flags(out("vmquar", tcp4("10.10.0.9", "93.184.216.34", 40000, 443, SYN, "vmquar"), DROP(VMFENCE_REASON_SPOOFED_IP)),
+      {with_flags(out("vmquar", tcp4("10.10.0.9", "93.184.216.34", 40000, 443, SYN, "vmquar"),
+                      DROP(VMFENCE_REASON_SPOOFED_IP)),
                   VMFENCE_EVENT_F_TRIGGER | VMFENCE_EVENT_F_QUARANTINED),
        out("vmquar", tcp4("10.10.0.2", "93.184.216.34", 40000, 443, SYN, "vmquar"), DROP(VMFENCE_REASON_QUARANTINED))});
   add("quarantine_not_on_inbound_drop",  // the VM did nothing wrong
       {in("vmquar", tcp4_to("vmquar", "8.8.8.8", "10.10.0.2", 50000, 22, SYN), DROP(VMFENCE_REASON_INGRESS_DENIED)),
        out("vmquar", tcp4("10.10.0.2", "93.184.216.34", 40000, 443, SYN, "vmquar"), PASS)});
   add("quarantine_at_threshold",
-      {with_flags(out("vmquar3", tcp4("10.11.0.2", "1.1.1.1", 40000, 80, SYN, "vmquar3"), DROP(VMFENCE_REASON_EGRESS_DENIED)), 0),
-       with_flags(out("vmquar3", tcp4("10.11.0.2", "1.1.1.1", 40001, 80, SYN, "vmquar3"), DROP(VMFENCE_REASON_EGRESS_DENIED)), 0),
+      {with_flags(
+           out("vmquar3", tcp4("10.11.0.2", "1.1.1.1", 40000, 80, SYN, "vmquar3"), DROP(VMFENCE_REASON_EGRESS_DENIED)),
+           0),
+       with_flags(
+           out("vmquar3", tcp4("10.11.0.2", "1.1.1.1", 40001, 80, SYN, "vmquar3"), DROP(VMFENCE_REASON_EGRESS_DENIED)),
+           0),
        out("vmquar3", tcp4("10.11.0.2", "1.1.1.1", 40002, 443, SYN, "vmquar3"), PASS, "still allowed"),
-       with_flags(out("vmquar3", tcp4("10.11.0.2", "1.1.1.1", 40003, 80, SYN, "vmquar3"), DROP(VMFENCE_REASON_EGRESS_DENIED)),
-                  VMFENCE_EVENT_F_TRIGGER | VMFENCE_EVENT_F_QUARANTINED),
+       with_flags(
+           out("vmquar3", tcp4("10.11.0.2", "1.1.1.1", 40003, 80, SYN, "vmquar3"), DROP(VMFENCE_REASON_EGRESS_DENIED)),
+           VMFENCE_EVENT_F_TRIGGER | VMFENCE_EVENT_F_QUARANTINED),
        out("vmquar3", tcp4("10.11.0.2", "1.1.1.1", 40002, 443, ACK, "vmquar3"), DROP(VMFENCE_REASON_QUARANTINED))});
   add("alert_vm_never_quarantined",
-      {with_flags(out("vm1", tcp4("10.1.0.2", "1.1.1.1", 40000, 80), DROP(VMFENCE_REASON_EGRESS_DENIED)), VMFENCE_EVENT_F_TRIGGER),
+      {with_flags(out("vm1", tcp4("10.1.0.2", "1.1.1.1", 40000, 80), DROP(VMFENCE_REASON_EGRESS_DENIED)),
+                  VMFENCE_EVENT_F_TRIGGER),
        then_check(out("vm1", tcp4("10.1.0.2", "1.1.1.1", 40000, 443), PASS),
                   [](World& w, const Step&) { expect_state_quarantined(w, "vm1", false); })});
 
@@ -785,9 +898,9 @@ void run_step(World& w, const Step& s) {
     s.action(w);
     return;
   }
-  uint32_t ifindex = s.iface == "lo"      ? 1
-                     : s.iface.empty()    ? TestNet::get().tap(w.spec(s.vm).interface)
-                                          : TestNet::get().tap(s.iface);
+  uint32_t ifindex = s.iface == "lo"   ? 1
+                     : s.iface.empty() ? TestNet::get().tap(w.spec(s.vm).interface)
+                                       : TestNet::get().tap(s.iface);
   ASSERT_NE(ifindex, 0u);
   // What the datapath sees for this interface (also after a VM was removed).
   std::optional<vmfence_vm> entry = w.vm_entry(ifindex);
@@ -808,7 +921,7 @@ void run_step(World& w, const Step& s) {
       usleep(10000);
     }
   } else {
-    RunResult r = w.run(s.from_vm, ifindex, s.frame, s.repeat);
+    RunResult r = w.run(s.from_vm, ifindex, s.frame, s.repeat, s.mark);
     ASSERT_EQ(r.err, 0) << "BPF_PROG_TEST_RUN: " << std::strerror(r.err);
     EXPECT_EQ(r.retval, s.expect.pass ? kPass : kDrop)
         << (s.expect.pass ? "expected pass" : std::string("expected drop: ") + reason_name(s.expect.reason));
@@ -820,15 +933,19 @@ void run_step(World& w, const Step& s) {
     EXPECT_EQ(after.drops[reason] - before.drops[reason], want) << "drops[" << reason_name(reason) << "]";
   }
   if (bound) {
-    uint64_t pkts = s.from_vm ? after.from_vm_packets - before.from_vm_packets : after.to_vm_packets - before.to_vm_packets;
+    uint64_t pkts =
+        s.from_vm ? after.from_vm_packets - before.from_vm_packets : after.to_vm_packets - before.to_vm_packets;
     uint64_t bytes = s.from_vm ? after.from_vm_bytes - before.from_vm_bytes : after.to_vm_bytes - before.to_vm_bytes;
     EXPECT_EQ(pkts, n) << "packet counter";
     EXPECT_EQ(bytes, n * s.frame.bytes.size()) << "byte counter";
   }
 
   auto events = w.take_events();
-  if (s.expect.pass) {
-    EXPECT_TRUE(events.empty()) << events.size() << " events for a passed frame, first: "
+  const bool quiet =
+      !s.expect.pass && (s.expect.reason == VMFENCE_REASON_FLOW_LIMIT || s.expect.reason == VMFENCE_REASON_LINK_LOCAL ||
+                         s.expect.reason == VMFENCE_REASON_UNASSIGNED_SRC);
+  if (s.expect.pass || quiet) {
+    EXPECT_TRUE(events.empty()) << events.size() << " events for a passed or quiet frame, first: "
                                 << reason_name(events.empty() ? 0 : events[0].reason);
   } else if (s.repeat > 1) {
     EXPECT_GE(events.size(), 1u);

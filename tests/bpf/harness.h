@@ -82,25 +82,29 @@ class TestNet {
 };
 
 // GTEST_SKIP / FAIL when the kernel tier cannot run here.
-#define VMFENCE_REQUIRE_KERNEL()                                                       \
-  do {                                                                                 \
-    const std::string& why_ = ::vmfence::test::TestNet::get().unavailable();           \
-    if (!why_.empty()) {                                                               \
+#define VMFENCE_REQUIRE_KERNEL()                                                           \
+  do {                                                                                     \
+    const std::string& why_ = ::vmfence::test::TestNet::get().unavailable();               \
+    if (!why_.empty()) {                                                                   \
       if (::vmfence::test::in_ci()) FAIL() << "kernel tier cannot run under CI: " << why_; \
-      GTEST_SKIP() << why_;                                                            \
-    }                                                                                  \
+      GTEST_SKIP() << why_;                                                                \
+    }                                                                                      \
   } while (0)
 
 struct RunResult {
-  int err = 0;          // errno of BPF_PROG_TEST_RUN, 0 = ran
-  int retval = 0;       // the program's return (of the last repetition)
+  int err = 0;            // errno of BPF_PROG_TEST_RUN, 0 = ran
+  int retval = 0;         // the program's return (of the last repetition)
   uint32_t duration = 0;  // ns per repetition, as the kernel measured it
 };
 
 // Run a TC program on one frame as if it came through `ifindex`.
-inline RunResult test_run(int prog_fd, uint32_t ifindex, const std::vector<uint8_t>& frame, int repeat = 1) {
+// `mark`: skb->mark as the hook would see it (VMFENCE_MARK_FROM_VM on a
+// packet another VM's from_vm passed).
+inline RunResult test_run(int prog_fd, uint32_t ifindex, const std::vector<uint8_t>& frame, int repeat = 1,
+                          uint32_t mark = 0) {
   __sk_buff ctx{};
   ctx.ifindex = ifindex;
+  ctx.mark = mark;
   bpf_test_run_opts o{};
   o.sz = sizeof(o);
   o.data_in = frame.data();
@@ -130,8 +134,7 @@ inline VmSpec vm_spec(const std::string& json, const HostSpec& host) {
   std::vector<SpecError> errors;
   auto vm = parse_vm("vms.d/test.json", json, host.on_violation, errors);
   if (!vm || !errors.empty())
-    throw std::invalid_argument("VM spec: " + (errors.empty() ? std::string("?") : errors.front().str()) +
-                                "\n" + json);
+    throw std::invalid_argument("VM spec: " + (errors.empty() ? std::string("?") : errors.front().str()) + "\n" + json);
   return *vm;
 }
 
@@ -219,8 +222,8 @@ class World {
   const VmSpec& spec(const std::string& name) const { return specs_.at(name); }
   const std::string& dir() const { return dir_; }
 
-  RunResult run(bool from_vm, uint32_t ifindex, const Frame& f, int repeat = 1) {
-    return test_run(from_vm ? dp_->from_vm_prog_fd() : dp_->to_vm_prog_fd(), ifindex, f.bytes, repeat);
+  RunResult run(bool from_vm, uint32_t ifindex, const Frame& f, int repeat = 1, uint32_t mark = 0) {
+    return test_run(from_vm ? dp_->from_vm_prog_fd() : dp_->to_vm_prog_fd(), ifindex, f.bytes, repeat, mark);
   }
 
   vmfence_counters counters(uint32_t slot) const {
@@ -267,7 +270,7 @@ class World {
     if (bpf_map_lookup_elem(dp_->maps().vms.get(), &ifindex, &v) != 0) return std::nullopt;
     return v;
   }
-  size_t flow_count() const { return count_entries(dp_->maps().flows.get(), sizeof(vmfence_flow_key)); }
+  size_t flow_count() const { return count_flows(dp_->maps()); }
 
   // Violation events submitted since the last call.
   std::vector<vmfence_event> take_events() {

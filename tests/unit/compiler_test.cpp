@@ -1,12 +1,13 @@
 // Spec -> map entries: the compiler's folding of covering prefixes, barriers
 // (IPv4 under an IPv6 ::/0, IMDS), port merging and limits.
+#include "maps/compiler.h"
+
 #include <arpa/inet.h>
 #include <gtest/gtest.h>
 
 #include <cstring>
 
 #include "agent/spec.h"
-#include "maps/compiler.h"
 
 namespace vmfence {
 namespace {
@@ -48,8 +49,11 @@ TEST(Compiler, VmEntryCarriesIdentityModeAndInlineAddresses) {
   uint32_t v4;
   std::memcpy(&v4, p.vm.v4_addr, 4);
   EXPECT_EQ(v4, inet_addr("10.1.0.2"));
-  EXPECT_FALSE(p.vm.flags & VMFENCE_VM_F_MORE_ADDRS);
-  EXPECT_EQ(p.host_addresses.size(), 2u);
+  // Its EUI-64 link-local is registered as its own (beyond the inline pair).
+  EXPECT_TRUE(p.vm.flags & VMFENCE_VM_F_MORE_ADDRS);
+  ASSERT_EQ(p.host_addresses.size(), 3u);
+  const vmfence_addr ll = eui64_link_local(vm.mac);
+  EXPECT_EQ(std::memcmp(&p.host_addresses.back(), &ll, sizeof(ll)), 0);
   ASSERT_EQ(p.gateways.size(), 1u);
   EXPECT_EQ(p.gateways[0].vm_id, p.vm.vm_id);
 }
@@ -134,7 +138,24 @@ TEST(Compiler, PrefixAddressesGoToTheOwnerTrie) {
   EXPECT_TRUE(p.vm.flags & VMFENCE_VM_F_MORE_ADDRS);
   ASSERT_EQ(p.net_addresses.size(), 1u);
   EXPECT_EQ(p.net_addresses[0].prefixlen, 96u + 28);
-  EXPECT_EQ(p.host_addresses.size(), 2u);
+  EXPECT_EQ(p.host_addresses.size(), 3u);  // + the EUI-64 link-local
+}
+
+TEST(Compiler, Eui64LinkLocalOfMac) {
+  // 02:00:00:00:02:02 -> fe80::ff:fe00:202 (U/L bit flipped, ff:fe inserted).
+  vmfence_addr a = eui64_link_local({0x02, 0x00, 0x00, 0x00, 0x02, 0x02});
+  const uint8_t want[16] = {0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0x00, 0x00, 0x00, 0xff, 0xfe, 0x00, 0x02, 0x02};
+  EXPECT_EQ(std::memcmp(a.addr, want, 16), 0);
+  vmfence_addr b = eui64_link_local({0x52, 0x54, 0x00, 0x12, 0x34, 0x56});
+  EXPECT_EQ(b.addr[8], 0x50);
+}
+
+TEST(Compiler, FlowLimitComesFromTheSpec) {
+  std::vector<SpecError> errs;
+  VmSpec vm = vm_from(std::string("{") + kBase + R"(, "limits": {"flows": 4096}})");
+  EXPECT_EQ(compile_vm(vm, HostSpec{}, {}, errs).flow_limit, 4096u);
+  VmSpec dflt = vm_from(std::string("{") + kBase + "}");
+  EXPECT_EQ(compile_vm(dflt, HostSpec{}, {}, errs).flow_limit, uint32_t{VMFENCE_DEFAULT_FLOWS});
 }
 
 TEST(Compiler, TerminateSetsQuarantineAndThreshold) {

@@ -22,8 +22,7 @@ using namespace vmfence;
 namespace {
 
 // Builds a JSON object from raw JSON member values; "" in `changes` removes a member.
-std::string object_json(std::map<std::string, std::string> fields,
-                        const std::map<std::string, std::string>& changes) {
+std::string object_json(std::map<std::string, std::string> fields, const std::map<std::string, std::string>& changes) {
   for (const auto& [key, value] : changes) {
     if (value.empty())
       fields.erase(key);
@@ -210,8 +209,8 @@ TEST(ParseVm, OnViolationMergesFieldWiseOverHost) {
   EXPECT_EQ(inherit->on_violation.action, Action::terminate);
   EXPECT_EQ(inherit->on_violation.command, host.command);
 
-  auto partial = parse_vm_text(
-      vm_json({{"on_violation", R"({"threshold": 10, "systemd_unit": "vm@{vm}.service"})"}}), errors, host);
+  auto partial = parse_vm_text(vm_json({{"on_violation", R"({"threshold": 10, "systemd_unit": "vm@{vm}.service"})"}}),
+                               errors, host);
   ASSERT_TRUE(partial) << describe(errors);
   EXPECT_EQ(partial->on_violation.action, Action::terminate);
   EXPECT_EQ(partial->on_violation.command, host.command);
@@ -264,29 +263,21 @@ const ErrorCase kVmErrors[] = {
     {"missing_addresses", {{"addresses", ""}}, "addresses", "required field is missing"},
     {"unknown_field", {{"colour", R"("red")"}}, "colour", "unknown field (known: name, interface"},
     {"unknown_field_odd_key", {{"my key", "1"}}, R"(["my key"])", "unknown field"},
-    {"unknown_rule_field",
-     {{"egress", R"([{"to": "0.0.0.0/0", "port": "80"}])"}},
-     "egress[0].port",
-     "unknown field"},
-    {"unknown_on_violation_field",
-     {{"on_violation", R"({"acton": "alert"})"}},
-     "on_violation.acton",
-     "unknown field"},
+    {"limits_unknown", {{"limits", R"({"flow": 10})"}}, "limits.flow", "unknown field (known: flows)"},
+    {"limits_flows_zero", {{"limits", R"({"flows": 0})"}}, "limits.flows", "must be"},
+    {"limits_flows_huge", {{"limits", R"({"flows": 99999999})"}}, "limits.flows", "must be"},
+    {"limits_type", {{"limits", R"([1])"}}, "limits", "expected an object"},
+    {"unknown_rule_field", {{"egress", R"([{"to": "0.0.0.0/0", "port": "80"}])"}}, "egress[0].port", "unknown field"},
+    {"unknown_on_violation_field", {{"on_violation", R"({"acton": "alert"})"}}, "on_violation.acton", "unknown field"},
     {"name_type", {{"name", "5"}}, "name", "expected a string, got a number"},
     {"addresses_type", {{"addresses", R"("10.1.0.2/32")"}}, "addresses", "expected an array, got a string"},
     {"rule_type", {{"egress", R"(["0.0.0.0/0"])"}}, "egress[0]", "expected an object, got a string"},
-    {"on_violation_type",
-     {{"on_violation", R"("terminate")"}},
-     "on_violation",
-     "expected an object, got a string"},
+    {"on_violation_type", {{"on_violation", R"("terminate")"}}, "on_violation", "expected an object, got a string"},
     {"bad_name", {{"name", R"("-vm1")"}}, "name", "\"-vm1\" is not a valid name"},
     {"long_name", {{"name", "\"" + std::string(65, 'a') + "\""}}, "name", "is not a valid name"},
     {"name_with_slash", {{"name", R"("vm/1")"}}, "name", "is not a valid name"},
     {"bad_interface", {{"interface", R"("vm/1")"}}, "interface", "\"vm/1\" is not a valid interface name"},
-    {"long_interface",
-     {{"interface", R"("abcdefghijklmnop")"}},
-     "interface",
-     "is not a valid interface name"},
+    {"long_interface", {{"interface", R"("abcdefghijklmnop")"}}, "interface", "is not a valid interface name"},
     {"dot_interface", {{"interface", R"("..")"}}, "interface", "is not a valid interface name"},
     {"space_interface", {{"interface", R"("vm 1")"}}, "interface", "is not a valid interface name"},
     {"bad_mac", {{"mac", R"("02:00:00:00:01")"}}, "mac", "is not a MAC address (xx:xx:xx:xx:xx:xx)"},
@@ -302,40 +293,25 @@ const ErrorCase kVmErrors[] = {
      {{"addresses", R"(["10.1.0.2/24"])"}},
      "addresses[0]",
      "has host bits set (did you mean 10.1.0.0/24 or 10.1.0.2/32?)"},
-    {"loopback_address",
-     {{"addresses", R"(["127.0.0.1"])"}},
-     "addresses[0]",
-     "overlaps loopback (127.0.0.0/8)"},
+    {"loopback_address", {{"addresses", R"(["127.0.0.1"])"}}, "addresses[0]", "overlaps loopback (127.0.0.0/8)"},
     {"multicast_address", {{"addresses", R"(["ff02::1"])"}}, "addresses[0]", "overlaps multicast (ff00::/8)"},
     {"unspecified_address", {{"addresses", R"(["::/128"])"}}, "addresses[0]", "unspecified"},
-    {"everything_address",
-     {{"addresses", R"(["0.0.0.0/0"])"}},
-     "addresses[0]",
-     "overlaps the unspecified address"},
+    {"everything_address", {{"addresses", R"(["0.0.0.0/0"])"}}, "addresses[0]", "overlaps the unspecified address"},
     {"own_addresses_overlap",
      {{"addresses", R"(["10.1.0.0/24", "10.1.0.2/32"])"}},
      "addresses[1]",
      "overlaps 10.1.0.0/24"},
     {"gateway_prefix", {{"gateway", R"(["10.1.0.1/24"])"}}, "gateway[0]", "must be a bare address"},
     {"gateway_bad", {{"gateway", R"(["gw"])"}}, "gateway[0]", "not an IPv4 or IPv6 address"},
-    {"gateway_own_address",
-     {{"gateway", R"(["10.1.0.2"])"}},
-     "gateway[0]",
-     "is one of the VM's own addresses"},
+    {"gateway_own_address", {{"gateway", R"(["10.1.0.2"])"}}, "gateway[0]", "is one of the VM's own addresses"},
     {"gateway_multicast", {{"gateway", R"(["224.0.0.1"])"}}, "gateway[0]", "multicast"},
     {"bad_group", {{"group", R"("")"}}, "group", "is not a valid name"},
-    {"bad_mode",
-     {{"mode", R"("fast")"}},
-     "mode",
-     "\"fast\" is not a mode (direct, sampled, conntrack, filtered)"},
+    {"bad_mode", {{"mode", R"("fast")"}}, "mode", "\"fast\" is not a mode (direct, sampled, conntrack, filtered)"},
     {"sample_rate_zero", {{"sample_rate", "0"}}, "sample_rate", "must be in (0, 1], got 0"},
     {"sample_rate_above_one", {{"sample_rate", "1.5"}}, "sample_rate", "must be in (0, 1], got 1.5"},
     {"sample_rate_type", {{"sample_rate", R"("0.1")"}}, "sample_rate", "expected a number, got a string"},
     {"rule_missing_to", {{"egress", R"([{"proto": "tcp"}])"}}, "egress[0].to", "required field is missing"},
-    {"rule_missing_from",
-     {{"ingress", R"([{"proto": "udp"}])"}},
-     "ingress[0].from",
-     "required field is missing"},
+    {"rule_missing_from", {{"ingress", R"([{"proto": "udp"}])"}}, "ingress[0].from", "required field is missing"},
     {"rule_bad_peer", {{"ingress", R"([{"from": "10.0.0.1/8"}])"}}, "ingress[0].from", "has host bits set"},
     {"bad_proto",
      {{"egress", R"([{"to": "0.0.0.0/0", "proto": "sctp"}])"}},
@@ -434,9 +410,7 @@ const ErrorCase kVmErrors[] = {
 };
 
 INSTANTIATE_TEST_SUITE_P(Kinds, VmError, testing::ValuesIn(kVmErrors),
-                         [](const testing::TestParamInfo<ErrorCase>& info) {
-                           return std::string(info.param.name);
-                         });
+                         [](const testing::TestParamInfo<ErrorCase>& info) { return std::string(info.param.name); });
 
 TEST(ParseVmErrors, SyntaxErrorHasLineAndColumn) {
   std::vector<SpecError> errors;
@@ -562,22 +536,19 @@ const ErrorCase kHostErrors[] = {
     {"unknown_field",
      {{"wan", R"(["eth0"])"}},
      "wan",
-     "unknown field (known: wan_interfaces, nat, imds, on_violation)"},
+     "unknown field (known: wan_interfaces, nat, imds, on_violation, flow_timeouts)"},
+    {"flow_timeouts_unknown", {{"flow_timeouts", R"({"sctp_s": 5})"}}, "flow_timeouts.sctp_s", "unknown field"},
+    {"flow_timeouts_zero", {{"flow_timeouts", R"({"udp_s": 0})"}}, "flow_timeouts.udp_s", "must be"},
+    {"flow_timeouts_type", {{"flow_timeouts", R"({"tcp_s": "long"})"}}, "flow_timeouts.tcp_s", "expected"},
     {"wan_type", {{"wan_interfaces", R"("eth0")"}}, "wan_interfaces", "expected an array, got a string"},
-    {"wan_bad_ifname",
-     {{"wan_interfaces", R"(["eth0", "eth:1"])"}},
-     "wan_interfaces[1]",
-     "not a valid interface name"},
+    {"wan_bad_ifname", {{"wan_interfaces", R"(["eth0", "eth:1"])"}}, "wan_interfaces[1]", "not a valid interface name"},
     {"wan_duplicate", {{"wan_interfaces", R"(["eth0", "eth0"])"}}, "wan_interfaces[1]", "listed twice"},
     {"nat_unknown_field", {{"nat", R"({"snat": []})"}}, "nat.snat", "unknown field (known: masquerade)"},
     {"masquerade_bad",
      {{"nat", R"({"masquerade": ["10.0.0.0/8", "10/8"]})"}},
      "nat.masquerade[1]",
      "not an IPv4 or IPv6 address"},
-    {"masquerade_host_bits",
-     {{"nat", R"({"masquerade": ["10.1.0.0/8"]})"}},
-     "nat.masquerade[0]",
-     "has host bits set"},
+    {"masquerade_host_bits", {{"nat", R"({"masquerade": ["10.1.0.0/8"]})"}}, "nat.masquerade[0]", "has host bits set"},
     {"imds_missing_address", {{"imds", R"({"port": 80})"}}, "imds.address", "required field is missing"},
     {"imds_address_prefix",
      {{"imds", R"({"address": "169.254.169.254/32"})"}},
@@ -591,10 +562,7 @@ const ErrorCase kHostErrors[] = {
      {{"imds", R"({"address": "169.254.169.254", "port": 65536})"}},
      "imds.port",
      "must be 1-65535, got 65536"},
-    {"imds_unknown_field",
-     {{"imds", R"({"address": "169.254.169.254", "host": "x"})"}},
-     "imds.host",
-     "unknown field"},
+    {"imds_unknown_field", {{"imds", R"({"address": "169.254.169.254", "host": "x"})"}}, "imds.host", "unknown field"},
     {"on_violation_unknown_field",
      {{"on_violation", R"({"actions": "alert"})"}},
      "on_violation.actions",
@@ -606,9 +574,7 @@ const ErrorCase kHostErrors[] = {
 };
 
 INSTANTIATE_TEST_SUITE_P(Kinds, HostError, testing::ValuesIn(kHostErrors),
-                         [](const testing::TestParamInfo<ErrorCase>& info) {
-                           return std::string(info.param.name);
-                         });
+                         [](const testing::TestParamInfo<ErrorCase>& info) { return std::string(info.param.name); });
 
 TEST(ParseHostErrors, RootMustBeAnObject) {
   std::vector<SpecError> errors;
@@ -635,9 +601,8 @@ VmSpec make_vm(const std::string& name, const std::string& address, int n) {
 
 TEST(ValidateVms, DistinctVmsPass) {
   std::vector<SpecError> errors;
-  validate_vms(
-      {make_vm("a", "10.0.0.0/25", 1), make_vm("b", "10.0.0.128/25", 2), make_vm("c", "fec0::/64", 3)},
-      errors);
+  validate_vms({make_vm("a", "10.0.0.0/25", 1), make_vm("b", "10.0.0.128/25", 2), make_vm("c", "fec0::/64", 3)},
+               errors);
   EXPECT_TRUE(errors.empty()) << describe(errors);
 }
 
@@ -647,10 +612,8 @@ TEST(ValidateVms, OverlapsAcrossVms) {
                 make_vm("d", "10.200.0.1", 4)},
                errors);
   ASSERT_EQ(errors.size(), 2u) << describe(errors);
-  EXPECT_EQ(errors[0].str(),
-            "vms.d/b.json: addresses[0]: 10.5.0.0/16 overlaps 10.0.0.0/8 of a (vms.d/a.json)");
-  EXPECT_EQ(errors[1].str(),
-            "vms.d/d.json: addresses[0]: 10.200.0.1/32 overlaps 10.0.0.0/8 of a (vms.d/a.json)");
+  EXPECT_EQ(errors[0].str(), "vms.d/b.json: addresses[0]: 10.5.0.0/16 overlaps 10.0.0.0/8 of a (vms.d/a.json)");
+  EXPECT_EQ(errors[1].str(), "vms.d/d.json: addresses[0]: 10.200.0.1/32 overlaps 10.0.0.0/8 of a (vms.d/a.json)");
 }
 
 // The sorted sweep must agree with comparing every pair.
@@ -662,8 +625,7 @@ TEST(ValidateVms, OverlapSweepMatchesPairwise) {
     uint32_t ip = (10u << 24) | (rng() & 0x3ffff);
     ip &= len == 32 ? ~0u : ~(~0u >> len);
     char text[32];
-    std::snprintf(text, sizeof text, "%u.%u.%u.%u/%u", ip >> 24, ip >> 16 & 255, ip >> 8 & 255, ip & 255,
-                  len);
+    std::snprintf(text, sizeof text, "%u.%u.%u.%u/%u", ip >> 24, ip >> 16 & 255, ip >> 8 & 255, ip & 255, len);
     VmSpec vm;
     vm.name = "vm" + std::to_string(n);
     vm.file = vm.name + ".json";
@@ -678,8 +640,7 @@ TEST(ValidateVms, OverlapSweepMatchesPairwise) {
   for (size_t i = 0; i < vms.size(); ++i)
     for (size_t j = 0; j < vms.size(); ++j) {
       const Cidr &mine = vms[i].addresses[0], &theirs = vms[j].addresses[0];
-      if (i != j && theirs.contains(mine) && (theirs.prefix_len < mine.prefix_len || j < i))
-        want.insert(vms[i].file);
+      if (i != j && theirs.contains(mine) && (theirs.prefix_len < mine.prefix_len || j < i)) want.insert(vms[i].file);
     }
   std::vector<SpecError> errors;
   validate_vms(vms, errors);
@@ -700,8 +661,7 @@ TEST(ValidateVms, NameIdCollisions) {
   ASSERT_EQ(errors.size(), 2u) << describe(errors);
   EXPECT_EQ(errors[0].path, "name");
   EXPECT_EQ(errors[0].file, "vms.d/liquid.json");
-  EXPECT_NE(errors[0].message.find(
-                "\"liquid\" has the same id (0x5e4daa9d) as \"costarring\" (vms.d/costarring.json)"),
+  EXPECT_NE(errors[0].message.find("\"liquid\" has the same id (0x5e4daa9d) as \"costarring\" (vms.d/costarring.json)"),
             std::string::npos)
       << errors[0].message;
   EXPECT_EQ(errors[1].path, "group");
