@@ -134,16 +134,19 @@ int cmd_status(bool json) {
     read_state(maps, vm.slot, st);
     std::string name = n ? n->name : fmt::format("vm#{:08x}", vm.vm_id);
     bool no_policy = vm.flags & VMFENCE_VM_F_NO_POLICY;
+    const TableFill flows = flow_table_fill(maps, vm.slot);
     if (json) {
       out += first ? "\n  " : ",\n  ";
       out += fmt::format(
           "{{\"name\": \"{}\", \"interface\": \"{}\", \"ifindex\": {}, \"attached\": {}, \"mode\": \"{}\", "
           "\"group\": \"{}\", \"policy_generation\": {}, \"quarantined\": {}, \"spec_removed\": {}, "
           "\"counters\": {{\"from_vm_packets\": {}, \"from_vm_bytes\": {}, \"to_vm_packets\": {}, \"to_vm_bytes\": "
-          "{}, \"events_suppressed\": {}, \"events_lost\": {}}}, \"drops\": {{",
+          "{}, \"events_suppressed\": {}, \"events_lost\": {}}}, \"flows\": {{\"entries\": {}, "
+          "\"max_entries\": {}}}, \"drops\": {{",
           name, ifname, ifindex, attached(dir, ifindex) ? "true" : "false", datapath_mode_name(vm.mode),
           n ? n->group : "", vm.policy_id, st.quarantined ? "true" : "false", no_policy ? "true" : "false",
-          c.from_vm_packets, c.from_vm_bytes, c.to_vm_packets, c.to_vm_bytes, c.events_suppressed, c.events_lost);
+          c.from_vm_packets, c.from_vm_bytes, c.to_vm_packets, c.to_vm_bytes, c.events_suppressed, c.events_lost,
+          flows.entries, flows.max_entries);
       bool f2 = true;
       for (int r = 1; r < VMFENCE_REASON_COUNT; ++r) {
         out += fmt::format("{}\"{}\": {}", f2 ? "" : ", ", reason_name(r), c.drops[r]);
@@ -151,11 +154,13 @@ int cmd_status(bool json) {
       }
       out += "}}";
     } else {
-      out += fmt::format("{} on {} (ifindex {}, {}) mode {} generation {}{}{}\n", name, ifname, ifindex,
-                         attached(dir, ifindex) ? "attached" : "NOT attached", datapath_mode_name(vm.mode),
-                         vm.policy_id, st.quarantined ? " QUARANTINED" : "", no_policy ? " SPEC REMOVED (drop all)" : "");
-      out += fmt::format("  from vm: {} packets {} bytes; to vm: {} packets {} bytes\n", c.from_vm_packets,
-                         c.from_vm_bytes, c.to_vm_packets, c.to_vm_bytes);
+      out +=
+          fmt::format("{} on {} (ifindex {}, {}) mode {} generation {}{}{}\n", name, ifname, ifindex,
+                      attached(dir, ifindex) ? "attached" : "NOT attached", datapath_mode_name(vm.mode), vm.policy_id,
+                      st.quarantined ? " QUARANTINED" : "", no_policy ? " SPEC REMOVED (drop all)" : "");
+      out +=
+          fmt::format("  from vm: {} packets {} bytes; to vm: {} packets {} bytes; flows {} / {}\n", c.from_vm_packets,
+                      c.from_vm_bytes, c.to_vm_packets, c.to_vm_bytes, flows.entries, flows.max_entries);
       std::string drops;
       for (int r = 1; r < VMFENCE_REASON_COUNT; ++r)
         if (c.drops[r]) drops += fmt::format("{}{} {}", drops.empty() ? "" : ", ", reason_name(r), c.drops[r]);
@@ -171,9 +176,10 @@ int cmd_status(bool json) {
     if (n.ifindex) continue;
     if (json) {
       out += (first ? "\n  " : ",\n  ") +
-             fmt::format("{{\"name\": \"{}\", \"interface\": \"{}\", \"ifindex\": 0, \"attached\": false, \"mode\": "
-                         "\"{}\", \"group\": \"{}\", \"policy_generation\": {}}}",
-                         n.name, n.interface, n.mode, n.group, n.policy_id);
+             fmt::format(
+                 "{{\"name\": \"{}\", \"interface\": \"{}\", \"ifindex\": 0, \"attached\": false, \"mode\": "
+                 "\"{}\", \"group\": \"{}\", \"policy_generation\": {}}}",
+                 n.name, n.interface, n.mode, n.group, n.policy_id);
     } else {
       out += fmt::format("{} on {}: interface not present (policy generation {} ready)\n", n.name, n.interface,
                          n.policy_id);
@@ -181,13 +187,18 @@ int cmd_status(bool json) {
     first = false;
   }
   // Fill levels.
-  if (json) out += "\n], \"maps\": {";
-  else out += "maps:\n";
+  if (json)
+    out += "\n], \"maps\": {";
+  else
+    out += "maps:\n";
   bool fm = true;
   maps.for_each([&](const char* name, int fd) {
     uint32_t type = 0;
     uint32_t max = map_max_entries(fd, &type);
-    if (type == BPF_MAP_TYPE_RINGBUF || type == BPF_MAP_TYPE_ARRAY || type == BPF_MAP_TYPE_PERCPU_ARRAY) return;
+    // Arrays are always full; the per-VM flow tables are shown with each VM.
+    if (type == BPF_MAP_TYPE_RINGBUF || type == BPF_MAP_TYPE_ARRAY || type == BPF_MAP_TYPE_PERCPU_ARRAY ||
+        type == BPF_MAP_TYPE_ARRAY_OF_MAPS)
+      return;
     bpf_map_info info{};
     uint32_t len = sizeof(info);
     bpf_obj_get_info_by_fd(fd, &info, &len);
@@ -265,21 +276,26 @@ std::optional<Target> parse_target(const std::string& text, std::string* why) {
     t.has_port = true;
   }
   if (proto.empty()) proto = t.has_port ? "tcp" : (t.addr.family == 4 ? "icmp" : "icmpv6");
-  if (proto == "tcp") t.proto = Proto::tcp;
-  else if (proto == "udp") t.proto = Proto::udp;
-  else if (proto == "icmp") t.proto = Proto::icmp;
-  else if (proto == "icmpv6") t.proto = Proto::icmpv6;
-  else return *why = "'" + proto + "' is not tcp, udp, icmp or icmpv6", std::nullopt;
+  if (proto == "tcp")
+    t.proto = Proto::tcp;
+  else if (proto == "udp")
+    t.proto = Proto::udp;
+  else if (proto == "icmp")
+    t.proto = Proto::icmp;
+  else if (proto == "icmpv6")
+    t.proto = Proto::icmpv6;
+  else
+    return *why = "'" + proto + "' is not tcp, udp, icmp or icmpv6", std::nullopt;
   return t;
 }
 
 static std::string rule_text(const char* field, size_t i, const Rule& r) {
-  std::string s = fmt::format("{}[{}] {{{} {} {}", field, i, field[0] == 'e' ? "to" : "from", r.peer.str(),
-                              proto_name(r.proto));
+  std::string s =
+      fmt::format("{}[{}] {{{} {} {}", field, i, field[0] == 'e' ? "to" : "from", r.peer.str(), proto_name(r.proto));
   for (size_t k = 0; k < r.ports.size(); ++k)
-    s += fmt::format("{}{}", k ? "," : " ", r.ports[k].lo == r.ports[k].hi
-                                                  ? std::to_string(r.ports[k].lo)
-                                                  : fmt::format("{}-{}", r.ports[k].lo, r.ports[k].hi));
+    s += fmt::format("{}{}", k ? "," : " ",
+                     r.ports[k].lo == r.ports[k].hi ? std::to_string(r.ports[k].lo)
+                                                    : fmt::format("{}-{}", r.ports[k].lo, r.ports[k].hi));
   return s + "}";
 }
 
@@ -303,8 +319,8 @@ Explanation explain_spec(const Spec& spec, const VmSpec& vm, const Target& t) {
     x.rule = "mode direct: no policy (anti-spoofing and isolation only)";
     return x;
   }
-  bool imds = spec.host.imds && spec.host.imds->address.family == t.addr.family &&
-              spec.host.imds->address.addr == t.addr.addr;
+  bool imds =
+      spec.host.imds && spec.host.imds->address.family == t.addr.family && spec.host.imds->address.addr == t.addr.addr;
   if (imds) {
     if (vm.imds && t.proto == Proto::tcp && t.port == spec.host.imds->port) {
       x.allowed = true;
@@ -320,9 +336,8 @@ Explanation explain_spec(const Spec& spec, const VmSpec& vm, const Target& t) {
     if (r.peer.family != t.addr.family || !r.peer.contains(t.addr)) continue;
     if (imds && r.peer.prefix_len < (t.addr.family == 4 ? 32 : 128)) continue;  // IMDS is fenced off
     bool proto_ok = r.proto == Proto::any || r.proto == t.proto;
-    bool port_ok = r.ports.empty() || std::any_of(r.ports.begin(), r.ports.end(), [&](const PortRange& p) {
-                     return t.port >= p.lo && t.port <= p.hi;
-                   });
+    bool port_ok = r.ports.empty() || std::any_of(r.ports.begin(), r.ports.end(),
+                                                  [&](const PortRange& p) { return t.port >= p.lo && t.port <= p.hi; });
     if (proto_ok && port_ok && (!best || r.peer.prefix_len > best->peer.prefix_len)) {
       best = &r;
       best_i = i;
@@ -404,8 +419,8 @@ static std::string kernel_replay(const VmSpec& vm, const Target& t, bool* allowe
   }
   __sk_buff ctx{};
   ctx.ifindex = ifindex;
-  LIBBPF_OPTS(bpf_test_run_opts, run, .data_in = pkt, .data_size_in = static_cast<uint32_t>(l4 + 20),
-              .ctx_in = &ctx, .ctx_size_in = sizeof(ctx));
+  LIBBPF_OPTS(bpf_test_run_opts, run, .data_in = pkt, .data_size_in = static_cast<uint32_t>(l4 + 20), .ctx_in = &ctx,
+              .ctx_size_in = sizeof(ctx));
   std::string err;
   skel->bss->last_reason = 0;
   if (bpf_prog_test_run_opts(bpf_program__fd(skel->progs.vmfence_from_vm), &run) != 0) {

@@ -375,16 +375,26 @@ void Daemon::report_lost_events() {
 }
 
 // Bounded state: say so before a map runs out. The policy and VM maps refuse
-// new entries when full (the change fails, the VM keeps what it had); the
-// flow LRU would start evicting the oldest flows instead, whose replies are
-// then dropped: warn at 90%.
+// new entries when full (the change fails, the VM keeps what it had); a VM's
+// full flow table refuses its new flows (flow_limit): warn at 90%.
 void Daemon::check_fill_levels() {
+  for (const auto& [name, vm] : writer_->installed()) {
+    TableFill f = flow_table_fill(dp_->maps(), vm.slot);
+    if (f.max_entries && f.entries * 10 >= static_cast<size_t>(f.max_entries) * 9) {
+      std::string msg = fmt::format(
+          "vm {}: flow table {:.0f}% full ({} of {} flows, limits.flows); new flows are "
+          "dropped as flow_limit",
+          name, 100.0 * f.entries / f.max_entries, f.entries, f.max_entries);
+      spdlog::warn("{}", msg);
+      journal_.notice(4, msg, name);
+    }
+  }
   dp_->maps().for_each([&](const char* name, int fd) {
     bpf_map_info info{};
     uint32_t len = sizeof(info);
     if (bpf_obj_get_info_by_fd(fd, &info, &len) != 0) return;
     if (info.type == BPF_MAP_TYPE_RINGBUF || info.type == BPF_MAP_TYPE_ARRAY ||
-        info.type == BPF_MAP_TYPE_PERCPU_ARRAY || info.max_entries == 0)
+        info.type == BPF_MAP_TYPE_PERCPU_ARRAY || info.type == BPF_MAP_TYPE_ARRAY_OF_MAPS || info.max_entries == 0)
       return;
     size_t n = count_entries(fd, info.key_size);
     if (n * 10 >= static_cast<size_t>(info.max_entries) * 9) {

@@ -168,7 +168,7 @@ static __always_inline __u8 parse_l4(struct __sk_buff *skb, __u32 off, struct pk
 /* IPv6 extension headers we walk; anything else is the upper layer. */
 static __always_inline int is_ipv6_ext(__u8 nh)
 {
-	return nh == 0 || nh == 43 || nh == 60 || nh == 44;
+	return nh == 0 || nh == 43 || nh == 60 || nh == 44 || nh == 51;
 }
 
 /* The frame must hold the whole datagram its IP header announces; beyond
@@ -236,6 +236,10 @@ static __always_inline __u8 parse_ipv6(struct __sk_buff *skb, __u32 off, struct 
 		return VMFENCE_REASON_MALFORMED;
 	__builtin_memcpy(p->saddr.b, &ip6.saddr, 16);
 	__builtin_memcpy(p->daddr.b, &ip6.daddr, 16);
+	/* IPv4-mapped addresses never appear on the wire (RFC 4291 2.5.5.2);
+	 * here they would read as IPv4 in the shared address space. */
+	if (is_v4_mapped(&p->saddr) || is_v4_mapped(&p->daddr))
+		return VMFENCE_REASON_MALFORMED;
 	p->family = 6;
 	p->hop_limit = ip6.hop_limit;
 	p->l3_end = off + sizeof(ip6) + bpf_ntohs(ip6.payload_len);
@@ -251,6 +255,8 @@ static __always_inline __u8 parse_ipv6(struct __sk_buff *skb, __u32 off, struct 
 
 		if (!is_ipv6_ext(nh))
 			break;
+		if (nh == 0 && i > 0) /* hop-by-hop only first (RFC 8200 4.1) */
+			return VMFENCE_REASON_MALFORMED;
 		if (bpf_skb_load_bytes(skb, off, eh, 8))
 			return VMFENCE_REASON_MALFORMED;
 		if (nh == 44) {
@@ -271,7 +277,10 @@ static __always_inline __u8 parse_ipv6(struct __sk_buff *skb, __u32 off, struct 
 		 * addresses the policy never saw (RH0, SRv6): not allowed. */
 		if (nh == 43 && eh[3] != 0)
 			return VMFENCE_REASON_MALFORMED;
-		off += ((__u32)eh[1] + 1) * 8;
+		if (nh == 51) /* AH counts its length in 4-byte units, minus 2 */
+			off += ((__u32)eh[1] + 2) * 4;
+		else
+			off += ((__u32)eh[1] + 1) * 8;
 		nh = eh[0];
 	}
 	if (p->frag != FRAG_LATER && is_ipv6_ext(nh))

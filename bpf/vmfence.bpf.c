@@ -701,7 +701,7 @@ static __always_inline int from_vm_icmp6_control(struct __sk_buff *skb, const st
 		return drop(skb, vm, p, VMFENCE_REASON_SPOOFED_ND, VMFENCE_DIR_FROM_VM);
 	case 130: /* MLD query: a VM is not a multicast router */
 		if (!src_ok)
-			return NOT_CONTROL;
+			return drop(skb, vm, p, VMFENCE_REASON_SPOOFED_IP, VMFENCE_DIR_FROM_VM);
 		return drop(skb, vm, p, VMFENCE_REASON_LINK_LOCAL, VMFENCE_DIR_FROM_VM);
 	case 131: /* MLDv1 report: to the group itself */
 		if (p->hop_limit != 1 || len != 24 || !is_multicast(&p->daddr))
@@ -743,6 +743,8 @@ static __always_inline int from_vm_icmp6_control(struct __sk_buff *skb, const st
 		}
 		if (!src_ok)
 			return drop(skb, vm, p, VMFENCE_REASON_SPOOFED_IP, VMFENCE_DIR_FROM_VM);
+		if (p->icmp_type == 136 && is_unspecified(&p->saddr)) /* RFC 4861 7.2.4 */
+			return drop(skb, vm, p, VMFENCE_REASON_SPOOFED_ND, VMFENCE_DIR_FROM_VM);
 		r = nd_options_reason(skb, vm, p->l4_off + 24, p->l3_end, 1, &has_lla);
 		if (!r && has_lla && is_unspecified(&p->saddr))
 			r = VMFENCE_REASON_SPOOFED_ND;
@@ -786,14 +788,17 @@ static __always_inline int from_vm_igmp(struct __sk_buff *skb, const struct vmfe
 	__u8 hdr[8];
 	__u32 group;
 
-	if (p->hop_limit != 1 || len < 8 || len > 8 + 8 * 32 || !is_multicast(&p->daddr))
+	if (len < 8 || bpf_skb_load_bytes(skb, p->l4_off, hdr, 8))
 		return NOT_CONTROL;
-	if (bpf_skb_load_bytes(skb, p->l4_off, hdr, 8))
+	if (hdr[0] == 0x11) { /* query: a VM is not a multicast router */
+		if (!src_owned)
+			return drop(skb, vm, p, VMFENCE_REASON_SPOOFED_IP, VMFENCE_DIR_FROM_VM);
+		return drop(skb, vm, p, VMFENCE_REASON_LINK_LOCAL, VMFENCE_DIR_FROM_VM);
+	}
+	if (p->hop_limit != 1 || len > 8 + 8 * 32 || !is_multicast(&p->daddr))
 		return NOT_CONTROL;
 	__builtin_memcpy(&group, &hdr[4], 4);
 	switch (hdr[0]) {
-	case 0x11: /* query: a VM is not a multicast router */
-		return drop(skb, vm, p, VMFENCE_REASON_LINK_LOCAL, VMFENCE_DIR_FROM_VM);
 	case 0x12: /* v1 report */
 	case 0x16: /* v2 report: to the group itself */
 		if (len != 8 || group != p->daddr.w[3])
@@ -823,6 +828,8 @@ static __always_inline int is_ieee_link_local(struct __sk_buff *skb, const struc
 {
 	__u8 dmac[6];
 
+	if (p->ethertype == 0x8100 || p->ethertype == 0x88a8 || p->ethertype == 0x9100)
+		return 0; /* tagged: bad_ethertype whatever it carries */
 	if (p->ethertype && p->ethertype < 0x600)
 		return 1;
 	if (bpf_skb_load_bytes(skb, 0, dmac, 6))
@@ -883,9 +890,15 @@ static __always_inline int pass_from_vm(struct __sk_buff *skb)
 	return TC_ACT_UNSPEC;
 }
 
-static __always_inline int is_broadcast_or_multicast(const struct pkt *p)
+/* Multicast or broadcast at L3 or L2 (a subnet broadcast such as a NetBIOS
+ * query goes to ff:ff:ff:ff:ff:ff; vmfence does not know the VM's subnet). */
+static __always_inline int is_broadcast_or_multicast(struct __sk_buff *skb, const struct pkt *p)
 {
-	return is_multicast(&p->daddr);
+	__u8 d0;
+
+	if (is_multicast(&p->daddr))
+		return 1;
+	return !bpf_skb_load_bytes(skb, 0, &d0, 1) && (d0 & 1);
 }
 
 SEC("tc")
@@ -983,7 +996,7 @@ int vmfence_from_vm(struct __sk_buff *skb)
 			return pass_from_vm(skb);
 		/* Multicast and broadcast no rule allows (mDNS, LLMNR, SSDP,
 		 * DHCPv6, NetBIOS): the guest's link-local noise. */
-		if (r == VMFENCE_REASON_EGRESS_DENIED && is_broadcast_or_multicast(&p))
+		if (r == VMFENCE_REASON_EGRESS_DENIED && is_broadcast_or_multicast(skb, &p))
 			r = VMFENCE_REASON_LINK_LOCAL;
 		return drop(skb, vm, &p, r, VMFENCE_DIR_FROM_VM);
 	}
@@ -1120,6 +1133,8 @@ int vmfence_to_vm(struct __sk_buff *skb)
 		if (ret != NOT_CONTROL)
 			return ret;
 	}
+	if (p.family == 6 && (is_link_local(&p.saddr) || is_link_local(&p.daddr)))
+		return drop(skb, vm, &p, VMFENCE_REASON_LINK_LOCAL, VMFENCE_DIR_TO_VM);
 	if (!is_multicast(&p.daddr) && !vm_owns(vm, &p.daddr))
 		return drop(skb, vm, &p, VMFENCE_REASON_NOT_FOR_VM, VMFENCE_DIR_TO_VM);
 	if (same || vm->mode == VMFENCE_MODE_DIRECT) {

@@ -133,6 +133,17 @@ size_t count_entries(int fd, size_t key_size) {
   return n;
 }
 
+TableFill flow_table_fill(const MapSet& maps, uint32_t slot) {
+  TableFill f;
+  Fd t = inner_map(maps.flows.get(), slot);
+  if (!t.valid()) return f;
+  bpf_map_info info{};
+  uint32_t len = sizeof(info);
+  if (bpf_obj_get_info_by_fd(t.get(), &info, &len) == 0) f.max_entries = info.max_entries;
+  f.entries = count_entries(t.get(), sizeof(vmfence_flow_key));
+  return f;
+}
+
 // Keys of a map, for garbage collection.
 template <typename K>
 static std::vector<K> keys_of(int fd) {

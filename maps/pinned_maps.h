@@ -43,6 +43,12 @@ size_t count_entries(int map_fd, size_t key_size);
 Fd inner_map(int outer_fd, uint32_t slot);
 // Flows in every VM's table together.
 size_t count_flows(const MapSet& maps);
+// One VM's flow table: entries and size (limits.flows); {0, 0} without one.
+struct TableFill {
+  size_t entries = 0;
+  uint32_t max_entries = 0;
+};
+TableFill flow_table_fill(const MapSet& maps, uint32_t slot);
 
 // What is installed for one VM.
 struct InstalledVm {

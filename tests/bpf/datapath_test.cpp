@@ -83,7 +83,8 @@ const std::vector<VmDef>& world_vms() {
       {"vmsamp1", "02:00:00:00:07:02", R"({
         "name": "vmsamp1", "interface": "vft-samp1", "mac": "02:00:00:00:07:02",
         "addresses": ["10.7.0.2/32"], "mode": "sampled", "sample_rate": 1,
-        "egress": [ { "to": "0.0.0.0/0", "proto": "tcp", "ports": ["443"] } ] })"},
+        "egress": [ { "to": "0.0.0.0/0", "proto": "tcp", "ports": ["443"] } ],
+        "ingress": [ { "from": "100.64.0.0/10", "proto": "tcp", "ports": ["22"] } ] })"},
       {"vmsamp0", "02:00:00:00:08:02", R"({
         "name": "vmsamp0", "interface": "vft-samp0", "mac": "02:00:00:00:08:02",
         "addresses": ["10.8.0.2/32"], "mode": "sampled", "sample_rate": 1e-9,
@@ -94,6 +95,12 @@ const std::vector<VmDef>& world_vms() {
         "egress": [ { "to": "0.0.0.0/0", "proto": "tcp", "ports": ["443"] },
                     { "to": "203.0.113.7/32", "proto": "udp", "ports": ["51900"] } ],
         "ingress": [ { "from": "100.64.0.0/10", "proto": "tcp", "ports": ["22"] } ] })"},
+      // A flow table of two entries.
+      {"vmlimit", "02:00:00:00:0c:02", R"({
+        "name": "vmlimit", "interface": "vft-limit", "mac": "02:00:00:00:0c:02",
+        "addresses": ["10.12.0.2/32"], "limits": { "flows": 2 },
+        "egress": [ { "to": "203.0.113.7/32", "proto": "udp", "ports": ["51900"] } ],
+        "on_violation": { "action": "terminate", "command": ["true"] } })"},
       // on_violation terminate: quarantined in the kernel at the first violation.
       {"vmquar", "02:00:00:00:0a:02", R"({
         "name": "vmquar", "interface": "vft-quar", "mac": "02:00:00:00:0a:02",
@@ -715,6 +722,137 @@ std::vector<Fixture> fixtures() {
                  .embed(T("vm1").ipv4(ip("100.64.1.5"), ip("10.2.0.2")).udp(7000, 5005).payload(20).build()),
              DROP(VMFENCE_REASON_EGRESS_DENIED))});
   }
+  {
+    // ICMP errors as a carrier: only back to the quoted peer, within 576 bytes.
+    const Packet dgram = T("vm1").ipv4(ip("100.64.1.5"), ip("10.1.0.2")).udp(7000, 5005).payload(20);
+    add("icmp_error_from_vm_to_another_destination",
+        {in("vm1", dgram, PASS),
+         out("vm1", F("vm1").ipv4(ip("10.1.0.2"), ip("198.51.100.9")).icmp(3, 3).embed(dgram.build()),
+             DROP(VMFENCE_REASON_EGRESS_DENIED))});
+    const Packet big = T("vm1").ipv4(ip("100.64.1.5"), ip("10.1.0.2")).udp(7001, 5005).payload(1000);
+    add("icmp_error_from_vm_oversized",
+        {in("vm1", big, PASS),
+         out("vm1", F("vm1").ipv4(ip("10.1.0.2"), ip("100.64.1.5")).icmp(3, 3).embed(big.build()),
+             DROP(VMFENCE_REASON_EGRESS_DENIED)),
+         out("vm1", F("vm1").ipv4(ip("10.1.0.2"), ip("100.64.1.5")).icmp(3, 3).embed(big.build(), 548), PASS,
+             "at 576 bytes")});
+  }
+  // Source routing would carry the packet past the policy.
+  add("ipv4_source_route_option",
+      {out("vm1",
+           F("vm1")
+               .ipv4(ip("10.1.0.2"), ip("93.184.216.34"), ip4_options({131, 7, 4, 10, 9, 9, 9, 0}))
+               .tcp(40000, 443, SYN),
+           DROP(VMFENCE_REASON_MALFORMED)),
+       out("vm1",
+           F("vm1")
+               .ipv4(ip("10.1.0.2"), ip("93.184.216.34"), ip4_options({137, 7, 4, 10, 9, 9, 9, 0}))
+               .tcp(40000, 443, SYN),
+           DROP(VMFENCE_REASON_MALFORMED))});
+  add("ipv6_routing_header_segments_left", {out("vm1",
+                                                F("vm1")
+                                                    .ipv6(ip("fec0::1"), ip("2001:db8::5"))
+                                                    .routing_header(0, 1, {ip("2001:db9::6")})
+                                                    .tcp(40000, 443, SYN),
+                                                DROP(VMFENCE_REASON_MALFORMED)),
+                                            out("vm1",
+                                                F("vm1")
+                                                    .ipv6(ip("fec0::1"), ip("2001:db8::5"))
+                                                    .routing_header(4, 1, {ip("2001:db9::6")})
+                                                    .tcp(40000, 443, SYN),
+                                                DROP(VMFENCE_REASON_MALFORMED)),
+                                            out("vm1",
+                                                F("vm1")
+                                                    .ipv6(ip("fec0::1"), ip("2001:db8::5"))
+                                                    .routing_header(4, 0, {ip("2001:db9::6")})
+                                                    .tcp(40000, 443, SYN),
+                                                PASS, "segments left 0: the destination is final")});
+  add("ipv6_hop_by_hop_not_first",
+      {out("vm1", F("vm1").ipv6(ip("fec0::1"), ip("2001:db8::5")).dest_opts().hop_by_hop().tcp(40000, 443, SYN),
+           DROP(VMFENCE_REASON_MALFORMED))});
+  // IPv4-mapped addresses never appear in an IPv6 header on the wire.
+  add("ipv6_v4_mapped_addresses",
+      {out("vm1", F("vm1").ipv6(ip("fec0::1"), ip("::ffff:93.184.216.34")).tcp(40000, 443, SYN),
+           DROP(VMFENCE_REASON_MALFORMED)),
+       out("vm1", F("vm1").ipv6(ip("::ffff:10.1.0.2"), ip("2001:db8::5")).tcp(40000, 443, SYN),
+           DROP(VMFENCE_REASON_MALFORMED))});
+  // Frame length against the IP length: truncated datagram, trailing bytes.
+  add("frame_longer_than_ip_length",
+      {out("vm1", F("vm1").ipv4(ip("10.1.0.2"), ip("93.184.216.34")).tcp(40000, 443, SYN).trailer(40),
+           DROP(VMFENCE_REASON_MALFORMED)),
+       out("vm1", F("vm1").ipv4(ip("10.1.0.2"), ip("93.184.216.34")).tcp(40001, 443, SYN).trailer(4), PASS,
+           "Ethernet padding to 60 bytes")});
+  add("frame_shorter_than_ip_length",
+      {out("vm1", F("vm1").ipv4(ip("10.1.0.2"), ip("93.184.216.34")).tcp(40000, 443, SYN).payload(100).chopped(50),
+           DROP(VMFENCE_REASON_MALFORMED))});
+  // A full flow table refuses the VM's new flows, never evicts; not a violation.
+  add("flow_limit_is_per_vm_and_quiet",
+      {out("vmlimit", udp4("10.12.0.2", "203.0.113.7", 40000, 51900, "vmlimit"), PASS),
+       out("vmlimit", udp4("10.12.0.2", "203.0.113.7", 40001, 51900, "vmlimit"), PASS),
+       out("vmlimit", udp4("10.12.0.2", "203.0.113.7", 40002, 51900, "vmlimit"), DROP(VMFENCE_REASON_FLOW_LIMIT)),
+       out("vmlimit", udp4("10.12.0.2", "203.0.113.7", 40000, 51900, "vmlimit"), PASS, "an existing flow"),
+       in("vmlimit", T("vmlimit").ipv4(ip("203.0.113.7"), ip("10.12.0.2")).udp(51900, 40001).payload(8), PASS,
+          "its reply"),
+       then_check(out("vm1", udp4("10.1.0.2", "203.0.113.7", 40002, 51900), PASS, "another VM"),
+                  [](World& w, const Step&) { expect_state_quarantined(w, "vmlimit", false); })});
+  add("tcp_rst_ends_flow", {out("vm1", tcp4("10.1.0.2", "93.184.216.34", 40010, 443, SYN), PASS),
+                            in("vm1", tcp4_to("vm1", "93.184.216.34", "10.1.0.2", 443, 40010, ACK), PASS, "reply"),
+                            out("vm1", tcp4("10.1.0.2", "93.184.216.34", 40010, 443, RST), PASS, "RST"),
+                            in("vm1", tcp4_to("vm1", "93.184.216.34", "10.1.0.2", 443, 40010, ACK),
+                               DROP(VMFENCE_REASON_INGRESS_DENIED), "after the RST")});
+  // Sampled: a source port an ingress rule allows is not a reply.
+  add("sampled_ingress_port_is_not_a_reply",
+      {out("vmsamp1", tcp4("10.7.0.2", "93.184.216.34", 22, 40000, SYN | ACK, "vmsamp1"),
+           DROP(VMFENCE_REASON_EGRESS_DENIED)),
+       in("vmsamp1", tcp4_to("vmsamp1", "100.64.1.5", "10.7.0.2", 50000, 22, SYN), PASS, "a real opener"),
+       out("vmsamp1", tcp4("10.7.0.2", "100.64.1.5", 22, 50000, SYN | ACK, "vmsamp1"), PASS, "its reply")});
+  // An unchecked first fragment is recorded: its later fragments never count.
+  add("sampled_unchecked_first_fragment",
+      {out("vmsamp0",
+           F("vmsamp0").ipv4(ip("10.8.0.2"), ip("93.184.216.34"), ip4_frag(0x77, true, 0)).udp(4000, 53).payload(1472),
+           PASS),
+       change("sample every packet from now on",
+              [](World& w) {
+                ASSERT_TRUE(w.reinstall(R"({ "name": "vmsamp0", "interface": "vft-samp0", "mac": "02:00:00:00:08:02",
+                  "addresses": ["10.8.0.2/32"], "mode": "sampled", "sample_rate": 1,
+                  "egress": [ { "to": "0.0.0.0/0", "proto": "udp", "ports": ["53"] } ] })"));
+              }),
+       out("vmsamp0",
+           F("vmsamp0")
+               .ipv4(ip("10.8.0.2"), ip("93.184.216.34"), ip4_frag(0x77, false, 185))
+               .next_proto(kProtoUdp)
+               .payload(100),
+           DROP(VMFENCE_REASON_FRAGMENT), "a new generation re-checks")});
+  add("nd_na_from_unspecified",
+      {out("vm1", F("vm1").ipv6(ip("::"), kAllNodes, 255).na(ip("fec0::1"), false).lla(2, mac_of("vm1")),
+           DROP(VMFENCE_REASON_SPOOFED_ND))});
+  add("queries_from_vm_are_noise",
+      {out("vm1", F("vm1").ipv6(ip("fe80::1"), kAllNodes, 1).hop_by_hop().icmp6(130, 0).payload(20),
+           DROP(VMFENCE_REASON_LINK_LOCAL))});
+  add("to_vm_link_control_bounds",
+      {in("vm1", T("vm1").ipv6(ip("fe80::1"), kAllNodes, 1).hop_by_hop().mld2_report(ip("ff02::1:ff00:1")),
+          DROP(VMFENCE_REASON_LINK_LOCAL), "another host's MLD report"),
+       in("vm1", T("vm1").ipv6(ip("fec0::ffff"), solicited_node("fec0::1"), 64).ns(ip("fec0::1")).lla(1, kGwMac),
+          DROP(VMFENCE_REASON_INGRESS_DENIED), "NS with hop limit 64: not control, judged by the rules"),
+       in("vm1", T("vm1").ipv6(ip("fe80::99"), ip("fec0::1")).udp(5000, 5000).payload(8),
+          DROP(VMFENCE_REASON_LINK_LOCAL), "link-local source")});
+  add("arp_to_vm_bounds", {in("vm1", T("vm1").arp(1, kGwMac, ip("10.9.9.9"), Mac{}, ip("10.9.9.8")),
+                              DROP(VMFENCE_REASON_ARP_DENIED), "about neither the VM nor its gateway"),
+                           in("vm1", T("vm1").arp(1, kGwMac, ip("10.1.0.1"), Mac{}, ip("10.1.0.2")).payload(30),
+                              DROP(VMFENCE_REASON_MALFORMED), "longer than 60 bytes"),
+                           vouched(in("vm1", T("vm1").arp(1, mac_of("vm3"), ip("10.3.0.2"), Mac{}, ip("10.1.0.1")),
+                                      DROP(VMFENCE_REASON_CROSS_GROUP), "another tenant asking for the gateway")),
+                           in("vm1", T("vm1").arp(2, kOtherMac, ip("10.1.0.2"), Mac{}, ip("10.1.0.2")),
+                              DROP(VMFENCE_REASON_SPOOFED_ARP), "someone claiming the VM's own address")});
+  add("arp_oversized_from_vm",
+      {out("vm1", arp_req("vm1", mac_of("vm1"), "10.1.0.2", "10.1.0.1").payload(30), DROP(VMFENCE_REASON_MALFORMED)),
+       out("vm1", arp_req("vm1", mac_of("vm1"), "0.0.0.0", "10.1.0.77"), DROP(VMFENCE_REASON_LINK_LOCAL),
+           "a probe for someone else's address")});
+  add("ieee_link_local_frames_are_noise",
+      {out("vm1", Packet().eth(mac_of("vm1"), mac("01:80:c2:00:00:0e")).ethertype(0x88cc).payload(46),
+           DROP(VMFENCE_REASON_LINK_LOCAL)),
+       out("vm1", Packet().eth(mac_of("vm1"), mac("01:80:c2:00:00:00")).ethertype(38).payload(46),
+           DROP(VMFENCE_REASON_LINK_LOCAL))});
   add("not_for_vm",
       {in("vm1", tcp4_to("vm1", "100.64.1.5", "10.1.0.9", 50000, 22, SYN), DROP(VMFENCE_REASON_NOT_FOR_VM)),
        in("vm1", tcp4_to("vm1", "100.64.1.5", "10.2.0.2", 50000, 22, SYN), DROP(VMFENCE_REASON_NOT_FOR_VM)),

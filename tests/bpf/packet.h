@@ -87,8 +87,8 @@ struct Frame {
 struct Ip4Opts {
   uint16_t id = 0x1234;
   bool df = false;
-  bool mf = false;             // more fragments
-  uint16_t frag_offset = 0;    // in 8-byte units
+  bool mf = false;           // more fragments
+  uint16_t frag_offset = 0;  // in 8-byte units
   uint8_t ttl = 64;
   std::vector<uint8_t> options;  // padded to a multiple of 4 with EOL
   int version = 4;               // for malformed-header fixtures
@@ -188,6 +188,13 @@ class Packet {
     ext_header(60, opts);
     return *this;
   }
+  // A routing header of `type` with `segments_left` and that many addresses.
+  Packet& routing_header(uint8_t type, uint8_t segments_left, const std::vector<Ip>& addrs = {}) {
+    std::vector<uint8_t> opts = {type, segments_left, 0, 0, 0, 0};
+    for (const auto& a : addrs) opts.insert(opts.end(), a.raw(), a.raw() + 16);
+    ext_header(43, opts);
+    return *this;
+  }
   Packet& ipv6_frag(uint16_t offset_units, bool more, uint32_t id) {
     set_next(44);
     nh_at_ = b_.size();
@@ -258,8 +265,8 @@ class Packet {
   Packet& rs() { return icmp6(133, 0); }
   Packet& ra() {
     icmp6(134, 0, 64u << 24 | 1800);  // hop limit 64, router lifetime 1800 s
-    put32(0);                          // reachable time
-    put32(0);                          // retrans timer
+    put32(0);                         // reachable time
+    put32(0);                         // retrans timer
     return *this;
   }
   Packet& redirect(const Ip& target, const Ip& dst) {
@@ -324,8 +331,7 @@ class Packet {
     size_t l3 = 14;
     while (l3 + 4 <= inner.bytes.size() && get16(inner.bytes, l3 - 2) == kEthVlan) l3 += 4;
     size_t n = std::min(max_bytes, inner.bytes.size() - l3);
-    b_.insert(b_.end(), inner.bytes.begin() + static_cast<long>(l3),
-              inner.bytes.begin() + static_cast<long>(l3 + n));
+    b_.insert(b_.end(), inner.bytes.begin() + static_cast<long>(l3), inner.bytes.begin() + static_cast<long>(l3 + n));
     return *this;
   }
   Packet& payload(size_t n, uint8_t fill = 0xab) {
@@ -364,10 +370,26 @@ class Packet {
       set16(b, l4_off_ + at, c);
     }
     f.info.ethertype = type_at_ >= 12 ? get16(b, 12) : 0;
+    // After the lengths: bytes the IP header does not announce, or bytes it
+    // announces that the frame lacks.
+    b.insert(b.end(), trailer_, 0);
+    b.resize(b.size() - std::min(chop_, b.size()));
     return f;
+  }
+  // n bytes after the IP datagram (not counted in its length).
+  Packet& trailer(size_t n) {
+    trailer_ = n;
+    return *this;
+  }
+  // The frame ends n bytes before the IP length says.
+  Packet& chopped(size_t n) {
+    chop_ = n;
+    return *this;
   }
 
  private:
+  size_t trailer_ = 0;
+  size_t chop_ = 0;
   static void need(bool ok, const char* what) {
     if (!ok) throw std::logic_error(what);
   }
