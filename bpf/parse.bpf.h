@@ -40,6 +40,8 @@ struct pkt {
 	__u8 icmp_code;
 	__u8 tcp_flags;
 	__u8 hop_limit;         /* IPv4 TTL / IPv6 hop limit */
+	__u8 frag_proto;        /* IPv4 protocol / fragment header's next header:
+				 * the same in every fragment of a datagram */
 	__u8 smac[6];
 };
 
@@ -264,6 +266,7 @@ static __always_inline __u8 parse_ipv6(struct __sk_buff *skb, __u32 off, struct 
 			__builtin_memcpy(&p->frag_id, &eh[4], 4);
 			off += 8;
 			nh = eh[0];
+			p->frag_proto = nh;
 			if (fo >> 3) {
 				/* What follows is payload, whatever nh says. */
 				p->frag = FRAG_LATER;
@@ -289,7 +292,7 @@ static __always_inline __u8 parse_ipv6(struct __sk_buff *skb, __u32 off, struct 
 	p->l4_off = off;
 	if (p->frag == FRAG_LATER)
 		return 0;
-	return parse_l4(skb, off, p, 0);
+	return parse_l4(skb, off, p, quoted);
 }
 
 static __always_inline __u8 parse_ipv4_at(struct __sk_buff *skb, __u32 off, struct pkt *p, int quoted)
@@ -306,6 +309,7 @@ static __always_inline __u8 parse_ipv4_at(struct __sk_buff *skb, __u32 off, stru
 	p->family = 4;
 	p->proto = ip.protocol;
 	p->frag_id = ip.id;
+	p->frag_proto = ip.protocol;
 	p->hop_limit = ip.ttl;
 	p->l3_end = off + bpf_ntohs(ip.tot_len);
 	if (!quoted) {
@@ -392,14 +396,9 @@ static __always_inline int parse_icmp_inner(struct __sk_buff *skb, const struct 
 		if (parse_ipv4_at(skb, off, inner, 1))
 			return -1;
 	} else {
-		struct ipv6hdr ip6;
-		if (bpf_skb_load_bytes(skb, off, &ip6, sizeof(ip6)))
-			return -1;
-		__builtin_memcpy(inner->saddr.b, &ip6.saddr, 16);
-		__builtin_memcpy(inner->daddr.b, &ip6.daddr, 16);
-		inner->family = 6;
-		inner->proto = ip6.nexthdr;
-		if (parse_l4(skb, off + sizeof(ip6), inner, 1))
+		/* Its extension headers walked like the outer packet's, so the
+		 * quoted flow is found behind a fragment or options header. */
+		if (parse_ipv6(skb, off, inner, 1))
 			return -1;
 	}
 	return 0;

@@ -36,12 +36,14 @@ static __always_inline struct vmfence_config *vmfence_cfg(void)
 	return bpf_map_lookup_elem(&vmfence_config_v2, &zero);
 }
 
-/* A guest's own noise and its resource limits: counted, never held against
- * the VM, no event (a booting guest would otherwise flood the log). */
+/* A guest's own noise, its resource limits, and drops an outsider or a lost
+ * packet can cause (a later fragment whose first one is gone, the answer to
+ * a stray packet): counted, never held against the VM, no event. */
 static __always_inline int is_quiet(__u8 reason)
 {
 	return reason == VMFENCE_REASON_FLOW_LIMIT || reason == VMFENCE_REASON_LINK_LOCAL ||
-	       reason == VMFENCE_REASON_UNASSIGNED_SRC;
+	       reason == VMFENCE_REASON_UNASSIGNED_SRC || reason == VMFENCE_REASON_STALE_REPLY ||
+	       reason == VMFENCE_REASON_FRAGMENT;
 }
 
 static __always_inline int counts_as_violation(__u8 reason)
@@ -211,7 +213,10 @@ static __always_inline __u8 resolve_target_reason(const struct vmfence_vm *vm, c
 	o = owner_of(t);
 	if (o)
 		return o->group_id == vm->group_id ? 0 : VMFENCE_REASON_CROSS_GROUP;
-	return VMFENCE_REASON_ARP_DENIED;
+	/* An on-link neighbour that is nobody's: a guest with a /24 asks for
+	 * it when any packet from there reaches it. Cannot carry data beyond
+	 * the link: dropped, not a violation. */
+	return VMFENCE_REASON_LINK_LOCAL;
 }
 
 /* --- policy ------------------------------------------------------------------ */
@@ -301,18 +306,11 @@ static __always_inline void *flow_table(const struct vmfence_vm *vm)
 static __always_inline __u64 flow_timeout_ns(const struct vmfence_flow *f, __u8 proto)
 {
 	struct vmfence_config *cfg = vmfence_cfg();
-	__u32 s;
 
-	if (proto == IPPROTO_TCP) {
-		s = cfg && cfg->tcp_timeout_s ? cfg->tcp_timeout_s : VMFENCE_DEFAULT_TCP_TIMEOUT_S;
-		if ((f->flags & VMFENCE_FLOW_F_CLOSING) && s > VMFENCE_TCP_CLOSING_TIMEOUT_S)
-			s = VMFENCE_TCP_CLOSING_TIMEOUT_S;
-	} else if (proto == IPPROTO_UDP) {
-		s = cfg && cfg->udp_timeout_s ? cfg->udp_timeout_s : VMFENCE_DEFAULT_UDP_TIMEOUT_S;
-	} else {
-		s = cfg && cfg->icmp_timeout_s ? cfg->icmp_timeout_s : VMFENCE_DEFAULT_ICMP_TIMEOUT_S;
-	}
-	return (__u64)s * 1000000000ull;
+	if (!cfg)
+		return (__u64)vmfence_flow_timeout_s(proto, f->flags, 0, 0, 0) * 1000000000ull;
+	return (__u64)vmfence_flow_timeout_s(proto, f->flags, cfg->tcp_timeout_s, cfg->udp_timeout_s,
+					     cfg->icmp_timeout_s) * 1000000000ull;
 }
 
 /* The live entry of a flow, or NULL (absent or idle past its timeout: the
@@ -330,27 +328,37 @@ static __always_inline struct vmfence_flow *flow_find(void *table, struct vmfenc
 }
 
 /* A packet of a live flow: refresh its timestamp (at most once a second, so
- * the fast path rarely writes) and end it on TCP FIN (linger) or RST. */
+ * the fast path rarely writes). The VM's packet answers a peer-opened flow;
+ * the VM's RST ends the flow, a FIN or the peer's RST (which anyone on the
+ * path can forge, sequence numbers unchecked) only starts a short linger. */
 static __always_inline void flow_touch(void *table, struct vmfence_flow_key *k, struct vmfence_flow *f,
-				       __u64 now, __u8 tcp_flags)
+				       __u64 now, __u8 tcp_flags, int from_vm)
 {
+	__u8 flags = f->flags;
+
 	if (dry_run)
 		return;
-	if (k->proto == IPPROTO_TCP && (tcp_flags & TCP_FLAG_RST)) {
+	if (k->proto == IPPROTO_TCP && (tcp_flags & TCP_FLAG_RST) && from_vm) {
 		bpf_map_delete_elem(table, k);
 		return;
 	}
-	if (k->proto == IPPROTO_TCP && (tcp_flags & TCP_FLAG_FIN))
-		f->flags |= VMFENCE_FLOW_F_CLOSING;
+	if (k->proto == IPPROTO_TCP && (tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)))
+		flags |= VMFENCE_FLOW_F_CLOSING;
+	if (from_vm)
+		flags &= ~VMFENCE_FLOW_F_UNANSWERED;
+	if (flags != f->flags)
+		f->flags = flags;
 	if (now - f->last_seen_ns > 1000000000ull)
 		f->last_seen_ns = now;
 }
 
 /* Is this a packet of a flow the policy allowed? A verdict cached under an
  * older policy generation is re-checked against the current rules for the
- * side that opened the flow, so removing a rule cuts the flows it allowed. */
+ * side that opened the flow, so removing a rule cuts the flows it allowed.
+ * checked_only: refuse flows an unsampled packet recorded (a checked packet
+ * must not ride on them). */
 static __always_inline int flow_allowed(const struct vmfence_vm *vm, struct vmfence_flow_key *k,
-					int peer_opened_only, __u8 tcp_flags)
+					int peer_opened_only, __u8 tcp_flags, int from_vm, int checked_only)
 {
 	void *table = flow_table(vm);
 	__u64 now = bpf_ktime_get_ns();
@@ -361,6 +369,8 @@ static __always_inline int flow_allowed(const struct vmfence_vm *vm, struct vmfe
 	if (!f)
 		return 0;
 	if (peer_opened_only && f->opened_by != VMFENCE_FLOW_OPENED_BY_PEER)
+		return 0;
+	if (checked_only && (f->flags & VMFENCE_FLOW_F_UNCHECKED))
 		return 0;
 	if (f->policy_id != vm->policy_id) {
 		__builtin_memcpy(peer.b, k->peer_addr, 16);
@@ -378,18 +388,20 @@ static __always_inline int flow_allowed(const struct vmfence_vm *vm, struct vmfe
 		if (!dry_run)
 			f->policy_id = vm->policy_id;
 	}
-	flow_touch(table, k, f, now, tcp_flags);
+	flow_touch(table, k, f, now, tcp_flags, from_vm);
 	return 1;
 }
 
-/* Remember a flow the policy allowed. 0, or -1 when the VM's table is full
- * (the caller drops the packet: flow_limit). An existing entry is renewed in
- * place and never needs room. */
+/* Remember a flow the policy allowed (or, checked = 0, that an unsampled
+ * packet opened). 0, or -1 when the VM's table is full (the caller drops the
+ * packet: flow_limit). An existing entry is renewed in place and never needs
+ * room. */
 static __always_inline int flow_record(const struct vmfence_vm *vm, struct vmfence_flow_key *k,
-				       __u8 opened_by, __u8 tcp_flags)
+				       __u8 opened_by, __u8 tcp_flags, int checked)
 {
 	void *table = flow_table(vm);
 	__u64 now = bpf_ktime_get_ns();
+	int from_vm = opened_by == VMFENCE_FLOW_OPENED_BY_VM;
 	struct vmfence_flow *f;
 	struct vmfence_flow v = { .last_seen_ns = now, .policy_id = vm->policy_id, .opened_by = opened_by };
 
@@ -401,7 +413,9 @@ static __always_inline int flow_record(const struct vmfence_vm *vm, struct vmfen
 	if (f) {
 		if (now - f->last_seen_ns <= flow_timeout_ns(f, k->proto)) {
 			if (f->policy_id == vm->policy_id) {
-				flow_touch(table, k, f, now, tcp_flags);
+				if (checked && (f->flags & VMFENCE_FLOW_F_UNCHECKED))
+					f->flags &= ~VMFENCE_FLOW_F_UNCHECKED;
+				flow_touch(table, k, f, now, tcp_flags, from_vm);
 				return 0;
 			}
 			v.opened_by = f->opened_by;
@@ -411,7 +425,13 @@ static __always_inline int flow_record(const struct vmfence_vm *vm, struct vmfen
 	if (tcp_flags & TCP_FLAG_RST)
 		return 0; /* nothing to remember */
 	if (tcp_flags & TCP_FLAG_FIN)
-		v.flags = VMFENCE_FLOW_F_CLOSING;
+		v.flags |= VMFENCE_FLOW_F_CLOSING;
+	if (!checked)
+		v.flags |= VMFENCE_FLOW_F_UNCHECKED;
+	/* Until the VM answers, a peer's flow holds its room only briefly: an
+	 * outsider's SYNs cannot fill the table for hours. */
+	if (v.opened_by == VMFENCE_FLOW_OPENED_BY_PEER && !from_vm)
+		v.flags |= VMFENCE_FLOW_F_UNANSWERED;
 	if (bpf_map_update_elem(table, k, &v, BPF_ANY))
 		return f ? 0 : -1;
 	return 0;
@@ -424,7 +444,7 @@ static __always_inline void frag_key(struct vmfence_frag_key *k, const struct vm
 	__builtin_memcpy(k->daddr, p->daddr.b, 16);
 	k->id = p->frag_id;
 	k->vm_id = vm->vm_id;
-	k->proto = p->proto;
+	k->proto = p->frag_proto;
 	k->pad[0] = k->pad[1] = k->pad[2] = 0;
 }
 
@@ -538,7 +558,8 @@ static __always_inline int icmp_error_for_flow(struct __sk_buff *skb, const stru
 			return 0;
 		flow_key_from_vm(&k, vm, &inner);
 	}
-	return flow_allowed(vm, &k, 0, 0);
+	/* From a sampled VM: not on a flow an unsampled packet recorded. */
+	return flow_allowed(vm, &k, 0, 0, from_vm, from_vm && vm->mode == VMFENCE_MODE_SAMPLED);
 }
 
 /* --- link-local control traffic ----------------------------------------------- */
@@ -840,13 +861,21 @@ static __always_inline int is_ieee_link_local(struct __sk_buff *skb, const struc
 
 #define ARP_MAX_FRAME 60
 
-static __always_inline int load_arp(struct __sk_buff *skb, struct arp_eth *arp)
+/* An Ethernet/IPv4 ARP request or reply of at most 60 bytes; its sender and
+ * target addresses become the packet's (for the checks and reports). */
+static __always_inline int load_arp(struct __sk_buff *skb, struct arp_eth *arp, struct pkt *p, union addr16 *spa,
+				    union addr16 *tpa)
 {
 	if (skb->len > ARP_MAX_FRAME || bpf_skb_load_bytes(skb, ETH_HLEN, arp, sizeof(*arp)))
 		return -1;
 	if (arp->htype != bpf_htons(1) || arp->ptype != bpf_htons(ETH_P_IP) || arp->hlen != 6 ||
 	    arp->plen != 4 || (arp->op != bpf_htons(1) && arp->op != bpf_htons(2)))
 		return -1;
+	set_v4_mapped(spa, arp_ip(arp->spa));
+	set_v4_mapped(tpa, arp_ip(arp->tpa));
+	p->family = 4;
+	p->saddr = *spa;
+	p->daddr = *tpa;
 	return 0;
 }
 
@@ -856,13 +885,8 @@ static __always_inline int from_vm_arp(struct __sk_buff *skb, const struct vmfen
 	union addr16 spa, tpa;
 	__u8 r;
 
-	if (load_arp(skb, &arp))
+	if (load_arp(skb, &arp, p, &spa, &tpa))
 		return drop(skb, vm, p, VMFENCE_REASON_MALFORMED, VMFENCE_DIR_FROM_VM);
-	set_v4_mapped(&spa, arp_ip(arp.spa));
-	set_v4_mapped(&tpa, arp_ip(arp.tpa));
-	p->family = 4;
-	p->saddr = spa;
-	p->daddr = tpa;
 	if (!mac_eq(arp.sha, vm->mac))
 		return drop(skb, vm, p, VMFENCE_REASON_SPOOFED_ARP, VMFENCE_DIR_FROM_VM);
 	if (!vm_owns(vm, &spa)) {
@@ -894,11 +918,15 @@ static __always_inline int pass_from_vm(struct __sk_buff *skb)
  * query goes to ff:ff:ff:ff:ff:ff; vmfence does not know the VM's subnet). */
 static __always_inline int is_broadcast_or_multicast(struct __sk_buff *skb, const struct pkt *p)
 {
-	__u8 d0;
+	__u8 d[6];
 
 	if (is_multicast(&p->daddr))
 		return 1;
-	return !bpf_skb_load_bytes(skb, 0, &d0, 1) && (d0 & 1);
+	/* A subnet broadcast: all-ones host bits (last octet 255) to the
+	 * Ethernet broadcast address. Not any unicast IP in a broadcast frame. */
+	if (p->family != 4 || (bpf_ntohl(p->daddr.w[3]) & 0xff) != 0xff || bpf_skb_load_bytes(skb, 0, d, 6))
+		return 0;
+	return (d[0] & d[1] & d[2] & d[3] & d[4] & d[5]) == 0xff;
 }
 
 SEC("tc")
@@ -930,7 +958,7 @@ int vmfence_from_vm(struct __sk_buff *skb)
 	}
 
 	src_owned = vm_owns(vm, &p.saddr);
-	if (p.frag == FRAG_NONE) {
+	if (p.frag == FRAG_NONE && !skb->gso_size) {
 		ret = NOT_CONTROL;
 		if (p.proto == IPPROTO_ICMPV6)
 			ret = from_vm_icmp6_control(skb, vm, &p, src_owned);
@@ -964,7 +992,7 @@ int vmfence_from_vm(struct __sk_buff *skb)
 		if (!g && vm->mode == VMFENCE_MODE_SAMPLED) {
 			/* Unchecked, but remembered so replies find their flow. */
 			flow_key_from_vm(&fk, vm, &p);
-			if (flow_record(vm, &fk, VMFENCE_FLOW_OPENED_BY_VM, p.tcp_flags))
+			if (flow_record(vm, &fk, VMFENCE_FLOW_OPENED_BY_VM, p.tcp_flags, 0))
 				return drop(skb, vm, &p, VMFENCE_REASON_FLOW_LIMIT, VMFENCE_DIR_FROM_VM);
 		}
 		first_fragment_passed(vm, &p);
@@ -972,7 +1000,7 @@ int vmfence_from_vm(struct __sk_buff *skb)
 	}
 
 	flow_key_from_vm(&fk, vm, &p);
-	if (vm->mode == VMFENCE_MODE_CONNTRACK && flow_allowed(vm, &fk, 0, p.tcp_flags))
+	if (vm->mode == VMFENCE_MODE_CONNTRACK && flow_allowed(vm, &fk, 0, p.tcp_flags, 1, 0))
 		goto allowed;
 	v = policy_lookup(&vmfence_egress_v1, vm->policy_id, &p.daddr);
 	if (!v || (v->flags & VMFENCE_POLICY_F_VM_NET)) {
@@ -990,13 +1018,20 @@ int vmfence_from_vm(struct __sk_buff *skb)
 		 * flows a peer opened: a flow the VM opened is what the egress
 		 * check just judged (and in sampled mode it may have been
 		 * recorded unchecked). */
-		if (vm->mode != VMFENCE_MODE_CONNTRACK && flow_allowed(vm, &fk, 1, p.tcp_flags))
+		if (vm->mode != VMFENCE_MODE_CONNTRACK && flow_allowed(vm, &fk, 1, p.tcp_flags, 1, 0))
 			goto allowed;
 		if (is_icmp_error(&p) && icmp_error_for_flow(skb, vm, &p, 1))
 			return pass_from_vm(skb);
+		/* Shaped like a reply (an RST, or from a port its ingress rules
+		 * open) to a flow the table does not hold: expired, or the answer
+		 * to a stray packet. Dropped, but not the VM's violation. */
+		if ((p.proto == IPPROTO_TCP && (p.tcp_flags & TCP_FLAG_RST)) ||
+		    !policy_check(&vmfence_ingress_v1, vm->policy_id, &p.daddr, p.proto, p.sport,
+				  VMFENCE_REASON_INGRESS_DENIED))
+			r = VMFENCE_REASON_STALE_REPLY;
 		/* Multicast and broadcast no rule allows (mDNS, LLMNR, SSDP,
 		 * DHCPv6, NetBIOS): the guest's link-local noise. */
-		if (r == VMFENCE_REASON_EGRESS_DENIED && is_broadcast_or_multicast(skb, &p))
+		else if (r == VMFENCE_REASON_EGRESS_DENIED && is_broadcast_or_multicast(skb, &p))
 			r = VMFENCE_REASON_LINK_LOCAL;
 		return drop(skb, vm, &p, r, VMFENCE_DIR_FROM_VM);
 	}
@@ -1004,7 +1039,7 @@ int vmfence_from_vm(struct __sk_buff *skb)
 	 * segments need no write. */
 	if (p.proto != IPPROTO_TCP || (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST)) ||
 	    vm->mode == VMFENCE_MODE_CONNTRACK) {
-		if (flow_record(vm, &fk, VMFENCE_FLOW_OPENED_BY_VM, p.tcp_flags))
+		if (flow_record(vm, &fk, VMFENCE_FLOW_OPENED_BY_VM, p.tcp_flags, 1))
 			return drop(skb, vm, &p, VMFENCE_REASON_FLOW_LIMIT, VMFENCE_DIR_FROM_VM);
 	}
 allowed:
@@ -1022,14 +1057,21 @@ static __always_inline __u8 vm_source_reason(struct __sk_buff *skb, const struct
 					     const union addr16 *src, int *same)
 {
 	struct vmfence_owner *o = owner_of(src);
+	__u8 dmac[6];
 
 	*same = 0;
 	if (!o)
 		return 0;
 	if (o->vm_id == vm->vm_id || !(skb->mark & VMFENCE_MARK_FROM_VM))
 		return VMFENCE_REASON_SPOOFED_IP;
-	if (o->group_id != vm->group_id)
+	if (o->group_id != vm->group_id) {
+		/* Another tenant's broadcast, multicast or flooded unicast on a
+		 * shared bridge reaches every port: dropped, but it is the
+		 * bridge at work, not an attempt on this VM (not reported). */
+		if (bpf_skb_load_bytes(skb, 0, dmac, 6) || !mac_eq(dmac, vm->mac))
+			return VMFENCE_REASON_LINK_LOCAL;
 		return VMFENCE_REASON_CROSS_GROUP;
+	}
 	*same = 1;
 	return 0;
 }
@@ -1041,13 +1083,8 @@ static __always_inline int to_vm_arp(struct __sk_buff *skb, const struct vmfence
 	int same;
 	__u8 r;
 
-	if (load_arp(skb, &arp))
+	if (load_arp(skb, &arp, p, &spa, &tpa))
 		return drop(skb, vm, p, VMFENCE_REASON_MALFORMED, VMFENCE_DIR_TO_VM);
-	set_v4_mapped(&spa, arp_ip(arp.spa));
-	set_v4_mapped(&tpa, arp_ip(arp.tpa));
-	p->family = 4;
-	p->saddr = spa;
-	p->daddr = tpa;
 	r = vm_source_reason(skb, vm, &spa, &same);
 	if (r)
 		return drop(skb, vm, p, r == VMFENCE_REASON_SPOOFED_IP ? VMFENCE_REASON_SPOOFED_ARP : r,
@@ -1130,6 +1167,11 @@ int vmfence_to_vm(struct __sk_buff *skb)
 		return drop(skb, vm, &p, r, VMFENCE_DIR_TO_VM);
 	if (p.frag == FRAG_NONE) {
 		ret = to_vm_control(skb, vm, &p);
+		/* Another VM's ND/MLD from a link-local no VM of this group owns
+		 * (stable-privacy, or claiming the router's): on a shared bridge
+		 * that is a tenant poisoning neighbour caches or answering DAD. */
+		if (ret == TC_ACT_UNSPEC && (skb->mark & VMFENCE_MARK_FROM_VM) && !same)
+			return drop(skb, vm, &p, VMFENCE_REASON_LINK_LOCAL, VMFENCE_DIR_TO_VM);
 		if (ret != NOT_CONTROL)
 			return ret;
 	}
@@ -1150,7 +1192,7 @@ int vmfence_to_vm(struct __sk_buff *skb)
 		return drop(skb, vm, &p, VMFENCE_REASON_FRAGMENT, VMFENCE_DIR_TO_VM);
 	}
 	flow_key_to_vm(&fk, vm, &p);
-	if (flow_allowed(vm, &fk, 0, p.tcp_flags))
+	if (flow_allowed(vm, &fk, 0, p.tcp_flags, 0, 0))
 		goto allowed;
 	if (is_icmp_error(&p) && icmp_error_for_flow(skb, vm, &p, 0))
 		return TC_ACT_UNSPEC;
@@ -1160,10 +1202,11 @@ int vmfence_to_vm(struct __sk_buff *skb)
 		r = VMFENCE_REASON_INGRESS_DENIED;
 	if (r)
 		return drop(skb, vm, &p, r, VMFENCE_DIR_TO_VM);
-	if (p.proto != IPPROTO_TCP || (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST))) {
-		if (flow_record(vm, &fk, VMFENCE_FLOW_OPENED_BY_PEER, p.tcp_flags))
-			return drop(skb, vm, &p, VMFENCE_REASON_FLOW_LIMIT, VMFENCE_DIR_TO_VM);
-	}
+	/* Every segment the ingress rules let in is remembered (not only SYNs):
+	 * the VM's answer to it (an RST to a stray ACK) is then a reply, not a
+	 * violation an outsider could provoke. */
+	if (flow_record(vm, &fk, VMFENCE_FLOW_OPENED_BY_PEER, p.tcp_flags, 1))
+		return drop(skb, vm, &p, VMFENCE_REASON_FLOW_LIMIT, VMFENCE_DIR_TO_VM);
 allowed:
 	first_fragment_passed(vm, &p);
 	return TC_ACT_UNSPEC;

@@ -83,7 +83,9 @@ enum vmfence_reason {
 	VMFENCE_REASON_FLOW_LIMIT      = 17, /* VM's flow table full          */
 	VMFENCE_REASON_LINK_LOCAL      = 18, /* link-local noise not carried  */
 	VMFENCE_REASON_UNASSIGNED_SRC  = 19, /* self-made IPv6 addr in its /64 */
-	VMFENCE_REASON_COUNT           = 20,
+	VMFENCE_REASON_STALE_REPLY     = 20, /* reply-shaped, no flow (expired,
+					      * or a stray packet's answer) */
+	VMFENCE_REASON_COUNT           = 21,
 };
 /* Room in the counters for reasons still to come without a layout change. */
 #define VMFENCE_REASON_SLOTS 24
@@ -159,10 +161,34 @@ struct vmfence_config {
 	__u32 icmp_timeout_s;   /* ICMP and every other protocol          */
 	__u32 pad;
 };
+/* vmfence_flow.flags */
+#define VMFENCE_FLOW_F_CLOSING    0x1 /* TCP FIN/RST seen: short linger     */
+#define VMFENCE_FLOW_F_UNCHECKED  0x2 /* recorded by an unsampled packet    */
+#define VMFENCE_FLOW_F_UNANSWERED 0x4 /* a peer opened it, the VM never sent */
 #define VMFENCE_DEFAULT_TCP_TIMEOUT_S  7440
 #define VMFENCE_DEFAULT_UDP_TIMEOUT_S  180
 #define VMFENCE_DEFAULT_ICMP_TIMEOUT_S 30
-#define VMFENCE_TCP_CLOSING_TIMEOUT_S  120 /* after a FIN */
+#define VMFENCE_TCP_CLOSING_TIMEOUT_S  120 /* after a FIN or a peer's RST */
+#define VMFENCE_UNANSWERED_TIMEOUT_S   30  /* peer-opened, no packet from the VM yet */
+
+/* Idle seconds before a flow is forgotten: one rule for the datapath and the
+ * agent's sweep. t_* are the configured flow_timeouts (0 = default). */
+static inline __u32 vmfence_flow_timeout_s(__u8 proto, __u8 flow_flags, __u32 t_tcp, __u32 t_udp, __u32 t_icmp)
+{
+	__u32 s;
+
+	if (proto == 6)
+		s = t_tcp ? t_tcp : VMFENCE_DEFAULT_TCP_TIMEOUT_S;
+	else if (proto == 17)
+		s = t_udp ? t_udp : VMFENCE_DEFAULT_UDP_TIMEOUT_S;
+	else
+		s = t_icmp ? t_icmp : VMFENCE_DEFAULT_ICMP_TIMEOUT_S;
+	if ((flow_flags & VMFENCE_FLOW_F_CLOSING) && s > VMFENCE_TCP_CLOSING_TIMEOUT_S)
+		s = VMFENCE_TCP_CLOSING_TIMEOUT_S;
+	if ((flow_flags & VMFENCE_FLOW_F_UNANSWERED) && s > VMFENCE_UNANSWERED_TIMEOUT_S)
+		s = VMFENCE_UNANSWERED_TIMEOUT_S;
+	return s;
+}
 
 /* VMFENCE_MAP_EGRESS / _INGRESS key: (policy_id, peer prefix). prefixlen =
  * 32 (policy_id, always fully matched) + bits of addr. Longest prefix wins;
@@ -218,7 +244,6 @@ struct vmfence_flow_key {
 
 #define VMFENCE_FLOW_OPENED_BY_VM   0
 #define VMFENCE_FLOW_OPENED_BY_PEER 1
-#define VMFENCE_FLOW_F_CLOSING 0x1 /* TCP FIN seen: short timeout */
 struct vmfence_flow {
 	__u64 last_seen_ns;     /* bpf_ktime_get_ns, refreshed at most 1/s    */
 	__u32 policy_id;        /* generation the verdict was computed under */

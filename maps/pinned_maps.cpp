@@ -251,7 +251,6 @@ size_t MapWriter::sweep_flows(const vmfence_config& cfg) {
   timespec ts{};
   clock_gettime(CLOCK_MONOTONIC, &ts);  // bpf_ktime_get_ns's clock
   uint64_t now = static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
-  auto secs = [](uint32_t v, uint32_t def) { return static_cast<uint64_t>(v ? v : def) * 1000000000ull; };
   size_t swept = 0;
   std::set<uint32_t> slots;
   for (const auto& [name, vm] : vms_) slots.insert(vm.slot);
@@ -262,11 +261,9 @@ size_t MapWriter::sweep_flows(const vmfence_config& cfg) {
     for (const auto& k : keys_of<vmfence_flow_key>(table.get())) {
       vmfence_flow f{};
       if (bpf_map_lookup_elem(table.get(), &k, &f) != 0) continue;
-      uint64_t timeout = k.proto == IPPROTO_TCP   ? secs(cfg.tcp_timeout_s, VMFENCE_DEFAULT_TCP_TIMEOUT_S)
-                         : k.proto == IPPROTO_UDP ? secs(cfg.udp_timeout_s, VMFENCE_DEFAULT_UDP_TIMEOUT_S)
-                                                  : secs(cfg.icmp_timeout_s, VMFENCE_DEFAULT_ICMP_TIMEOUT_S);
-      if (k.proto == IPPROTO_TCP && (f.flags & VMFENCE_FLOW_F_CLOSING))
-        timeout = std::min<uint64_t>(timeout, VMFENCE_TCP_CLOSING_TIMEOUT_S * 1000000000ull);
+      uint64_t timeout =
+          uint64_t{vmfence_flow_timeout_s(k.proto, f.flags, cfg.tcp_timeout_s, cfg.udp_timeout_s, cfg.icmp_timeout_s)} *
+          1000000000ull;
       if (now > f.last_seen_ns && now - f.last_seen_ns > timeout && bpf_map_delete_elem(table.get(), &k) == 0) ++swept;
     }
   }

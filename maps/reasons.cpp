@@ -11,7 +11,7 @@ namespace {
 constexpr const char* kReasonNames[] = {
     "none",        "unknown_ifindex", "malformed",   "bad_ethertype", "spoofed_mac",    "spoofed_ip",     "spoofed_arp",
     "spoofed_nd",  "arp_denied",      "cross_group", "egress_denied", "ingress_denied", "fragment",       "imds_denied",
-    "quarantined", "no_policy",       "not_for_vm",  "flow_limit",    "link_local",     "unassigned_src",
+    "quarantined", "no_policy",       "not_for_vm",  "flow_limit",    "link_local",     "unassigned_src", "stale_reply",
 };
 static_assert(sizeof(kReasonNames) / sizeof(kReasonNames[0]) == VMFENCE_REASON_COUNT);
 }  // namespace

@@ -1,7 +1,7 @@
 #!/bin/sh
 # Install every build and test dependency of vmfence from Debian's packages.
 set -eu
-PKGS="build-essential cmake pkg-config clang llvm libbpf-dev bpftool linux-libc-dev
+PKGS="build-essential cmake pkg-config clang llvm libclang-rt-14-dev libbpf-dev bpftool linux-libc-dev
 libelf-dev zlib1g-dev libnl-3-dev libnl-route-3-dev libnftnl-dev libmnl-dev
 libcereal-dev rapidjson-dev libspdlog-dev libfmt-dev libsystemd-dev systemd libgtest-dev libgmock-dev
 googletest libbenchmark-dev iproute2 nftables python3-scapy iputils-ping netcat-openbsd

@@ -366,7 +366,7 @@ std::vector<Fixture> fixtures() {
   add("arp_request_other_group",
       {out("vm1", arp_req("vm1", mac_of("vm1"), "10.1.0.2", "10.3.0.2"), DROP(VMFENCE_REASON_CROSS_GROUP))});
   add("arp_request_foreign",
-      {out("vm1", arp_req("vm1", mac_of("vm1"), "10.1.0.2", "10.9.9.9"), DROP(VMFENCE_REASON_ARP_DENIED))});
+      {out("vm1", arp_req("vm1", mac_of("vm1"), "10.1.0.2", "10.9.9.9"), DROP(VMFENCE_REASON_LINK_LOCAL))});
   add("arp_probe_unspecified_sender", {out("vm1", arp_req("vm1", mac_of("vm1"), "0.0.0.0", "10.1.0.2"), PASS)});
   add("arp_spoofed_sender_mac",
       {out("vm1", arp_req("vm1", kOtherMac, "10.1.0.2", "10.1.0.1"), DROP(VMFENCE_REASON_SPOOFED_ARP))});
@@ -467,7 +467,7 @@ std::vector<Fixture> fixtures() {
   add("nd_ns_foreign_target",
       {out("vm1",
            F("vm1").ipv6(ip("fec0::1"), solicited_node("fec0::99"), 255).ns(ip("fec0::99")).lla(1, mac_of("vm1")),
-           DROP(VMFENCE_REASON_ARP_DENIED))});
+           DROP(VMFENCE_REASON_LINK_LOCAL))});
   add("nd_ns_other_group_target",
       {out("vm1", F("vm1").ipv6(ip("fec0::1"), solicited_node("fec0::3"), 255).ns(ip("fec0::3")).lla(1, mac_of("vm1")),
            DROP(VMFENCE_REASON_CROSS_GROUP))});
@@ -666,8 +666,9 @@ std::vector<Fixture> fixtures() {
        out("vm1", tcp4("10.1.0.2", "100.64.1.5", 22, 50000, SYN | ACK), PASS, "SYN-ACK out"),
        in("vm1", tcp4_to("vm1", "100.64.1.5", "10.1.0.2", 50000, 22, ACK), PASS, "ACK in"),
        out("vm1", tcp4("10.1.0.2", "100.64.1.5", 22, 50000, ACK | PSH), PASS, "data out")});
-  add("reply_without_inbound_is_egress",
-      {out("vm1", tcp4("10.1.0.2", "100.64.1.5", 22, 50000, SYN | ACK), DROP(VMFENCE_REASON_EGRESS_DENIED))});
+  // Reply-shaped without its flow: dropped, but not a violation (stale_reply).
+  add("reply_without_inbound_is_stale",
+      {out("vm1", tcp4("10.1.0.2", "100.64.1.5", 22, 50000, SYN | ACK), DROP(VMFENCE_REASON_STALE_REPLY))});
   add("ingress_rule_wrong_port",
       {in("vm1", tcp4_to("vm1", "100.64.1.5", "10.1.0.2", 50000, 23, SYN), DROP(VMFENCE_REASON_INGRESS_DENIED))});
   add("ingress_rule_ipv6_udp_range",
@@ -853,6 +854,45 @@ std::vector<Fixture> fixtures() {
            DROP(VMFENCE_REASON_LINK_LOCAL)),
        out("vm1", Packet().eth(mac_of("vm1"), mac("01:80:c2:00:00:00")).ethertype(38).payload(46),
            DROP(VMFENCE_REASON_LINK_LOCAL))});
+  // An outsider's stray ACK to an allowed port: the VM's RST answers it, and
+  // is a reply, not the VM's violation (an outsider must not be able to get a
+  // terminate VM stopped).
+  // ICMPv6 errors quote extension headers too: the flow is found behind them.
+  {
+    const Packet opts = T("vm1").ipv6(ip("2001:db8:ffff::9"), ip("fec0::1")).dest_opts({0x80, 1, 0}).udp(7000, 5005);
+    add("icmpv6_error_quoting_extension_headers",
+        {in("vm1", opts, PASS),
+         out("vm1", F("vm1").ipv6(ip("fec0::1"), ip("2001:db8:ffff::9")).icmp6(4, 2, 42).embed(opts.build()), PASS,
+             "parameter problem")});
+  }
+  add("stray_ack_answer_is_a_reply", {in("vm1", tcp4_to("vm1", "100.64.7.7", "10.1.0.2", 31337, 22, ACK), PASS),
+                                      out("vm1", tcp4("10.1.0.2", "100.64.7.7", 22, 31337, RST), PASS)});
+  add("reply_without_flow_is_stale_not_violation",
+      {out("vmquar", tcp4("10.10.0.2", "100.64.7.7", 22, 31337, RST, "vmquar"), DROP(VMFENCE_REASON_STALE_REPLY)),
+       then_check(out("vm1", tcp4("10.1.0.2", "100.64.7.8", 22, 31338, ACK), DROP(VMFENCE_REASON_STALE_REPLY),
+                      "from a port an ingress rule opens"),
+                  [](World& w, const Step&) { expect_state_quarantined(w, "vmquar", false); })});
+  // A forged RST from outside (sequence numbers unchecked) only starts a
+  // linger: the VM's flow keeps working.
+  add("peer_rst_does_not_end_flow",
+      {out("vm1", tcp4("10.1.0.2", "93.184.216.34", 40020, 443, SYN), PASS),
+       in("vm1", tcp4_to("vm1", "93.184.216.34", "10.1.0.2", 443, 40020, RST), PASS, "forged RST"),
+       in("vm1", tcp4_to("vm1", "93.184.216.34", "10.1.0.2", 443, 40020, ACK), PASS, "the flow still holds")});
+  // Sampled: an ICMP error may not ride on a flow an unsampled packet opened.
+  add("sampled_icmp_error_on_unchecked_flow",
+      {out("vmsamp0", udp4("10.8.0.2", "198.51.100.66", 5555, 9999, "vmsamp0"), PASS, "unsampled"),
+       change("sample every packet from now on",
+              [](World& w) {
+                ASSERT_TRUE(w.reinstall(R"({ "name": "vmsamp0", "interface": "vft-samp0", "mac": "02:00:00:00:08:02",
+                  "addresses": ["10.8.0.2/32"], "mode": "sampled", "sample_rate": 1,
+                  "egress": [ { "to": "0.0.0.0/0", "proto": "tcp", "ports": ["443"] } ] })"));
+              }),
+       out("vmsamp0",
+           F("vmsamp0")
+               .ipv4(ip("10.8.0.2"), ip("198.51.100.66"))
+               .icmp(3, 3)
+               .embed(T("vmsamp0").ipv4(ip("198.51.100.66"), ip("10.8.0.2")).udp(9999, 5555).payload(400).build()),
+           DROP(VMFENCE_REASON_EGRESS_DENIED), "data in an ICMP error")});
   add("not_for_vm",
       {in("vm1", tcp4_to("vm1", "100.64.1.5", "10.1.0.9", 50000, 22, SYN), DROP(VMFENCE_REASON_NOT_FOR_VM)),
        in("vm1", tcp4_to("vm1", "100.64.1.5", "10.2.0.2", 50000, 22, SYN), DROP(VMFENCE_REASON_NOT_FOR_VM)),
@@ -1081,7 +1121,8 @@ void run_step(World& w, const Step& s) {
   auto events = w.take_events();
   const bool quiet =
       !s.expect.pass && (s.expect.reason == VMFENCE_REASON_FLOW_LIMIT || s.expect.reason == VMFENCE_REASON_LINK_LOCAL ||
-                         s.expect.reason == VMFENCE_REASON_UNASSIGNED_SRC);
+                         s.expect.reason == VMFENCE_REASON_UNASSIGNED_SRC ||
+                         s.expect.reason == VMFENCE_REASON_STALE_REPLY || s.expect.reason == VMFENCE_REASON_FRAGMENT);
   if (s.expect.pass || quiet) {
     EXPECT_TRUE(events.empty()) << events.size() << " events for a passed or quiet frame, first: "
                                 << reason_name(events.empty() ? 0 : events[0].reason);
