@@ -1142,6 +1142,28 @@ static __always_inline int to_vm_control(struct __sk_buff *skb, const struct vmf
 	return NOT_CONTROL;
 }
 
+/* A vouched frame's Ethernet source is its sender VM's MAC (its from_vm
+ * checked it): the EUI-64 link-local of that MAC, which the compiler
+ * registers as the VM's own, names the VM and so its group. */
+static __always_inline int sender_mac_in_group(const struct vmfence_vm *vm, const struct pkt *p)
+{
+	union addr16 ll = {};
+	struct vmfence_owner *o;
+
+	ll.b[0] = 0xfe;
+	ll.b[1] = 0x80;
+	ll.b[8] = p->smac[0] ^ 0x02;
+	ll.b[9] = p->smac[1];
+	ll.b[10] = p->smac[2];
+	ll.b[11] = 0xff;
+	ll.b[12] = 0xfe;
+	ll.b[13] = p->smac[3];
+	ll.b[14] = p->smac[4];
+	ll.b[15] = p->smac[5];
+	o = owner_of(&ll);
+	return o && o->group_id == vm->group_id;
+}
+
 SEC("tc")
 int vmfence_to_vm(struct __sk_buff *skb)
 {
@@ -1170,7 +1192,8 @@ int vmfence_to_vm(struct __sk_buff *skb)
 		/* Another VM's ND/MLD from a link-local no VM of this group owns
 		 * (stable-privacy, or claiming the router's): on a shared bridge
 		 * that is a tenant poisoning neighbour caches or answering DAD. */
-		if (ret == TC_ACT_UNSPEC && (skb->mark & VMFENCE_MARK_FROM_VM) && !same)
+		if (ret == TC_ACT_UNSPEC && (skb->mark & VMFENCE_MARK_FROM_VM) && !same &&
+		    !sender_mac_in_group(vm, &p))
 			return drop(skb, vm, &p, VMFENCE_REASON_LINK_LOCAL, VMFENCE_DIR_TO_VM);
 		if (ret != NOT_CONTROL)
 			return ret;

@@ -483,7 +483,7 @@ for line in open(sys.argv[1], errors="replace"):
     if m:
         logged[(m.group(1), m.group(2))] += 1
 # Quiet reasons (the guest noise and its limits) are counted, never logged.
-quiet = {"flow_limit", "link_local", "unassigned_src", "rate_limited"}
+quiet = {"flow_limit", "link_local", "unassigned_src", "stale_reply", "fragment", "rate_limited"}
 bad = []
 for vm in st["vms"]:
     if "counters" not in vm:  # interface not present: nothing counted
@@ -504,6 +504,22 @@ sys.exit(1 if bad else 0)
 	else
 		_pass "status drop counters match the violation log"
 	fi
+}
+
+# drop_count VM REASON: VM's drop counter for REASON in `vmfence status --json`
+# (-1 when it cannot be read).
+drop_count() {
+	vmf status --json 2>/dev/null | "$PY" -c '
+import json, sys
+try:
+    st = json.load(sys.stdin)
+except ValueError:
+    print(-1); sys.exit(0)
+for vm in st.get("vms", []):
+    if vm.get("name") == sys.argv[1]:
+        print(vm.get("drops", {}).get(sys.argv[2], -1)); sys.exit(0)
+print(-1)
+' "$1" "$2"
 }
 
 # enforced: true when vmfence runs (for checks that only make sense then).

@@ -23,7 +23,7 @@
 
 # Drop reasons that are counted but never held against the VM (README, "What
 # happens to a packet"): no event, no log line, never toward the threshold.
-NON_VIOLATION="flow_limit link_local unassigned_src rate_limited"
+NON_VIOLATION="flow_limit link_local unassigned_src stale_reply fragment rate_limited"
 # Reasons only the to-VM hook gives (never counted against the VM).
 TO_VM_ONLY="ingress_denied not_for_vm unknown_ifindex"
 
