@@ -109,9 +109,9 @@ static __always_inline int is_multicast(const union addr16 *a)
 
 static __always_inline int is_icmp_error(const struct pkt *p)
 {
-	if (p->proto == IPPROTO_ICMP)
+	if (p->proto == IPPROTO_ICMP && p->family == 4)
 		return p->icmp_type == 3 || p->icmp_type == 11 || p->icmp_type == 12;
-	if (p->proto == IPPROTO_ICMPV6)
+	if (p->proto == IPPROTO_ICMPV6 && p->family == 6)
 		return p->icmp_type >= 1 && p->icmp_type <= 4;
 	return 0;
 }
@@ -122,7 +122,16 @@ static __always_inline int is_icmp_error(const struct pkt *p)
 static __always_inline __u8 parse_l4(struct __sk_buff *skb, __u32 off, struct pkt *p, int quoted)
 {
 	__u8 buf[14];
+	__u32 need = p->proto == IPPROTO_TCP ? 14 : p->proto == IPPROTO_UDP ? 4 : 8;
 
+	/* ICMP belongs to IPv4, ICMPv6 to IPv6; crossed, it is just a number. */
+	if ((p->proto == IPPROTO_ICMP && p->family != 4) || (p->proto == IPPROTO_ICMPV6 && p->family != 6))
+		return 0;
+	/* What the policy reads must lie inside the datagram, not in the
+	 * Ethernet padding after it. */
+	if (!quoted && (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP || p->proto == IPPROTO_ICMP ||
+			p->proto == IPPROTO_ICMPV6) && off + need > p->l3_end)
+		return VMFENCE_REASON_MALFORMED;
 	switch (p->proto) {
 	case IPPROTO_TCP:
 		if (quoted) {
@@ -230,6 +239,7 @@ static __always_inline __u8 ipv4_options_reason(struct __sk_buff *skb, __u32 off
 static __always_inline __u8 parse_ipv6(struct __sk_buff *skb, __u32 off, struct pkt *p, int quoted)
 {
 	struct ipv6hdr ip6;
+	int seen_frag = 0;
 	__u8 nh;
 
 	if (bpf_skb_load_bytes(skb, off, &ip6, sizeof(ip6)))
@@ -245,6 +255,8 @@ static __always_inline __u8 parse_ipv6(struct __sk_buff *skb, __u32 off, struct 
 	p->family = 6;
 	p->hop_limit = ip6.hop_limit;
 	p->l3_end = off + sizeof(ip6) + bpf_ntohs(ip6.payload_len);
+	if (!ip6.payload_len && skb->gso_size && !quoted)
+		p->l3_end = skb->len; /* BIG TCP: the length is the skb's */
 	if (!quoted) {
 		__u8 r = frame_length_reason(skb, off, p->l3_end, ip6.payload_len == 0);
 		if (r)
@@ -263,6 +275,10 @@ static __always_inline __u8 parse_ipv6(struct __sk_buff *skb, __u32 off, struct 
 			return VMFENCE_REASON_MALFORMED;
 		if (nh == 44) {
 			__u16 fo = ((__u16)eh[2] << 8) | eh[3];
+
+			if (p->frag != FRAG_NONE || seen_frag)
+				return VMFENCE_REASON_MALFORMED; /* one per packet (RFC 8200 4.5) */
+			seen_frag = 1;
 			__builtin_memcpy(&p->frag_id, &eh[4], 4);
 			off += 8;
 			nh = eh[0];
@@ -284,6 +300,8 @@ static __always_inline __u8 parse_ipv6(struct __sk_buff *skb, __u32 off, struct 
 			off += ((__u32)eh[1] + 2) * 4;
 		else
 			off += ((__u32)eh[1] + 1) * 8;
+		if (!quoted && off > p->l3_end)
+			return VMFENCE_REASON_MALFORMED; /* runs past the payload */
 		nh = eh[0];
 	}
 	if (p->frag != FRAG_LATER && is_ipv6_ext(nh))
@@ -312,6 +330,8 @@ static __always_inline __u8 parse_ipv4_at(struct __sk_buff *skb, __u32 off, stru
 	p->frag_proto = ip.protocol;
 	p->hop_limit = ip.ttl;
 	p->l3_end = off + bpf_ntohs(ip.tot_len);
+	if (!ip.tot_len && skb->gso_size && !quoted)
+		p->l3_end = skb->len; /* BIG TCP: the length is the skb's */
 	if (!quoted) {
 		__u8 r = frame_length_reason(skb, off, p->l3_end, 0);
 		if (!r && bpf_ntohs(ip.tot_len) < ip.ihl * 4 && !skb->gso_size)
@@ -365,7 +385,7 @@ static __always_inline __u8 parse(struct __sk_buff *skb, void *data, void *data_
 		__u32 l3_end = ETH_HLEN + bpf_ntohs(ip->tot_len);
 		__u8 r;
 
-		if ((void *)(l4 + 14) > data_end)
+		if ((void *)(l4 + 14) > data_end || l3_end < ETH_HLEN + sizeof(*ip) + 14)
 			return parse_ipv4_at(skb, ETH_HLEN, p, 0);
 		r = frame_length_reason(skb, ETH_HLEN, l3_end, 0);
 		if (r)

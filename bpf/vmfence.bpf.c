@@ -722,7 +722,7 @@ static __always_inline int from_vm_icmp6_control(struct __sk_buff *skb, const st
 		return drop(skb, vm, p, VMFENCE_REASON_SPOOFED_ND, VMFENCE_DIR_FROM_VM);
 	case 130: /* MLD query: a VM is not a multicast router */
 		if (!src_ok)
-			return drop(skb, vm, p, VMFENCE_REASON_SPOOFED_IP, VMFENCE_DIR_FROM_VM);
+			return drop(skb, vm, p, unowned_source_reason(vm, p), VMFENCE_DIR_FROM_VM);
 		return drop(skb, vm, p, VMFENCE_REASON_LINK_LOCAL, VMFENCE_DIR_FROM_VM);
 	case 131: /* MLDv1 report: to the group itself */
 		if (p->hop_limit != 1 || len != 24 || !is_multicast(&p->daddr))
@@ -742,7 +742,7 @@ static __always_inline int from_vm_icmp6_control(struct __sk_buff *skb, const st
 		if (p->hop_limit != 255 || p->icmp_code || len < 8 || len > 40 || !is_ff02(&p->daddr, 2))
 			return NOT_CONTROL;
 		if (!src_ok)
-			return drop(skb, vm, p, VMFENCE_REASON_SPOOFED_IP, VMFENCE_DIR_FROM_VM);
+			return drop(skb, vm, p, unowned_source_reason(vm, p), VMFENCE_DIR_FROM_VM);
 		r = nd_options_reason(skb, vm, p->l4_off + 8, p->l3_end, 1, &has_lla);
 		if (!r && has_lla && is_unspecified(&p->saddr))
 			r = VMFENCE_REASON_SPOOFED_ND; /* RFC 4861 6.1.1 */
@@ -763,7 +763,7 @@ static __always_inline int from_vm_icmp6_control(struct __sk_buff *skb, const st
 			return NOT_CONTROL;
 		}
 		if (!src_ok)
-			return drop(skb, vm, p, VMFENCE_REASON_SPOOFED_IP, VMFENCE_DIR_FROM_VM);
+			return drop(skb, vm, p, unowned_source_reason(vm, p), VMFENCE_DIR_FROM_VM);
 		if (p->icmp_type == 136 && is_unspecified(&p->saddr)) /* RFC 4861 7.2.4 */
 			return drop(skb, vm, p, VMFENCE_REASON_SPOOFED_ND, VMFENCE_DIR_FROM_VM);
 		r = nd_options_reason(skb, vm, p->l4_off + 24, p->l3_end, 1, &has_lla);
@@ -796,7 +796,7 @@ static __always_inline int from_vm_icmp6_control(struct __sk_buff *skb, const st
 	}
 	/* MLD reports within their bounds. */
 	if (!src_ok)
-		return drop(skb, vm, p, VMFENCE_REASON_SPOOFED_IP, VMFENCE_DIR_FROM_VM);
+		return drop(skb, vm, p, unowned_source_reason(vm, p), VMFENCE_DIR_FROM_VM);
 	return TC_ACT_UNSPEC;
 }
 
@@ -813,7 +813,7 @@ static __always_inline int from_vm_igmp(struct __sk_buff *skb, const struct vmfe
 		return NOT_CONTROL;
 	if (hdr[0] == 0x11) { /* query: a VM is not a multicast router */
 		if (!src_owned)
-			return drop(skb, vm, p, VMFENCE_REASON_SPOOFED_IP, VMFENCE_DIR_FROM_VM);
+			return drop(skb, vm, p, unowned_source_reason(vm, p), VMFENCE_DIR_FROM_VM);
 		return drop(skb, vm, p, VMFENCE_REASON_LINK_LOCAL, VMFENCE_DIR_FROM_VM);
 	}
 	if (p->hop_limit != 1 || len > 8 + 8 * 32 || !is_multicast(&p->daddr))
@@ -837,7 +837,7 @@ static __always_inline int from_vm_igmp(struct __sk_buff *skb, const struct vmfe
 		return NOT_CONTROL;
 	}
 	if (!src_owned && p->saddr.w[3] != 0)
-		return drop(skb, vm, p, VMFENCE_REASON_SPOOFED_IP, VMFENCE_DIR_FROM_VM);
+		return drop(skb, vm, p, unowned_source_reason(vm, p), VMFENCE_DIR_FROM_VM);
 	return TC_ACT_UNSPEC;
 }
 
@@ -960,7 +960,7 @@ int vmfence_from_vm(struct __sk_buff *skb)
 	src_owned = vm_owns(vm, &p.saddr);
 	if (p.frag == FRAG_NONE && !skb->gso_size) {
 		ret = NOT_CONTROL;
-		if (p.proto == IPPROTO_ICMPV6)
+		if (p.proto == IPPROTO_ICMPV6 && p.family == 6)
 			ret = from_vm_icmp6_control(skb, vm, &p, src_owned);
 		else if (p.proto == 2 && p.family == 4)
 			ret = from_vm_igmp(skb, vm, &p, src_owned);

@@ -473,8 +473,11 @@ std::vector<Fixture> fixtures() {
            DROP(VMFENCE_REASON_CROSS_GROUP))});
   add("nd_ns_spoofed_source",
       {out("vm1",
+           F("vm1").ipv6(ip("fec0::2"), solicited_node("fec0::ffff"), 255).ns(ip("fec0::ffff")).lla(1, mac_of("vm1")),
+           DROP(VMFENCE_REASON_SPOOFED_IP), "a group peer's address"),
+       out("vm1",
            F("vm1").ipv6(ip("fec0::9"), solicited_node("fec0::ffff"), 255).ns(ip("fec0::ffff")).lla(1, mac_of("vm1")),
-           DROP(VMFENCE_REASON_SPOOFED_IP))});
+           DROP(VMFENCE_REASON_UNASSIGNED_SRC), "a privacy address of its own /64: noise")});
   add("nd_dad_from_unspecified",
       {out("vm1", F("vm1").ipv6(ip("::"), solicited_node("fec0::1"), 255).ns(ip("fec0::1")), PASS)});
   add("nd_na_own_target",
@@ -495,8 +498,10 @@ std::vector<Fixture> fixtures() {
       {out("vm1", F("vm1").ipv6(ip("fe80::1"), ip("ff02::16"), 1).hop_by_hop().mld2_report(ip("ff02::1:ff00:1")), PASS),
        out("vm1", F("vm1").ipv6(ip("::"), ip("ff02::16"), 1).hop_by_hop().mld2_report(ip("ff02::1:ff00:1")), PASS)});
   add("mld_report_spoofed_source",
-      {out("vm1", F("vm1").ipv6(ip("fec0::9"), ip("ff02::16"), 1).hop_by_hop().mld2_report(ip("ff02::1:ff00:1")),
-           DROP(VMFENCE_REASON_SPOOFED_IP))});
+      {out("vm1", F("vm1").ipv6(ip("2001:db8:9::9"), ip("ff02::16"), 1).hop_by_hop().mld2_report(ip("ff02::1:ff00:1")),
+           DROP(VMFENCE_REASON_SPOOFED_IP)),
+       out("vm1", F("vm1").ipv6(ip("fec0::9"), ip("ff02::16"), 1).hop_by_hop().mld2_report(ip("ff02::1:ff00:1")),
+           DROP(VMFENCE_REASON_UNASSIGNED_SRC), "a privacy address of its own /64: noise")});
   add("nd_to_vm_passes",
       {in("vm1", T("vm1").ipv6(ip("fec0::ffff"), solicited_node("fec0::1"), 255).ns(ip("fec0::1")).lla(1, kGwMac),
           PASS)});
@@ -865,6 +870,18 @@ std::vector<Fixture> fixtures() {
          out("vm1", F("vm1").ipv6(ip("fec0::1"), ip("2001:db8:ffff::9")).icmp6(4, 2, 42).embed(opts.build()), PASS,
              "parameter problem")});
   }
+  // IPv4 carrying protocol 58 is not ICMPv6: no ND shortcut to the gateway.
+  add("ipv4_protocol_58_is_not_nd", {out("vm1",
+                                         F("vm1")
+                                             .ipv4(ip("10.1.0.2"), ip("10.1.0.1"), ip4_ttl(255))
+                                             .next_proto(58)
+                                             .raw({135, 0, 0, 0, 0, 0, 0, 0})
+                                             .payload(16),
+                                         DROP(VMFENCE_REASON_EGRESS_DENIED))});
+  // The policy never reads ports from the Ethernet padding after the datagram.
+  add("ports_in_padding_are_malformed",
+      {out("vm1", F("vm1").ipv4(ip("10.1.0.2"), ip("93.184.216.34")).next_proto(6).raw({0x9c, 0x40}).trailer(20),
+           DROP(VMFENCE_REASON_MALFORMED))});
   add("stray_ack_answer_is_a_reply", {in("vm1", tcp4_to("vm1", "100.64.7.7", "10.1.0.2", 31337, 22, ACK), PASS),
                                       out("vm1", tcp4("10.1.0.2", "100.64.7.7", 22, 31337, RST), PASS)});
   add("reply_without_flow_is_stale_not_violation",

@@ -102,6 +102,11 @@ inline Ip4Opts ip4_frag(uint16_t id, bool more, uint16_t offset_units) {
   o.frag_offset = offset_units;
   return o;
 }
+inline Ip4Opts ip4_ttl(uint8_t ttl) {
+  Ip4Opts o;
+  o.ttl = ttl;
+  return o;
+}
 inline Ip4Opts ip4_options(std::vector<uint8_t> options) {
   Ip4Opts o;
   o.options = std::move(options);
