@@ -130,8 +130,9 @@ static __always_inline __u8 parse_l4(struct __sk_buff *skb, __u32 off, struct pk
 	/* What the policy reads must lie inside the datagram, not in the
 	 * Ethernet padding after it. */
 	if (!quoted && (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP || p->proto == IPPROTO_ICMP ||
-			p->proto == IPPROTO_ICMPV6) && off + need > p->l3_end)
-		return VMFENCE_REASON_MALFORMED;
+			p->proto == IPPROTO_ICMPV6 || (p->proto == 2 && p->family == 4)) &&
+	    off + need > p->l3_end)
+		return VMFENCE_REASON_MALFORMED; /* (IGMP: its 8-byte header) */
 	switch (p->proto) {
 	case IPPROTO_TCP:
 		if (quoted) {

@@ -477,9 +477,11 @@ Verdict Model::from_vm(Ctx& c) {
   // RULING 5: a query is link_local whatever its bounds, when its source is
   // one the VM may use for MLD/IGMP (else spoofed_ip).
   if (c.p.icmp6(130)) {
-    const Addr& s = c.p.src;
-    if (owns(c.vm, s) || ll_usable(c.vm, s) || is_unspec(s)) return drop("link_local", "MLD query from a VM");
-    return drop("spoofed_ip", "MLD query from a VM, source not the VM's");
+    // Its source judged like any control packet's (an unassigned address of
+    // its /64 is unassigned_src).
+    Verdict src = source_v6_from_vm(c, true, true);
+    if (!src.pass) return src;
+    return drop("link_local", "MLD query from a VM");
   }
   if (c.p.igmp() && c.f[c.p.l4] == 0x11) {
     if (owns(c.vm, c.p.src)) return drop("link_local", "IGMP query from a VM");
