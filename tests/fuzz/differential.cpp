@@ -163,15 +163,7 @@ long dp_flow_count(int map_fd, uint32_t slot) {
     len = sizeof(info);
     if (bpf_obj_get_info_by_fd(fd, &info, &len) != 0) return -1;
   }
-  std::vector<uint8_t> key(info.key_size), next(info.key_size);
-  long n = 0;
-  void* prev = nullptr;
-  while (bpf_map_get_next_key(fd, prev, next.data()) == 0) {
-    ++n;
-    key = next;
-    prev = key.data();
-  }
-  return n;
+  return static_cast<long>(count_entries(fd, info.key_size));
 }
 
 // Flow keys of a VM's table in the datapath (diagnostics for --trace on a
