@@ -200,7 +200,9 @@ TEST_F(AbiLayout, EveryMapNamedInTheAbiHeader) {
     EXPECT_EQ(bpf_map__key_size(m), d.key_size);
     EXPECT_EQ(bpf_map__value_size(m), d.value_size);
     EXPECT_EQ(type_name(bpf_map__btf_key_type_id(m)), d.key) << "key type (bpftool prints named fields)";
-    if (*d.value) EXPECT_EQ(type_name(bpf_map__btf_value_type_id(m)), d.value) << "value type";
+    if (*d.value) {
+      EXPECT_EQ(type_name(bpf_map__btf_value_type_id(m)), d.value) << "value type";
+    }
   }
   // The reverse: every map of the object (but .bss/.rodata) is in the header,
   // and the agent's MapSet opens each of them.

@@ -367,7 +367,7 @@ Verdict Model::pass(Ctx& c, const char* rule) {
 static Verdict drop(const char* reason, const char* rule) { return {false, reason, rule}; }
 
 Verdict Model::judge(size_t vm, Hook hook, uint32_t mark, const std::vector<uint8_t>& frame) {
-  Ctx c{vm, hook, mark, frame, {}, {}, {}};
+  Ctx c{vm, hook, mark, frame, {}, {}, {}, {}};
   Verdict v = hook == Hook::from_vm ? from_vm(c) : to_vm(c);
   if (!v.pass) v.rule += c.note;
   if (c.p.fam == 4 && c.p.proto == kIcmp6) v.rule += " [IPv4 protocol 58]";  // (diagnostics: a class of its own)
