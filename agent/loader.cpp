@@ -94,7 +94,8 @@ Status Datapath::attach(uint32_t ifindex) {
       // Defunct (the interface was re-created): replace the pin.
       ::unlink(path.c_str());
     }
-    int link = bpf_link_create(prog, static_cast<int>(ifindex), static_cast<bpf_attach_type>(from_vm ? kTcxIngress : kTcxEgress), nullptr);
+    int link = bpf_link_create(prog, static_cast<int>(ifindex),
+                               static_cast<bpf_attach_type>(from_vm ? kTcxIngress : kTcxEgress), nullptr);
     if (link < 0) return Status::error(errno, "tcx attach to ifindex " + std::to_string(ifindex));
     int err = bpf_obj_pin(link, path.c_str());
     int e = errno;

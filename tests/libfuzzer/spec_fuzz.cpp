@@ -43,8 +43,7 @@ void check(bool ok, const char* what, const std::string& detail = "") {
 void check_errors(const std::vector<vmfence::SpecError>& errors, size_t from) {
   for (size_t i = from; i < errors.size(); ++i) {
     std::string s = errors[i].str();
-    check(s.find('\n') == std::string::npos && s.find('\r') == std::string::npos,
-          "error message spans lines", s);
+    check(s.find('\n') == std::string::npos && s.find('\r') == std::string::npos, "error message spans lines", s);
     check(!errors[i].message.empty(), "empty error message", s);
   }
 }
@@ -133,8 +132,7 @@ void write_file(const std::filesystem::path& p, const std::string& text) {
 void check_load_spec(const std::vector<std::string>& docs, size_t parsed_vms, bool all_clean) {
   const auto& dir = scratch_dir();
   std::error_code ec;
-  for (const auto& e : std::filesystem::directory_iterator(dir / "vms.d", ec))
-    std::filesystem::remove(e.path(), ec);
+  for (const auto& e : std::filesystem::directory_iterator(dir / "vms.d", ec)) std::filesystem::remove(e.path(), ec);
   write_file(dir / "host.json", docs[0]);
   for (size_t i = 1; i < docs.size(); ++i) {
     char name[32];
@@ -189,8 +187,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     vms.push_back(std::move(*vm));
   };
   if (docs.size() == 1) vm_doc("vm.json", docs[0], vmfence::ViolationPolicy{});
-  for (size_t i = 1; i < docs.size(); ++i)
-    vm_doc("vms.d/" + std::to_string(i) + ".json", docs[i], host.on_violation);
+  for (size_t i = 1; i < docs.size(); ++i) vm_doc("vms.d/" + std::to_string(i) + ".json", docs[i], host.on_violation);
 
   size_t before = errors.size();
   vmfence::validate_vms(vms, errors);
