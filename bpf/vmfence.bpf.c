@@ -577,15 +577,22 @@ static __always_inline int ll_usable(const struct vmfence_vm *vm, const union ad
 	return !is_gateway(vm, a);
 }
 
-/* Same /64 as the VM's (first) IPv6 address. */
-static __always_inline int in_own_v6_64(const struct vmfence_vm *vm, const union addr16 *a)
+/* An address the guest made up in the /64 of its (first) IPv6 address
+ * (SLAAC privacy, stable-privacy): no VM's, not a gateway. */
+static __always_inline int is_unassigned_in_own_64(const struct vmfence_vm *vm, const union addr16 *a)
 {
 	union addr16 mine;
 
 	if (!vm->v6_plen || is_v4_mapped(a))
 		return 0;
 	__builtin_memcpy(mine.b, vm->v6_addr, 16);
-	return a->q[0] == mine.q[0];
+	return a->q[0] == mine.q[0] && !owner_of(a) && !is_gateway(vm, a);
+}
+
+/* An IPv4 zeroconf address (169.254/16, RFC 3927) no VM owns. */
+static __always_inline int is_unowned_zeroconf(const union addr16 *a)
+{
+	return (bpf_ntohl(a->w[3]) >> 16) == 0xa9fe && !owner_of(a);
 }
 
 /* Why a packet from an address the VM does not own is dropped: a guest's
@@ -597,8 +604,7 @@ static __always_inline __u8 unowned_source_reason(const struct vmfence_vm *vm, c
 	if (p->family == 4) {
 		__u32 v = bpf_ntohl(s->w[3]);
 		/* DHCP/BOOTP and zeroconf (169.254/16) before an address. */
-		if ((v == 0 && is_multicast(&p->daddr)) ||
-		    ((v >> 16) == 0xa9fe && !owner_of(s)))
+		if ((v == 0 && is_multicast(&p->daddr)) || is_unowned_zeroconf(s))
 			return VMFENCE_REASON_LINK_LOCAL;
 		return VMFENCE_REASON_SPOOFED_IP;
 	}
@@ -606,7 +612,7 @@ static __always_inline __u8 unowned_source_reason(const struct vmfence_vm *vm, c
 		return is_multicast(&p->daddr) ? VMFENCE_REASON_LINK_LOCAL : VMFENCE_REASON_SPOOFED_IP;
 	if (is_link_local(s))
 		return ll_usable(vm, s) ? VMFENCE_REASON_LINK_LOCAL : VMFENCE_REASON_SPOOFED_IP;
-	if (in_own_v6_64(vm, s) && !owner_of(s) && !is_gateway(vm, s))
+	if (is_unassigned_in_own_64(vm, s))
 		return VMFENCE_REASON_UNASSIGNED_SRC;
 	return VMFENCE_REASON_SPOOFED_IP;
 }
@@ -775,7 +781,7 @@ static __always_inline int from_vm_icmp6_control(struct __sk_buff *skb, const st
 			/* Advertise only an address it may use. */
 			if (vm_owns(vm, &target) || (is_link_local(&target) && ll_usable(vm, &target)))
 				return TC_ACT_UNSPEC;
-			if (in_own_v6_64(vm, &target) && !owner_of(&target) && !is_gateway(vm, &target))
+			if (is_unassigned_in_own_64(vm, &target))
 				return drop(skb, vm, p, VMFENCE_REASON_UNASSIGNED_SRC, VMFENCE_DIR_FROM_VM);
 			return drop(skb, vm, p, VMFENCE_REASON_SPOOFED_ND, VMFENCE_DIR_FROM_VM);
 		}
@@ -896,7 +902,7 @@ static __always_inline int from_vm_arp(struct __sk_buff *skb, const struct vmfen
 				return TC_ACT_UNSPEC;
 			return drop(skb, vm, p, VMFENCE_REASON_LINK_LOCAL, VMFENCE_DIR_FROM_VM);
 		}
-		if ((bpf_ntohl(spa.w[3]) >> 16) == 0xa9fe && !owner_of(&spa))
+		if (is_unowned_zeroconf(&spa))
 			return drop(skb, vm, p, VMFENCE_REASON_LINK_LOCAL, VMFENCE_DIR_FROM_VM);
 		return drop(skb, vm, p, VMFENCE_REASON_SPOOFED_ARP, VMFENCE_DIR_FROM_VM);
 	}
@@ -1147,19 +1153,10 @@ static __always_inline int to_vm_control(struct __sk_buff *skb, const struct vmf
  * registers as the VM's own, names the VM and so its group. */
 static __always_inline int sender_mac_in_group(const struct vmfence_vm *vm, const struct pkt *p)
 {
-	union addr16 ll = {};
+	union addr16 ll;
 	struct vmfence_owner *o;
 
-	ll.b[0] = 0xfe;
-	ll.b[1] = 0x80;
-	ll.b[8] = p->smac[0] ^ 0x02;
-	ll.b[9] = p->smac[1];
-	ll.b[10] = p->smac[2];
-	ll.b[11] = 0xff;
-	ll.b[12] = 0xfe;
-	ll.b[13] = p->smac[3];
-	ll.b[14] = p->smac[4];
-	ll.b[15] = p->smac[5];
+	vmfence_eui64_link_local(p->smac, ll.b);
 	o = owner_of(&ll);
 	return o && o->group_id == vm->group_id;
 }

@@ -133,6 +133,25 @@ struct vmfence_vm {
 	__u8  v6_addr[16];      /* network order */
 };
 
+/* The EUI-64 link-local address of a MAC (fe80::, U/L bit flipped, ff:fe in
+ * the middle). The compiler registers every VM's as its own; the datapath
+ * names a vouched frame's sender VM by it. */
+static inline void vmfence_eui64_link_local(const __u8 mac[6], __u8 out[16])
+{
+	for (int i = 0; i < 16; i++)
+		out[i] = 0;
+	out[0] = 0xfe;
+	out[1] = 0x80;
+	out[8] = mac[0] ^ 0x02;
+	out[9] = mac[1];
+	out[10] = mac[2];
+	out[11] = 0xff;
+	out[12] = 0xfe;
+	out[13] = mac[3];
+	out[14] = mac[4];
+	out[15] = mac[5];
+}
+
 /* VMFENCE_MAP_OWNERS key: a VM's full-length address. */
 struct vmfence_addr {
 	__u8  addr[16];         /* network order, IPv4-mapped */

@@ -211,16 +211,7 @@ std::vector<Cidr> vm_address_space(const std::vector<VmSpec>& vms) {
 
 vmfence_addr eui64_link_local(const std::array<uint8_t, 6>& mac) {
   vmfence_addr a{};
-  a.addr[0] = 0xfe;
-  a.addr[1] = 0x80;
-  a.addr[8] = mac[0] ^ 0x02;
-  a.addr[9] = mac[1];
-  a.addr[10] = mac[2];
-  a.addr[11] = 0xff;
-  a.addr[12] = 0xfe;
-  a.addr[13] = mac[3];
-  a.addr[14] = mac[4];
-  a.addr[15] = mac[5];
+  vmfence_eui64_link_local(mac.data(), a.addr);
   return a;
 }
 
