@@ -4,7 +4,7 @@
 #include <string>
 #include <vector>
 
-#include "agent/spec.h"
+#include "agent/spec/spec.h"
 #include "vmfence_abi.h"
 
 namespace vmfence {

@@ -6,7 +6,7 @@
 # Corpus: build-libfuzzer/corpus (kept between runs, new inputs go there), seeded
 # from config/example and config/examples/*: each JSON file on its own and each
 # directory as one input (host.json, then vms.d/*.json, separated by "\n%%\n").
-# Dictionary: tests/libfuzzer/spec.dict plus the string literals of agent/spec.cpp.
+# Dictionary: tests/libfuzzer/spec.dict plus the string literals of agent/spec/spec.cpp.
 # A crash leaves build-libfuzzer/artifacts/crash-* (replay: build-libfuzzer/spec_fuzz FILE)
 # and exits non-zero. Without clang/libFuzzer: a skip (77), a failure with CI=true.
 set -eu
@@ -56,8 +56,8 @@ done
 # Dictionary: the static one plus every short identifier-like literal in spec.cpp.
 {
   cat tests/libfuzzer/spec.dict
-  echo "# from agent/spec.cpp"
-  grep -o '"[A-Za-z_][A-Za-z0-9_]\{1,31\}"' agent/spec.cpp | sort -u | sed 's/^"\(.*\)"$/"\\"\1\\""/'
+  echo "# from agent/spec/spec.cpp"
+  grep -o '"[A-Za-z_][A-Za-z0-9_]\{1,31\}"' agent/spec/spec.cpp | sort -u | sed 's/^"\(.*\)"$/"\\"\1\\""/'
 } >$B/spec.dict
 
 export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1:symbolize=1}"

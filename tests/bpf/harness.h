@@ -28,8 +28,8 @@
 #include <string>
 #include <vector>
 
-#include "agent/loader.h"
-#include "agent/spec.h"
+#include "agent/datapath/loader.h"
+#include "agent/spec/spec.h"
 #include "maps/compiler.h"
 #include "maps/pinned_maps.h"
 #include "tests/bpf/packet.h"

@@ -1,4 +1,4 @@
-// libFuzzer target for the spec parser (agent/spec.cpp): arbitrary bytes go to
+// libFuzzer target for the spec parser (agent/spec/spec.cpp): arbitrary bytes go to
 // parse_host, parse_vm and validate_vms, all in memory (no files).
 //
 // Input format: documents separated by a line "%%" ("\n%%\n"). The first is
@@ -27,7 +27,7 @@
 #include <string_view>
 #include <vector>
 
-#include "agent/spec.h"
+#include "agent/spec/spec.h"
 
 namespace {
 

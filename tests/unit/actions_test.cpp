@@ -29,9 +29,9 @@
 
 #include <gtest/gtest.h>
 
-#include "agent/actions.h"
+#include "agent/actions/actions.h"
 #include "tests/unit/test_util.h"
-#include "agent/violation.h"
+#include "agent/events/violation.h"
 
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;

@@ -7,7 +7,7 @@
 
 #include <cstring>
 
-#include "agent/spec.h"
+#include "agent/spec/spec.h"
 
 namespace vmfence {
 namespace {

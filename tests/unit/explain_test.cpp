@@ -1,7 +1,7 @@
 // `vmfence explain`: target parsing and the user-space verdict with its rule.
 #include <gtest/gtest.h>
 
-#include "agent/commands.h"
+#include "agent/cli/commands.h"
 
 namespace vmfence {
 namespace {

@@ -33,10 +33,10 @@ namespace rj = CEREAL_RAPIDJSON_NAMESPACE;
 namespace rj = rapidjson;
 #endif
 
-#include "agent/actions.h"
-#include "agent/journal.h"
+#include "agent/actions/actions.h"
+#include "agent/events/journal.h"
 #include "tests/unit/test_util.h"
-#include "agent/violation.h"
+#include "agent/events/violation.h"
 
 using namespace std::chrono_literals;
 

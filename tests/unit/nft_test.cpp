@@ -2,11 +2,7 @@
 // expressions, which mirror `nft --debug=netlink` for the same rule text), and, as
 // root, the real kernel in a private network namespace per test: atomic replace,
 // other tables untouched, remove, verify, the monitor's repair, failed applies.
-#if __has_include("agent/nft.h")  // CMake: the repository root is on the include path
-#include "agent/nft.h"
-#else  // standalone: -Iagent
-#include "nft.h"
-#endif
+#include "agent/nft/nft.h"
 
 #include <arpa/inet.h>
 #include <fcntl.h>

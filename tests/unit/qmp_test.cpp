@@ -31,9 +31,9 @@
 
 #include <gtest/gtest.h>
 
-#include "agent/actions.h"
+#include "agent/actions/actions.h"
 #include "tests/unit/test_util.h"
-#include "agent/violation.h"
+#include "agent/events/violation.h"
 
 #ifndef VMFENCE_SOURCE_DIR
 #define VMFENCE_SOURCE_DIR "."

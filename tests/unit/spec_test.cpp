@@ -1,6 +1,6 @@
 // Unit tests for agent/spec: parsing, every validation error (path + message),
 // defaults, on_violation merging, cross-file checks and the shipped examples.
-#include "agent/spec.h"
+#include "agent/spec/spec.h"
 
 #include <gtest/gtest.h>
 

@@ -1,6 +1,6 @@
-#include "agent/state_file.h"
+#include "agent/daemon/state_file.h"
 
-#include "agent/json.h"
+#include "agent/spec/json.h"
 #include <unistd.h>
 
 #include <filesystem>

@@ -1,5 +1,5 @@
 // Violations and action results to journald through libsystemd's native protocol.
-#include "agent/journal.h"
+#include "agent/events/journal.h"
 
 #include <spdlog/spdlog.h>
 #include <sys/stat.h>

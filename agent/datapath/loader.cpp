@@ -1,4 +1,4 @@
-#include "agent/loader.h"
+#include "agent/datapath/loader.h"
 
 #include <bpf/bpf.h>
 #include <bpf/libbpf.h>

@@ -1,4 +1,4 @@
-#include "agent/events.h"
+#include "agent/events/events.h"
 
 #include <arpa/inet.h>
 #include <bpf/libbpf.h>

@@ -7,8 +7,8 @@
 #include <string>
 #include <sys/types.h>
 
-#include "agent/spec.h"
-#include "agent/violation.h"
+#include "agent/spec/spec.h"
+#include "agent/events/violation.h"
 
 namespace vmfence {
 

@@ -1,7 +1,7 @@
 // on_violation terminate actions: a command (posix_spawn), a systemd unit
 // (sd-bus StopUnit) and a QEMU QMP quit, each in its own child process so the
 // event loop never waits on a VM manager.
-#include "agent/actions.h"
+#include "agent/actions/actions.h"
 
 #include <fcntl.h>
 #include <poll.h>
@@ -25,9 +25,9 @@
 #include <thread>
 #include <vector>
 
-#include "agent/json.h"
+#include "agent/spec/json.h"
 
-#include "agent/journal.h"
+#include "agent/events/journal.h"
 
 extern char** environ;
 

@@ -1,5 +1,5 @@
 // Violation::summary: the one-line text used in logs and as the journal MESSAGE.
-#include "agent/violation.h"
+#include "agent/events/violation.h"
 
 namespace vmfence {
 

@@ -1,4 +1,4 @@
-#include "agent/daemon.h"
+#include "agent/daemon/daemon.h"
 
 #include <bpf/bpf.h>
 #include <fcntl.h>
@@ -23,13 +23,13 @@
 #include <map>
 #include <set>
 
-#include "agent/actions.h"
-#include "agent/events.h"
-#include "agent/journal.h"
-#include "agent/loader.h"
-#include "agent/nft.h"
-#include "agent/spec.h"
-#include "agent/state_file.h"
+#include "agent/actions/actions.h"
+#include "agent/events/events.h"
+#include "agent/events/journal.h"
+#include "agent/datapath/loader.h"
+#include "agent/nft/nft.h"
+#include "agent/spec/spec.h"
+#include "agent/daemon/state_file.h"
 #include "maps/compiler.h"
 #include "maps/pinned_maps.h"
 

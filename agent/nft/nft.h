@@ -22,7 +22,7 @@
 #include <string>
 #include <vector>
 
-#include "spec.h"
+#include "agent/spec/spec.h"
 
 struct mnl_socket;  // libmnl
 

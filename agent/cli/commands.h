@@ -4,7 +4,7 @@
 #include <optional>
 #include <string>
 
-#include "agent/spec.h"
+#include "agent/spec/spec.h"
 
 namespace vmfence {
 

@@ -1,7 +1,7 @@
 // Violations to journald (sd_journal_send) when a journal socket exists.
 #pragma once
 
-#include "agent/violation.h"
+#include "agent/events/violation.h"
 
 namespace vmfence {
 

@@ -1,5 +1,5 @@
 // nftables table inet vmfence: builder (pure), netlink batch apply/remove, verify, monitor.
-#include "nft.h"
+#include "agent/nft/nft.h"
 
 #include <arpa/inet.h>
 #include <net/if.h>

@@ -1,6 +1,6 @@
 // Spec parsing and validation. The JSON DOM is walked by hand (not deserialised)
 // so that every error is reported at once, each with its JSON path.
-#include "agent/spec.h"
+#include "agent/spec/spec.h"
 
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -16,7 +16,7 @@
 #include <system_error>
 #include <tuple>
 
-#include "agent/json.h"
+#include "agent/spec/json.h"
 
 namespace vmfence {
 

@@ -1,4 +1,4 @@
-#include "agent/commands.h"
+#include "agent/cli/commands.h"
 
 #include <arpa/inet.h>
 #include <bpf/bpf.h>
@@ -18,10 +18,10 @@
 #include <fstream>
 #include <thread>
 
-#include "agent/events.h"
-#include "agent/loader.h"
-#include "agent/nft.h"
-#include "agent/state_file.h"
+#include "agent/events/events.h"
+#include "agent/datapath/loader.h"
+#include "agent/nft/nft.h"
+#include "agent/daemon/state_file.h"
 #include "maps/compiler.h"
 #include "maps/pinned_maps.h"
 #include "maps/reasons.h"

@@ -8,10 +8,10 @@
 #include <utility>
 #include <string>
 
-#include "agent/actions.h"
-#include "agent/journal.h"
-#include "agent/spec.h"
-#include "agent/violation.h"
+#include "agent/actions/actions.h"
+#include "agent/events/journal.h"
+#include "agent/spec/spec.h"
+#include "agent/events/violation.h"
 #include "maps/status.h"
 #include "vmfence_abi.h"
 

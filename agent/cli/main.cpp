@@ -8,8 +8,8 @@
 #include <string>
 #include <vector>
 
-#include "agent/commands.h"
-#include "agent/daemon.h"
+#include "agent/cli/commands.h"
+#include "agent/daemon/daemon.h"
 
 namespace {
 
