@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "maps/backend.h"
 #include "maps/compiler.h"
 #include "maps/status.h"
 #include "vmfence_abi.h"
@@ -50,60 +51,6 @@ struct TableFill {
 };
 TableFill flow_table_fill(const MapSet& maps, uint32_t slot);
 
-// What is installed for one VM.
-struct InstalledVm {
-  VmPlan plan;
-  uint32_t slot = 0;
-  uint32_t policy_id = 0;
-  uint32_t ifindex = 0;  // 0: interface absent, no vms entry
-};
-
-// Installs plans. A VM's change is: write the new generation's policy entries,
-// switch the VM's vms entry to it in one update, then delete the old
-// generation. Owners and gateways are added before and removed after.
-class MapWriter {
- public:
-  explicit MapWriter(MapSet& maps) : maps_(maps) {}
-  // Learn slots and generations from the maps of a previous run.
-  Status adopt();
-  // Install or update a VM; ifindex 0 = its interface is not there yet.
-  Status install(const VmPlan& plan, uint32_t ifindex);
-  // Bind an installed VM to an interface that appeared / went away.
-  Status bind(const std::string& name, uint32_t ifindex);
-  Status unbind(const std::string& name);
-  // The VM's spec is gone: its interface (if any) drops everything, its
-  // policy entries and addresses are freed.
-  Status remove(const std::string& name);
-  // The interface of a removed VM went away: free its entry and slot.
-  void forget_orphan(uint32_t ifindex);
-  // Remove entries no installed VM owns (after a restart's full install).
-  Status collect_garbage();
-  Status write_config(const vmfence_config& cfg);
-  // Delete flows idle past their timeout from every VM's table (the datapath
-  // already ignores them; this frees their room). Returns how many went.
-  size_t sweep_flows(const vmfence_config& cfg);
-  const std::map<std::string, InstalledVm>& installed() const { return vms_; }
-  // ifindex entries that drop everything because their spec was removed.
-  bool is_orphaned(uint32_t ifindex) const { return orphaned_.count(ifindex) != 0; }
-
- private:
-  Status write_policy(int fd, const std::vector<PolicyEntry>& entries, uint32_t policy_id);
-  void delete_policy(int fd, const std::vector<PolicyEntry>& entries, uint32_t policy_id);
-  uint32_t alloc_slot(uint32_t vm_id);
-  void free_slot(uint32_t slot);
-  // The slot's own flow table (limit entries) and fragment table; a changed
-  // limit gets a new table with the live flows copied over.
-  Status ensure_tables(uint32_t slot, uint32_t flow_limit);
-  Status zero_slot(uint32_t slot);
-  void clear_quarantine(uint32_t slot);
-
-  MapSet& maps_;
-  std::map<std::string, InstalledVm> vms_;
-  std::map<uint32_t, uint32_t> adopted_slots_;  // vm_id -> slot of a previous run
-  std::set<uint32_t> used_slots_;
-  std::map<uint32_t, uint32_t> orphaned_;  // ifindex -> slot (spec removed, interface remains)
-  uint32_t next_free_slot_ = 1;
-  uint32_t next_policy_id_ = 1;
-};
-
 }  // namespace vmfence
+
+#include "maps/map_writer.h"  // MapWriter: callers of the pinned maps use both

@@ -13,6 +13,7 @@
 #include <sys/file.h>
 #include <sys/inotify.h>
 #include <sys/signalfd.h>
+#include <sys/stat.h>
 #include <sys/timerfd.h>
 #include <systemd/sd-daemon.h>
 #include <unistd.h>
@@ -22,14 +23,17 @@
 #include <filesystem>
 #include <map>
 #include <set>
+#include <thread>
 
 #include "agent/actions/actions.h"
+#include "agent/daemon/reconciler.h"
+#include "agent/daemon/state_file.h"
+#include "agent/datapath/link_monitor.h"
+#include "agent/datapath/loader.h"
 #include "agent/events/events.h"
 #include "agent/events/journal.h"
-#include "agent/datapath/loader.h"
 #include "agent/nft/nft.h"
 #include "agent/spec/spec.h"
-#include "agent/daemon/state_file.h"
 #include "maps/compiler.h"
 #include "maps/pinned_maps.h"
 
@@ -37,34 +41,17 @@ namespace vmfence {
 
 namespace {
 
-// Element-wise byte equality of two vectors of map keys / values.
-template <typename T>
-bool same_bytes(const std::vector<T>& x, const std::vector<T>& y) {
-  return x.size() == y.size() && (x.empty() || std::memcmp(x.data(), y.data(), x.size() * sizeof(T)) == 0);
-}
+using Clock = std::chrono::steady_clock;
 
-bool same_addresses(const VmPlan& a, const VmPlan& b) {
-  return same_bytes(a.host_addresses, b.host_addresses) && same_bytes(a.net_addresses, b.net_addresses);
-}
+uint32_t ifindex_of(const std::string& name) { return name.empty() ? 0 : if_nametoindex(name.c_str()); }
 
-bool same_plan(const VmPlan& a, const VmPlan& b) {
-  return a.interface == b.interface && std::memcmp(&a.vm, &b.vm, sizeof(a.vm)) == 0 && same_bytes(a.egress, b.egress) &&
-         same_bytes(a.ingress, b.ingress) && same_bytes(a.gateways, b.gateways) && same_addresses(a, b);
-}
-
-// The datapath's global knobs for a set of VMs.
-vmfence_config datapath_config(const HostSpec& host, const std::vector<VmSpec>& vms) {
-  vmfence_config cfg{};
-  cfg.event_budget = VMFENCE_DEFAULT_EVENT_BUDGET;
-  cfg.budget_window_ns = VMFENCE_DEFAULT_BUDGET_WINDOW_NS;
-  cfg.tcp_timeout_s = host.flow_timeouts.tcp_s;
-  cfg.udp_timeout_s = host.flow_timeouts.udp_s;
-  cfg.icmp_timeout_s = host.flow_timeouts.icmp_s;
-  for (const auto& vm : vms)
-    for (const auto& a : vm.addresses)
-      if (a.mapped_prefix_len() < 128) cfg.flags |= VMFENCE_CFG_F_OWNER_NETS;
-  return cfg;
-}
+// An interface whose programs could not be attached: retried with backoff.
+struct AttachRetry {
+  std::string owner;  // VM name or refused file
+  std::chrono::milliseconds backoff{100};
+  Clock::time_point next{};
+  std::string error;
+};
 
 class Daemon {
  public:
@@ -72,73 +59,166 @@ class Daemon {
       : config_dir_(std::move(config_dir)),
         actions_(&journal_),
         events_(journal_, actions_, [this](uint32_t id) { return vm_by_id(id); }) {}
-  ~Daemon();
   int run();
 
  private:
   bool start();
+  bool watch(int fd, uint64_t tag);
   void reload(const char* why);
-  void apply_vm(const VmSpec& vm, const VmPlan& plan);
-  void on_link_event();
-  void link_changed(int type, uint32_t ifindex, const std::string& name);
+  void apply(const ReconcileResult& r);
+  void report(const std::vector<RejectedFile>& rejected);
+  void attach(uint32_t ifindex, const std::string& owner);
+  void retry_attaches();
+  void link_changed(bool added, uint32_t ifindex, const std::string& name);
+  void links_resynced(const std::vector<LinkMonitor::Link>& links);
   void apply_nft();
   void publish_state();
   void report_lost_events();
+  void act_on_quarantine();
   void check_fill_levels();
   const VmSpec* vm_by_id(uint32_t id) const;
-  static int on_link_msg(nl_msg* msg, void* arg);
+  const VmSpec* vm_on(const std::string& ifname) const;
+  const RejectedFile* rejected_on(const std::string& ifname) const;
 
   std::string config_dir_;
-  Spec spec_;                           // the VMs in force (last good of each)
-  std::map<uint32_t, size_t> by_id_;    // vm_id -> index in spec_.vms
-  std::map<uint32_t, VmSpec> removed_;  // specs removed while their interface remained
+  HostSpec host_;
+  std::vector<VmSpec> in_force_;            // sorted by name
+  std::vector<RejectedFile> rejected_;      // refused files (reported in the state file, `wait`)
+  std::map<uint32_t, VmSpec> removed_;      // vm_id -> spec of a removed VM whose interface still drops
   Journal journal_;
   ActionRunner actions_;
   EventConsumer events_;
   std::unique_ptr<Datapath> dp_;
   std::unique_ptr<MapWriter> writer_;
+  std::unique_ptr<Reconciler> reconciler_;
+  std::unique_ptr<LinkMonitor> links_;
   nft::Monitor nft_monitor_;
-  nl_sock* link_sock_ = nullptr;
   Fd epoll_, signal_fd_, inotify_, timer_, lock_;
+  std::map<uint32_t, AttachRetry> unattached_;  // ifindex -> retry
+  std::map<uint32_t, std::pair<uint64_t, uint64_t>> reported_;  // vm_id -> suppressed, lost (in-force VMs only)
+  std::map<uint32_t, MapBackend::TableUse> flow_use_;           // slot -> flows, from the last sweep
   bool reload_pending_ = false;
-  std::chrono::steady_clock::time_point reload_at_{};
+  Clock::time_point reload_at_{};
   bool running_ = true;
   bool nft_applied_ = false;
   uint64_t nft_fingerprint_ = 0;
-  std::map<uint32_t, std::pair<uint64_t, uint64_t>> reported_;  // vm_id -> suppressed, lost
 };
 
-Daemon::~Daemon() {
-  if (link_sock_) nl_socket_free(link_sock_);
-}
-
 const VmSpec* Daemon::vm_by_id(uint32_t id) const {
-  if (auto it = by_id_.find(id); it != by_id_.end()) return &spec_.vms[it->second];
+  for (const auto& vm : in_force_)
+    if (name_id(vm.name) == id) return &vm;
   if (auto it = removed_.find(id); it != removed_.end()) return &it->second;
   return nullptr;
 }
 
-void Daemon::apply_vm(const VmSpec& vm, const VmPlan& plan) {
-  uint32_t ifindex = if_nametoindex(vm.interface.c_str());
-  if (auto s = writer_->install(plan, ifindex); !s) {
-    spdlog::error("{}: install policy of vm {}: {}", vm.file, vm.name, s.message);
-    // Fail closed: the programs still go on the interface; with no VM entry
-    // (or its previous one) they drop what the policy cannot vouch for.
-    if (ifindex) dp_->attach(ifindex);
+const VmSpec* Daemon::vm_on(const std::string& ifname) const {
+  for (const auto& vm : in_force_)
+    if (vm.interface == ifname) return &vm;
+  return nullptr;
+}
+
+const RejectedFile* Daemon::rejected_on(const std::string& ifname) const {
+  for (const auto& r : rejected_)
+    if (!r.interface.empty() && r.interface == ifname) return &r;
+  return nullptr;
+}
+
+bool Daemon::watch(int fd, uint64_t tag) {
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.u64 = tag;
+  if (epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd, &ev) != 0) {
+    spdlog::error("epoll: cannot watch fd {}: {}", fd, std::strerror(errno));
+    return false;
+  }
+  return true;
+}
+
+// Attach both programs; a failure is retried with backoff and the interface
+// is reported as not enforced until it succeeds.
+void Daemon::attach(uint32_t ifindex, const std::string& owner) {
+  if (!ifindex) return;
+  if (auto s = dp_->attach(ifindex); !s) {
+    auto& r = unattached_[ifindex];
+    bool first = r.owner.empty();
+    r.owner = owner;
+    r.error = s.message;
+    r.next = Clock::now() + r.backoff;
+    r.backoff = std::min<std::chrono::milliseconds>(r.backoff * 2, std::chrono::seconds(10));
+    if (first) spdlog::error("{}: attach to ifindex {}: {} (NOT enforced; retrying)", owner, ifindex, s.message);
     return;
   }
-  if (ifindex) {
-    if (auto s = dp_->attach(ifindex); !s)
-      spdlog::error("vm {}: attach to {}: {}", vm.name, vm.interface, s.message);
+  if (unattached_.erase(ifindex)) spdlog::info("{}: attached to ifindex {} after retrying", owner, ifindex);
+}
+
+void Daemon::retry_attaches() {
+  auto now = Clock::now();
+  std::vector<std::pair<uint32_t, std::string>> due;
+  for (const auto& [ifindex, r] : unattached_)
+    if (now >= r.next) due.emplace_back(ifindex, r.owner);
+  for (const auto& [ifindex, owner] : due) {
+    char name[IF_NAMESIZE];
+    if (!if_indextoname(ifindex, name)) {  // gone meanwhile
+      unattached_.erase(ifindex);
+      continue;
+    }
+    attach(ifindex, owner);
+  }
+  if (!due.empty()) publish_state();
+}
+
+void Daemon::report(const std::vector<RejectedFile>& rejected) {
+  for (const auto& r : rejected) {
+    for (const auto& e : r.errors) std::fprintf(stderr, "%s\n", e.str().c_str());
+    if (r.kept_last_good)
+      spdlog::error("{}: refused; vm {} keeps its last good policy", r.file, r.name);
+    else if (!r.interface.empty() && !vm_on(r.interface))
+      spdlog::error("{}: refused; interface {} drops everything (no_policy)", r.file, r.interface);
     else
-      spdlog::info("vm {} enforced on {} (ifindex {}, mode {})", vm.name, vm.interface, ifindex, mode_name(vm.mode));
-  } else {
-    spdlog::info("vm {}: interface {} not present yet; attaching when it appears", vm.name, vm.interface);
+      spdlog::error("{}: refused", r.file);
   }
 }
 
+// After a reconcile: attach what needs the programs, follow names.
+void Daemon::apply(const ReconcileResult& r) {
+  for (const auto& name : r.removed) {
+    for (const auto& vm : in_force_)
+      if (vm.name == name) {
+        uint32_t ifindex = ifindex_of(vm.interface);
+        if (ifindex && writer_->is_blocked(ifindex)) removed_[name_id(name)] = vm;  // reports under its name
+      }
+    reported_.erase(name_id(name));
+    actions_.forget(name);
+    spdlog::warn("vm {}: spec removed; its interface (if present) now drops everything", name);
+  }
+  in_force_ = r.in_force;
+  rejected_ = r.rejected;
+  for (const auto& name : r.changed) {
+    actions_.rearm(name);
+    removed_.erase(name_id(name));
+  }
+  for (const auto& vm : in_force_) {
+    auto inst = writer_->installed().find(vm.name);
+    if (inst == writer_->installed().end()) continue;
+    if (!inst->second.ifindex) {
+      if (std::find(r.changed.begin(), r.changed.end(), vm.name) != r.changed.end())
+        spdlog::info("vm {}: interface {} not present yet; attaching when it appears", vm.name, vm.interface);
+      continue;
+    }
+    if (std::find(r.changed.begin(), r.changed.end(), vm.name) != r.changed.end() ||
+        !dp_->attached(inst->second.ifindex))
+      attach(inst->second.ifindex, "vm " + vm.name);
+  }
+  for (uint32_t ifindex : r.blocked)
+    if (!dp_->attached(ifindex)) attach(ifindex, "no_policy");
+  report(r.rejected);
+}
+
 void Daemon::apply_nft() {
-  nft::Ruleset rs = nft::build_ruleset(spec_);
+  Spec spec;
+  spec.host = host_;
+  spec.vms = in_force_;
+  nft::Ruleset rs = nft::build_ruleset(spec);
   uint64_t fp = rs.fingerprint();
   if (nft_applied_ && fp == nft_fingerprint_) return;  // unchanged; the monitor guards against edits
   if (auto r = nft::apply(rs); !r) {
@@ -150,8 +230,9 @@ void Daemon::apply_nft() {
 }
 
 void Daemon::publish_state() {
-  std::vector<StateVm> vms;
-  for (const auto& vm : spec_.vms) {
+  State st;
+  st.config_dir = config_dir_;
+  for (const auto& vm : in_force_) {
     StateVm s;
     s.name = vm.name;
     s.interface = vm.interface;
@@ -163,21 +244,25 @@ void Daemon::publish_state() {
       s.slot = it->second.slot;
       s.policy_id = it->second.policy_id;
       s.ifindex = it->second.ifindex;
+      s.enforced = s.ifindex && !unattached_.count(s.ifindex);
     }
-    vms.push_back(s);
+    st.vms.push_back(s);
   }
-  if (auto st = write_state_file(run_dir(), config_dir_, vms); !st) spdlog::warn("{}", st.message);
+  for (const auto& r : rejected_) {
+    StateRejected s;
+    s.file = r.file;
+    s.name = r.name;
+    s.interface = r.interface;
+    for (const auto& e : r.errors) s.errors.push_back(e.str());
+    s.kept_last_good = r.kept_last_good;
+    struct stat sb {};
+    if (::stat(r.file.c_str(), &sb) == 0) s.mtime_ns = int64_t{sb.st_mtim.tv_sec} * 1000000000 + sb.st_mtim.tv_nsec;
+    st.rejected.push_back(std::move(s));
+  }
+  if (auto s = write_state_file(run_dir(), st); !s) spdlog::warn("{}", s.message);
 }
 
 bool Daemon::start() {
-  SpecLoad load = load_spec(config_dir_);
-  Plan plan = compile(load.spec);
-  if (!load.ok() || !plan.ok()) {
-    for (const auto& e : load.errors) fprintf(stderr, "%s\n", e.str().c_str());
-    for (const auto& e : plan.errors) fprintf(stderr, "%s\n", e.str().c_str());
-    spdlog::error("{}: invalid configuration, nothing changed", config_dir_);
-    return false;
-  }
   // One agent per pin dir: a second one would fight over the same maps.
   std::error_code ec;
   std::filesystem::create_directories(run_dir(), ec);
@@ -187,8 +272,37 @@ bool Daemon::start() {
     spdlog::error("another vmfence agent holds {} (pin dir {}); not starting", lock_path, pin_dir());
     return false;
   }
-  spec_ = std::move(load.spec);
-  for (size_t i = 0; i < spec_.vms.size(); ++i) by_id_[name_id(spec_.vms[i].name)] = i;
+  epoll_.reset(epoll_create1(EPOLL_CLOEXEC));
+  if (!epoll_.valid()) {
+    spdlog::error("epoll_create1: {}", std::strerror(errno));
+    return false;
+  }
+  // Watch files and links before the first scan: a file or TAP that appears
+  // while we start is then either in the scan or in a notification.
+  inotify_.reset(inotify_init1(IN_NONBLOCK | IN_CLOEXEC));
+  std::filesystem::create_directories(config_dir_ + "/vms.d", ec);
+  if (!inotify_.valid() ||
+      inotify_add_watch(inotify_.get(), (config_dir_ + "/vms.d").c_str(),
+                        IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE | IN_CREATE | IN_ATTRIB) < 0 ||
+      inotify_add_watch(inotify_.get(), config_dir_.c_str(), IN_CLOSE_WRITE | IN_MOVED_TO) < 0) {
+    spdlog::error("inotify on {}: {}", config_dir_, std::strerror(errno));
+    return false;
+  }
+  links_ = std::make_unique<LinkMonitor>(
+      [this](bool added, uint32_t ifindex, const std::string& name) { link_changed(added, ifindex, name); },
+      [this](const std::vector<LinkMonitor::Link>& all) { links_resynced(all); });
+  if (auto s = links_->open(); !s) {
+    spdlog::error("link monitor: {}", s.message);
+    return false;
+  }
+
+  SpecFiles files = read_spec_files(config_dir_);
+  if (!files.host_errors.empty()) {
+    for (const auto& e : files.host_errors) std::fprintf(stderr, "%s\n", e.str().c_str());
+    spdlog::error("{}: host.json invalid; not starting (what a previous run installed stays in force)", config_dir_);
+    return false;
+  }
+  host_ = files.host;
 
   route_libbpf_log();
   if (auto s = Datapath::load(pin_dir(), dp_); !s) {
@@ -196,158 +310,118 @@ bool Daemon::start() {
     return false;
   }
   writer_ = std::make_unique<MapWriter>(dp_->maps());
-  writer_->adopt();
-  writer_->write_config(datapath_config(spec_.host, spec_.vms));
-  for (size_t i = 0; i < spec_.vms.size(); ++i) apply_vm(spec_.vms[i], plan.vms[i]);
-  writer_->collect_garbage();
+  if (auto s = writer_->adopt(); !s) spdlog::warn("adopt previous state: {}", s.message);
+  reconciler_ = std::make_unique<Reconciler>(*writer_, ifindex_of);
+  // VMs a previous run enforced win conflicts against newcomers.
+  std::set<std::string> enforced;
+  for (const auto& f : files.vms)
+    if (f.vm && writer_->adopted_ifindex(name_id(f.vm->name))) enforced.insert(f.vm->name);
+  ReconcileResult r = reconciler_->reconcile(files, {}, enforced);
+  if (auto s = writer_->collect_garbage(); !s) spdlog::warn("garbage collection: {}", s.message);
+  apply(r);
   Datapath::remove_stale_pins(dp_->dir());
+
+  // Do not report ready while a known interface runs without its programs.
+  auto deadline = Clock::now() + std::chrono::seconds(10);
+  while (!unattached_.empty() && Clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    retry_attaches();
+  }
+  if (!unattached_.empty()) {
+    for (const auto& [ifindex, a] : unattached_)
+      spdlog::error("{}: cannot attach to ifindex {}: {}", a.owner, ifindex, a.error);
+    spdlog::error("interfaces would run unenforced; not starting");
+    return false;
+  }
   apply_nft();
   publish_state();
-  spdlog::info("enforcing {} VMs from {} (maps pinned under {})", spec_.vms.size(), config_dir_, pin_dir());
+  spdlog::info("enforcing {} VMs from {} ({} files refused; maps pinned under {})", in_force_.size(), config_dir_,
+               rejected_.size(), pin_dir());
   return true;
 }
 
-int Daemon::on_link_msg(nl_msg* msg, void* arg) {
-  auto* self = static_cast<Daemon*>(arg);
-  nlmsghdr* h = nlmsg_hdr(msg);
-  if (h->nlmsg_type != RTM_NEWLINK && h->nlmsg_type != RTM_DELLINK) return NL_OK;
-  auto* ifi = static_cast<ifinfomsg*>(nlmsg_data(h));
-  nlattr* tb[IFLA_MAX + 1];
-  if (nlmsg_parse(h, sizeof(*ifi), tb, IFLA_MAX, nullptr) < 0 || !tb[IFLA_IFNAME]) return NL_OK;
-  self->link_changed(h->nlmsg_type, static_cast<uint32_t>(ifi->ifi_index), nla_get_string(tb[IFLA_IFNAME]));
-  return NL_OK;
-}
-
-void Daemon::link_changed(int type, uint32_t ifindex, const std::string& name) {
-  for (const auto& vm : spec_.vms) {
-    if (vm.interface != name) continue;
-    auto it = writer_->installed().find(vm.name);
+void Daemon::link_changed(bool added, uint32_t ifindex, const std::string& name) {
+  if (const VmSpec* vm = vm_on(name)) {
+    auto it = writer_->installed().find(vm->name);
     if (it == writer_->installed().end()) return;
-    if (type == RTM_DELLINK) {
+    if (!added) {
       if (it->second.ifindex == ifindex) {
-        writer_->unbind(vm.name);
+        if (auto s = writer_->unbind(vm->name); !s) spdlog::error("vm {}: {}", vm->name, s.message);
         Datapath::detach(dp_->dir(), ifindex);
-        actions_.rearm(vm.name);
-        spdlog::info("vm {}: interface {} gone", vm.name, name);
+        unattached_.erase(ifindex);
+        actions_.rearm(vm->name);
+        spdlog::info("vm {}: interface {} gone", vm->name, name);
         publish_state();
       }
       return;
     }
-    if (it->second.ifindex == ifindex) return;  // already enforced
-    auto t0 = std::chrono::steady_clock::now();
-    if (auto s = writer_->bind(vm.name, ifindex); !s) {
-      spdlog::error("vm {}: {} (interface attached anyway: it drops everything)", vm.name, s.message);
-      dp_->attach(ifindex);
-      return;
+    if (it->second.ifindex == ifindex && dp_->attached(ifindex)) return;  // already enforced
+    auto t0 = Clock::now();
+    if (it->second.ifindex != ifindex) {
+      if (auto s = writer_->bind(vm->name, ifindex); !s) {
+        spdlog::error("vm {}: {} (interface attached anyway: it drops everything)", vm->name, s.message);
+        (void)writer_->block(ifindex, name_id(vm->name));
+      }
     }
-    if (auto s = dp_->attach(ifindex); !s) {
-      spdlog::error("vm {}: attach to {}: {}", vm.name, name, s.message);
-      return;
-    }
-    actions_.rearm(vm.name);
-    auto us = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0).count();
-    spdlog::info("vm {} enforced on {} (ifindex {}) {} us after the link event", vm.name, name, ifindex, us);
+    attach(ifindex, "vm " + vm->name);
+    actions_.rearm(vm->name);
+    auto us = std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - t0).count();
+    spdlog::info("vm {} enforced on {} (ifindex {}) {} us after the link event", vm->name, name, ifindex, us);
     publish_state();
     return;
   }
-  if (type == RTM_DELLINK && writer_->is_orphaned(ifindex)) {
-    writer_->forget_orphan(ifindex);
-    std::erase_if(removed_, [&](const auto& kv) { return kv.second.interface == name; });
-    Datapath::detach(dp_->dir(), ifindex);
+  if (!added) {
+    if (writer_->is_blocked(ifindex)) {
+      writer_->forget_blocked(ifindex);
+      std::erase_if(removed_, [&](const auto& kv) { return kv.second.interface == name; });
+      Datapath::detach(dp_->dir(), ifindex);
+    }
+    unattached_.erase(ifindex);
+    return;
+  }
+  // An interface only a refused file names: it drops everything.
+  if (const RejectedFile* r = rejected_on(name); r && !writer_->is_blocked(ifindex)) {
+    if (auto s = writer_->block(ifindex, name_id(r->name.empty() ? r->file : r->name)); !s)
+      spdlog::error("{}: no_policy on {}: {}", r->file, name, s.message);
+    attach(ifindex, r->file + " (no_policy)");
+    spdlog::warn("{}: interface {} appeared; it drops everything (the file was refused)", r->file, name);
   }
 }
 
-void Daemon::on_link_event() { nl_recvmsgs_default(link_sock_); }
+// The link monitor lost events: compare every link with what we know.
+void Daemon::links_resynced(const std::vector<LinkMonitor::Link>& links) {
+  spdlog::warn("link monitor: events lost; re-listed {} links", links.size());
+  std::set<uint32_t> present;
+  for (const auto& l : links) {
+    present.insert(l.ifindex);
+    link_changed(true, l.ifindex, l.name);
+  }
+  for (const auto& vm : in_force_) {
+    auto it = writer_->installed().find(vm.name);
+    if (it != writer_->installed().end() && it->second.ifindex && !present.count(it->second.ifindex))
+      link_changed(false, it->second.ifindex, vm.interface);
+  }
+  std::vector<uint32_t> gone;
+  for (const auto& [ifindex, slot] : writer_->blocked())
+    if (!present.count(ifindex)) gone.push_back(ifindex);
+  for (uint32_t ifindex : gone) link_changed(false, ifindex, "");
+}
 
 void Daemon::reload(const char* why) {
-  SpecLoad load = load_spec(config_dir_);
-  std::set<std::string> bad_files;
-  for (const auto& e : load.errors) {
-    fprintf(stderr, "%s\n", e.str().c_str());
-    bad_files.insert(e.file);
-  }
-  if (bad_files.count(load.spec.host.file) || bad_files.count(config_dir_ + "/host.json")) {
+  SpecFiles files = read_spec_files(config_dir_);
+  if (!files.host_errors.empty()) {
+    for (const auto& e : files.host_errors) std::fprintf(stderr, "%s\n", e.str().c_str());
     spdlog::error("reload ({}): host.json invalid, everything keeps its last good policy", why);
     return;
   }
-  // The VMs in force after this reload: every valid file, and the last good
-  // policy of VMs whose file is invalid now.
-  std::vector<const VmSpec*> fresh, kept_old;
-  std::set<std::string> seen;
-  for (const auto& vm : load.spec.vms)
-    if (!bad_files.count(vm.file)) {
-      fresh.push_back(&vm);
-      seen.insert(vm.name);
-    }
-  for (const auto& old : spec_.vms)
-    if (!seen.count(old.name) && bad_files.count(old.file)) kept_old.push_back(&old);
-  std::vector<VmSpec> in_force;
-  for (const auto* vm : fresh) in_force.push_back(*vm);
-  for (const auto* vm : kept_old) in_force.push_back(*vm);
-  std::vector<Cidr> nets = vm_address_space(in_force);
-
-  // Before any install: a VM that owns a prefix needs the datapath to consult
-  // the prefix trie from its first packet on.
-  writer_->write_config(datapath_config(load.spec.host, in_force));
-
-  Spec next;
-  next.host = load.spec.host;
-  int changed = 0, removed = 0, kept = 0;
-  seen.clear();
-  // Two passes: VMs whose addresses stay first (their policies learn any new
-  // VM address space), then new or re-addressed VMs: no VM's policy is ever
-  // older than an address that became a VM's.
-  std::vector<std::pair<const VmSpec*, VmPlan>> moved;
-  auto install = [&](const VmSpec* vm, const VmPlan& plan) {
-    apply_vm(*vm, plan);
-    actions_.rearm(vm->name);
-    ++changed;
-  };
-  for (const auto* vm : fresh) {
-    std::vector<SpecError> errs;
-    VmPlan plan = compile_vm(*vm, load.spec.host, nets, errs);
-    if (!errs.empty()) {
-      for (const auto& e : errs) fprintf(stderr, "%s\n", e.str().c_str());
-      bad_files.insert(vm->file);
-      continue;
-    }
-    seen.insert(vm->name);
-    removed_.erase(name_id(vm->name));
-    next.vms.push_back(*vm);
-    auto it = writer_->installed().find(vm->name);
-    if (it != writer_->installed().end() && same_plan(it->second.plan, plan)) continue;
-    if (it == writer_->installed().end() || !same_addresses(it->second.plan, plan))
-      moved.emplace_back(vm, std::move(plan));
-    else
-      install(vm, plan);
-  }
-  // VMs no longer in a valid file: keep those whose file is invalid (their
-  // policy, recompiled if the VM address space moved), remove the rest.
-  for (const auto& old : spec_.vms) {
-    if (seen.count(old.name)) continue;
-    if (bad_files.count(old.file)) {
-      std::vector<SpecError> errs;
-      VmPlan plan = compile_vm(old, spec_.host, nets, errs);
-      auto it = writer_->installed().find(old.name);
-      if (errs.empty() && it != writer_->installed().end() && !same_plan(it->second.plan, plan)) apply_vm(old, plan);
-      next.vms.push_back(old);
-      ++kept;
-      continue;
-    }
-    writer_->remove(old.name);
-    removed_[name_id(old.name)] = old;  // its interface still reports drops under its name
-    ++removed;
-    spdlog::warn("vm {}: spec removed; its interface (if present) now drops everything", old.name);
-  }
-  for (const auto& [vm, plan] : moved) install(vm, plan);
-  std::sort(next.vms.begin(), next.vms.end(), [](const VmSpec& a, const VmSpec& b) { return a.name < b.name; });
-  spec_ = std::move(next);
-  by_id_.clear();
-  for (size_t i = 0; i < spec_.vms.size(); ++i) by_id_[name_id(spec_.vms[i].name)] = i;
+  host_ = files.host;
+  ReconcileResult r = reconciler_->reconcile(files, in_force_);
+  apply(r);
   apply_nft();
   publish_state();
-  spdlog::info("reload ({}): {} VMs changed, {} removed, {} kept at their last good policy", why, changed, removed,
-               kept);
+  size_t kept = std::count_if(r.rejected.begin(), r.rejected.end(), [](const RejectedFile& f) { return f.kept_last_good; });
+  spdlog::info("reload ({}): {} VMs changed, {} removed, {} kept at their last good policy, {} files refused", why,
+               r.changed.size(), r.removed.size(), kept, r.rejected.size() - kept);
 }
 
 // Events the datapath did not send (over the per-VM budget, or ring buffer
@@ -374,48 +448,65 @@ void Daemon::report_lost_events() {
   }
 }
 
-// Bounded state: say so before a map runs out. The policy and VM maps refuse
-// new entries when full (the change fails, the VM keeps what it had); a VM's
-// full flow table refuses its new flows (flow_limit): warn at 90%.
+// The quarantine flag in the kernel is the source of truth: a VM that
+// reached its threshold is terminated even when its event was lost (ring
+// buffer full). The runner starts one termination per incident.
+void Daemon::act_on_quarantine() {
+  for (const auto& vm : in_force_) {
+    if (vm.on_violation.action != Action::terminate) continue;
+    auto it = writer_->installed().find(vm.name);
+    if (it == writer_->installed().end() || !it->second.ifindex) continue;
+    vmfence_state st{};
+    if (!read_state(dp_->maps(), it->second.slot, st) || !st.quarantined) continue;
+    Violation v;
+    v.vm = vm.name;
+    v.interface = vm.interface;
+    v.reason = "quarantined";
+    v.direction = "from_vm";
+    v.mode = mode_name(vm.mode);
+    v.trigger = v.quarantined = true;
+    if (actions_.terminate(vm.on_violation, v))
+      spdlog::warn("terminating vm={}: quarantined in the kernel (its violation event was not received)", vm.name);
+  }
+}
+
+// Bounded state: say so before a map runs out. Counts come from the writer
+// (entries it wrote) and from the last flow sweep: no walk of a map here.
 void Daemon::check_fill_levels() {
   for (const auto& [name, vm] : writer_->installed()) {
-    TableFill f = flow_table_fill(dp_->maps(), vm.slot);
-    if (f.max_entries && f.entries * 10 >= static_cast<size_t>(f.max_entries) * 9) {
+    auto f = flow_use_.find(vm.slot);
+    if (f == flow_use_.end() || !f->second.max_entries) continue;
+    if (f->second.entries * 10 >= static_cast<size_t>(f->second.max_entries) * 9) {
       std::string msg = fmt::format(
           "vm {}: flow table {:.0f}% full ({} of {} flows, limits.flows); new flows are "
           "dropped as flow_limit",
-          name, 100.0 * f.entries / f.max_entries, f.entries, f.max_entries);
+          name, 100.0 * f->second.entries / f->second.max_entries, f->second.entries, f->second.max_entries);
       spdlog::warn("{}", msg);
       journal_.notice(4, msg, name);
     }
   }
-  dp_->maps().for_each([&](const char* name, int fd) {
+  const std::pair<MapId, int> maps[] = {{MapId::vms, dp_->maps().vms.get()},
+                                        {MapId::owners, dp_->maps().owners.get()},
+                                        {MapId::owner_nets, dp_->maps().owner_nets.get()},
+                                        {MapId::egress, dp_->maps().egress.get()},
+                                        {MapId::ingress, dp_->maps().ingress.get()},
+                                        {MapId::gateways, dp_->maps().gateways.get()}};
+  for (const auto& [id, fd] : maps) {
     bpf_map_info info{};
     uint32_t len = sizeof(info);
-    if (bpf_obj_get_info_by_fd(fd, &info, &len) != 0) return;
-    if (info.type == BPF_MAP_TYPE_RINGBUF || info.type == BPF_MAP_TYPE_ARRAY ||
-        info.type == BPF_MAP_TYPE_PERCPU_ARRAY || info.type == BPF_MAP_TYPE_ARRAY_OF_MAPS || info.max_entries == 0)
-      return;
-    size_t n = count_entries(fd, info.key_size);
+    if (bpf_obj_get_info_by_fd(fd, &info, &len) != 0 || !info.max_entries) continue;
+    size_t n = writer_->entries(id);
     if (n * 10 >= static_cast<size_t>(info.max_entries) * 9) {
-      std::string msg = fmt::format("map {} is {:.0f}% full ({} of {} entries)", name, 100.0 * n / info.max_entries, n,
-                                    info.max_entries);
+      std::string msg = fmt::format("map {} is {:.0f}% full ({} of {} entries)", map_id_name(id),
+                                    100.0 * n / info.max_entries, n, info.max_entries);
       spdlog::warn("{}", msg);
       journal_.notice(4, msg, "");
     }
-  });
+  }
 }
 
 int Daemon::run() {
   if (!start()) return 1;
-
-  epoll_.reset(epoll_create1(EPOLL_CLOEXEC));
-  auto watch = [&](int fd, uint64_t tag) {
-    epoll_event ev{};
-    ev.events = EPOLLIN;
-    ev.data.u64 = tag;
-    epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd, &ev);
-  };
   enum : uint64_t { kSignal, kEvents, kLinks, kInotify, kNft, kTimer };
 
   sigset_t mask;
@@ -423,34 +514,15 @@ int Daemon::run() {
   sigaddset(&mask, SIGINT);
   sigaddset(&mask, SIGTERM);
   sigaddset(&mask, SIGHUP);
-  sigprocmask(SIG_BLOCK, &mask, nullptr);
+  if (sigprocmask(SIG_BLOCK, &mask, nullptr) != 0) spdlog::error("sigprocmask: {}", std::strerror(errno));
   signal_fd_.reset(signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK));
-  watch(signal_fd_.get(), kSignal);
+  if (!signal_fd_.valid() || !watch(signal_fd_.get(), kSignal)) return 1;
+  if (!watch(inotify_.get(), kInotify) || !watch(links_->fd(), kLinks)) return 1;
 
   if (auto s = events_.open(dp_->maps().events.get()); !s)
-    spdlog::error("{}", s.message);
+    spdlog::error("{} (violations are still dropped and counted; the quarantine scan still terminates)", s.message);
   else
     watch(events_.fd(), kEvents);
-
-  link_sock_ = nl_socket_alloc();
-  nl_socket_disable_seq_check(link_sock_);
-  nl_socket_modify_cb(link_sock_, NL_CB_VALID, NL_CB_CUSTOM, &Daemon::on_link_msg, this);
-  if (nl_connect(link_sock_, NETLINK_ROUTE) == 0 && nl_socket_add_membership(link_sock_, RTNLGRP_LINK) == 0) {
-    nl_socket_set_nonblocking(link_sock_);
-    watch(nl_socket_get_fd(link_sock_), kLinks);
-  } else {
-    spdlog::error("link monitor: cannot subscribe to RTNLGRP_LINK; new interfaces are not attached");
-  }
-  // Interfaces that appeared between start() and the subscription.
-  for (const auto& vm : spec_.vms)
-    if (uint32_t idx = if_nametoindex(vm.interface.c_str())) link_changed(RTM_NEWLINK, idx, vm.interface);
-
-  inotify_.reset(inotify_init1(IN_NONBLOCK | IN_CLOEXEC));
-  std::filesystem::create_directories(config_dir_ + "/vms.d");
-  inotify_add_watch(inotify_.get(), (config_dir_ + "/vms.d").c_str(),
-                    IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE | IN_CREATE);
-  inotify_add_watch(inotify_.get(), config_dir_.c_str(), IN_CLOSE_WRITE | IN_MOVED_TO);
-  watch(inotify_.get(), kInotify);
 
   if (auto r = nft_monitor_.open(); r)
     watch(nft_monitor_.fd(), kNft);
@@ -459,22 +531,32 @@ int Daemon::run() {
 
   timer_.reset(timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC));
   itimerspec its{{0, 100 * 1000 * 1000}, {0, 100 * 1000 * 1000}};
-  timerfd_settime(timer_.get(), 0, &its, nullptr);
-  watch(timer_.get(), kTimer);
+  if (!timer_.valid() || timerfd_settime(timer_.get(), 0, &its, nullptr) != 0 || !watch(timer_.get(), kTimer)) {
+    spdlog::error("timerfd: {}", std::strerror(errno));
+    return 1;
+  }
+  // Files written between the scan in start() and now were seen by inotify
+  // (armed before the scan); reload once to be sure nothing slipped through.
+  reload("start");
 
-  sd_notify(0, "READY=1");
-  auto last_check = std::chrono::steady_clock::now();
+  if (sd_notify(0, "READY=1") < 0) spdlog::warn("sd_notify READY=1 failed");
+  auto last_check = Clock::now();
   auto last_report = last_check;
   auto last_sweep = last_check;
   while (running_) {
     epoll_event evs[16];
     int timeout = -1;
     if (reload_pending_) {
-      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(reload_at_ - std::chrono::steady_clock::now());
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(reload_at_ - Clock::now());
       timeout = std::max<int>(0, static_cast<int>(left.count()));
     }
     int n = epoll_wait(epoll_.get(), evs, 16, timeout);
-    if (reload_pending_ && std::chrono::steady_clock::now() >= reload_at_) {
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      spdlog::error("epoll_wait: {}", std::strerror(errno));
+      return 1;
+    }
+    if (reload_pending_ && Clock::now() >= reload_at_) {
       reload_pending_ = false;
       reload("spec files changed");
     }
@@ -498,34 +580,38 @@ int Daemon::run() {
           events_.consume();
           break;
         case kLinks:
-          on_link_event();
+          links_->handle_readable();
           break;
         case kInotify: {
           char buf[4096];
-          while (read(inotify_.get(), buf, sizeof(buf)) > 0) {
+          ssize_t got;
+          while ((got = read(inotify_.get(), buf, sizeof(buf))) > 0) {
           }
           // Writers replace several files at once: settle briefly first.
           reload_pending_ = true;
-          reload_at_ = std::chrono::steady_clock::now() + std::chrono::milliseconds(5);
+          reload_at_ = Clock::now() + std::chrono::milliseconds(5);
           break;
         }
         case kNft:
-          nft_monitor_.handle_readable(spec_);  // logs what it found and repaired
+          nft_monitor_.handle_readable(Spec{host_, in_force_});  // logs what it found and repaired
           break;
         case kTimer: {
           uint64_t ticks;
           (void)!read(timer_.get(), &ticks, sizeof(ticks));
           actions_.poll();
-          auto now = std::chrono::steady_clock::now();
+          if (!unattached_.empty()) retry_attaches();
+          auto now = Clock::now();
           if (now - last_report > std::chrono::seconds(1)) {
             last_report = now;
             report_lost_events();
+            act_on_quarantine();
           }
           // Idle flows are already ignored by the datapath; this frees
           // their room in the VM's table.
           if (now - last_sweep > std::chrono::seconds(5)) {
             last_sweep = now;
-            writer_->sweep_flows(datapath_config(spec_.host, spec_.vms));
+            flow_use_.clear();
+            writer_->sweep_flows(datapath_config(host_, in_force_), &flow_use_);
           }
           // The monitor sees edits as they happen; this only covers lost
           // notifications (a dump of the whole table: not every tick).
@@ -534,6 +620,7 @@ int Daemon::run() {
             check_fill_levels();
             if (!nft::table_intact()) {
               spdlog::warn("nftables: table inet vmfence missing or changed; restoring");
+              nft_applied_ = false;
               apply_nft();
             }
           }

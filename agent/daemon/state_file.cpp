@@ -1,70 +1,133 @@
 #include "agent/daemon/state_file.h"
 
-#include "agent/spec/json.h"
 #include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 
+#include "agent/spec/json.h"
+
 namespace vmfence {
 
-
-static std::string json_string(const std::string& s) {
-  std::string out = "\"";
-  for (char c : s) {
-    if (c == '"' || c == '\\') out += '\\';
-    if (static_cast<unsigned char>(c) < 0x20) continue;
-    out += c;
+Status write_state_file(const std::string& dir, const State& state) {
+  rj::StringBuffer buf;
+  rj::PrettyWriter<rj::StringBuffer> w(buf);
+  w.StartObject();
+  w.Key("config");
+  w.String(state.config_dir.c_str());
+  w.Key("pid");
+  w.Int(state.pid ? state.pid : getpid());
+  w.Key("vms");
+  w.StartArray();
+  for (const auto& v : state.vms) {
+    w.StartObject();
+    w.Key("name");
+    w.String(v.name.c_str());
+    w.Key("interface");
+    w.String(v.interface.c_str());
+    w.Key("group");
+    w.String(v.group.c_str());
+    w.Key("mode");
+    w.String(v.mode.c_str());
+    w.Key("vm_id");
+    w.Uint(v.vm_id);
+    w.Key("slot");
+    w.Uint(v.slot);
+    w.Key("policy_id");
+    w.Uint(v.policy_id);
+    w.Key("ifindex");
+    w.Uint(v.ifindex);
+    w.Key("enforced");
+    w.Bool(v.enforced);
+    w.EndObject();
   }
-  return out + "\"";
-}
+  w.EndArray();
+  w.Key("rejected");
+  w.StartArray();
+  for (const auto& r : state.rejected) {
+    w.StartObject();
+    w.Key("file");
+    w.String(r.file.c_str());
+    w.Key("name");
+    w.String(r.name.c_str());
+    w.Key("interface");
+    w.String(r.interface.c_str());
+    w.Key("errors");
+    w.StartArray();
+    for (const auto& e : r.errors) w.String(e.c_str());
+    w.EndArray();
+    w.Key("kept_last_good");
+    w.Bool(r.kept_last_good);
+    w.Key("mtime_ns");
+    w.Int64(r.mtime_ns);
+    w.EndObject();
+  }
+  w.EndArray();
+  w.EndObject();
 
-Status write_state_file(const std::string& dir, const std::string& config_dir, const std::vector<StateVm>& vms) {
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
   std::string tmp = dir + "/.vms.json.tmp", path = dir + "/vms.json";
   {
     std::ofstream f(tmp, std::ios::trunc);
-    f << "{\"config\": " << json_string(config_dir) << ", \"pid\": " << getpid() << ", \"vms\": [";
-    for (size_t i = 0; i < vms.size(); ++i) {
-      const auto& v = vms[i];
-      f << (i ? ",\n  " : "\n  ") << "{\"name\": " << json_string(v.name) << ", \"interface\": "
-        << json_string(v.interface) << ", \"group\": " << json_string(v.group) << ", \"mode\": "
-        << json_string(v.mode) << ", \"vm_id\": " << v.vm_id << ", \"slot\": " << v.slot
-        << ", \"policy_id\": " << v.policy_id << ", \"ifindex\": " << v.ifindex << "}";
-    }
-    f << "\n]}\n";
-    if (!f) return Status::error(EIO, "write " + tmp);
+    f << buf.GetString() << "\n";
+    if (!f.flush()) return Status::error(EIO, "write " + tmp);
   }
   if (rename(tmp.c_str(), path.c_str()) != 0) return Status::error(errno, "rename " + path);
   return {};
 }
 
-std::vector<StateVm> read_state_file(const std::string& dir, std::string* config_dir) {
+State read_state(const std::string& dir) {
+  State out;
   std::ifstream f(dir + "/vms.json");
   std::stringstream ss;
   ss << f.rdbuf();
   rj::Document d;
-  std::vector<StateVm> out;
-  if (d.Parse(ss.str().c_str()).HasParseError() || !d.IsObject() || !d.HasMember("vms") || !d["vms"].IsArray())
-    return out;
-  if (config_dir && d.HasMember("config") && d["config"].IsString()) *config_dir = d["config"].GetString();
-  for (const auto& v : d["vms"].GetArray()) {
-    StateVm s;
-    auto str = [&](const char* k) { return v.HasMember(k) && v[k].IsString() ? v[k].GetString() : ""; };
-    auto num = [&](const char* k) { return v.HasMember(k) && v[k].IsUint() ? v[k].GetUint() : 0u; };
-    s.name = str("name");
-    s.interface = str("interface");
-    s.group = str("group");
-    s.mode = str("mode");
-    s.vm_id = num("vm_id");
-    s.slot = num("slot");
-    s.policy_id = num("policy_id");
-    s.ifindex = num("ifindex");
-    out.push_back(s);
-  }
+  if (d.Parse(ss.str().c_str()).HasParseError() || !d.IsObject()) return out;
+  auto str = [](const rj::Value& v, const char* k) {
+    return v.HasMember(k) && v[k].IsString() ? std::string(v[k].GetString()) : std::string();
+  };
+  auto num = [](const rj::Value& v, const char* k) { return v.HasMember(k) && v[k].IsUint() ? v[k].GetUint() : 0u; };
+  auto flag = [](const rj::Value& v, const char* k) { return v.HasMember(k) && v[k].IsBool() && v[k].GetBool(); };
+  out.config_dir = str(d, "config");
+  out.pid = d.HasMember("pid") && d["pid"].IsInt() ? d["pid"].GetInt() : 0;
+  if (d.HasMember("vms") && d["vms"].IsArray())
+    for (const auto& v : d["vms"].GetArray()) {
+      if (!v.IsObject()) continue;
+      StateVm s;
+      s.name = str(v, "name");
+      s.interface = str(v, "interface");
+      s.group = str(v, "group");
+      s.mode = str(v, "mode");
+      s.vm_id = num(v, "vm_id");
+      s.slot = num(v, "slot");
+      s.policy_id = num(v, "policy_id");
+      s.ifindex = num(v, "ifindex");
+      s.enforced = flag(v, "enforced");
+      out.vms.push_back(s);
+    }
+  if (d.HasMember("rejected") && d["rejected"].IsArray())
+    for (const auto& v : d["rejected"].GetArray()) {
+      if (!v.IsObject()) continue;
+      StateRejected r;
+      r.file = str(v, "file");
+      r.name = str(v, "name");
+      r.interface = str(v, "interface");
+      if (v.HasMember("errors") && v["errors"].IsArray())
+        for (const auto& e : v["errors"].GetArray())
+          if (e.IsString()) r.errors.push_back(e.GetString());
+      r.kept_last_good = flag(v, "kept_last_good");
+      r.mtime_ns = v.HasMember("mtime_ns") && v["mtime_ns"].IsInt64() ? v["mtime_ns"].GetInt64() : 0;
+      out.rejected.push_back(std::move(r));
+    }
   return out;
+}
+
+std::vector<StateVm> read_state_file(const std::string& dir, std::string* config_dir) {
+  State s = read_state(dir);
+  if (config_dir) *config_dir = s.config_dir;
+  return s.vms;
 }
 
 }  // namespace vmfence

@@ -1,5 +1,6 @@
-// The agent publishes the VMs it enforces (names are not in the maps) to
-// RUN_DIR/vms.json for `status`, `wait` and `explain`.
+// The agent publishes what it enforces (names are not in the maps) to
+// RUN_DIR/vms.json for `status`, `wait` and `explain`: the VMs in force and
+// the files it refused, with their errors.
 #pragma once
 
 #include <cstdint>
@@ -13,11 +14,28 @@ namespace vmfence {
 struct StateVm {
   std::string name, interface, group, mode;
   uint32_t vm_id = 0, slot = 0, policy_id = 0, ifindex = 0;
+  bool enforced = false;  // both programs attached and the policy installed
+};
+
+struct StateRejected {
+  std::string file, name, interface;
+  std::vector<std::string> errors;  // "FILE: json.path: message"
+  bool kept_last_good = false;      // an enforced VM keeps its previous policy
+  int64_t mtime_ns = 0;             // of the file when it was refused
+};
+
+struct State {
+  std::string config_dir;
+  int pid = 0;
+  std::vector<StateVm> vms;
+  std::vector<StateRejected> rejected;
 };
 
 // Atomic (temp file + rename).
-Status write_state_file(const std::string& run_dir, const std::string& config_dir, const std::vector<StateVm>& vms);
+Status write_state_file(const std::string& run_dir, const State& state);
 // Empty when the file is absent or unreadable.
+State read_state(const std::string& run_dir);
+// The VMs only (older callers).
 std::vector<StateVm> read_state_file(const std::string& run_dir, std::string* config_dir = nullptr);
 
 }  // namespace vmfence

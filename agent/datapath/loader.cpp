@@ -105,6 +105,15 @@ Status Datapath::attach(uint32_t ifindex) {
   return {};
 }
 
+bool Datapath::attached(uint32_t ifindex) const {
+  for (bool from_vm : {true, false}) {
+    int fd = bpf_obj_get(link_path(dir_, ifindex, from_vm).c_str());
+    if (fd < 0) return false;
+    ::close(fd);
+  }
+  return true;
+}
+
 void Datapath::remove_stale_pins(const std::string& dir) {
   MapSet current;
   std::set<std::string> names;

@@ -32,6 +32,8 @@ class Datapath {
   Status attach(uint32_t ifindex);
   // Remove the links of ifindex (interface gone, or `down`).
   static void detach(const std::string& dir, uint32_t ifindex);
+  // Both programs are on ifindex.
+  bool attached(uint32_t ifindex) const;
   // Pin paths of ifindex's links.
   static std::string link_path(const std::string& dir, uint32_t ifindex, bool from_vm);
   // Unpin maps of other layout versions (a previous release's vmfence_*_vN)

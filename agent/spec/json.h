@@ -5,9 +5,15 @@
 #if __has_include(<cereal/external/rapidjson/document.h>)
 #include <cereal/external/rapidjson/document.h>
 #include <cereal/external/rapidjson/error/en.h>
+#include <cereal/external/rapidjson/prettywriter.h>
+#include <cereal/external/rapidjson/stringbuffer.h>
+#include <cereal/external/rapidjson/writer.h>
 namespace rj = CEREAL_RAPIDJSON_NAMESPACE;
 #else
 #include <rapidjson/document.h>
 #include <rapidjson/error/en.h>
+#include <rapidjson/prettywriter.h>
+#include <rapidjson/stringbuffer.h>
+#include <rapidjson/writer.h>
 namespace rj = rapidjson;
 #endif

@@ -4,6 +4,7 @@
 
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -593,10 +594,23 @@ std::optional<std::string> get_nonempty_string(Ctx& c, const Value& v, const std
   return s;
 }
 
-PolicyFields parse_policy(Ctx& c, const Value& v, const std::string& path) {
+// `host_file`: host.json may say how to terminate (command, systemd_unit,
+// qmp_socket: they run as root); a VM's file, written for a tenant, may not.
+PolicyFields parse_policy(Ctx& c, const Value& v, const std::string& path, bool host_file) {
   PolicyFields f;
   if (!check_object(c, v, path, {"action", "command", "systemd_unit", "qmp_socket", "threshold", "window_ms"}))
     return f;
+  if (!host_file) {
+    bool root_fields = false;
+    for (const char* key : {"command", "systemd_unit", "qmp_socket"})
+      if (member(v, key)) {
+        c.error(field_path(path, key),
+                "not allowed in a VM's file (it runs as root): set it in host.json, where \"{vm}\" is replaced by "
+                "the VM's name; a VM's file may set action, threshold and window_ms");
+        root_fields = true;
+      }
+    if (root_fields) return f;
+  }
   if (const Value* p = member(v, "action")) {
     std::string ap = field_path(path, "action");
     if (auto s = get_string(c, *p, ap)) {
@@ -720,7 +734,7 @@ HostSpec parse_host(const std::string& file, const std::string& json, std::vecto
     timeout("icmp_s", host.flow_timeouts.icmp_s);
   }
   if (const Value* v = member(doc, "on_violation")) {
-    host.on_violation = merge(ViolationPolicy{}, parse_policy(c, *v, "on_violation"));
+    host.on_violation = merge(ViolationPolicy{}, parse_policy(c, *v, "on_violation", true));
     if (host.on_violation.action == Action::terminate && !can_terminate(host.on_violation))
       c.error("on_violation.action", "\"terminate\" needs one of command, systemd_unit or qmp_socket");
   }
@@ -817,12 +831,12 @@ std::optional<VmSpec> parse_vm(const std::string& file, const std::string& json,
       if (auto n = get_uint(c, *f, "limits.flows", 1, 1048576)) vm.flows = *n;
   }
   if (const Value* v = member(doc, "on_violation")) {
-    PolicyFields f = parse_policy(c, *v, "on_violation");
+    PolicyFields f = parse_policy(c, *v, "on_violation", false);
     vm.on_violation = merge(host_default, f);
     // Only when this file asks for terminate: an inherited one is host.json's error.
     if (f.action == Action::terminate && !can_terminate(vm.on_violation))
       c.error("on_violation.action",
-              "\"terminate\" needs one of command, systemd_unit or qmp_socket (here or in host.json)");
+              "\"terminate\" needs one of command, systemd_unit or qmp_socket in host.json");
   }
   if (c.failed()) return std::nullopt;
   return vm;
@@ -830,126 +844,268 @@ std::optional<VmSpec> parse_vm(const std::string& file, const std::string& json,
 
 namespace {
 
-// Reports `path` of `vm` as already taken by `owner`.
-void taken(std::vector<SpecError>& errors, const VmSpec& vm, const char* path, const std::string& what,
-           const VmSpec& owner) {
-  errors.push_back({vm.file, path, what + " is also used by " + owner.name + " (" + owner.file + ")"});
-}
+// What the VMs in force claim: names, interfaces, MACs, ids and address
+// ranges. A candidate that collides with any claim is refused as a whole;
+// the VMs already in the set keep theirs (first come, first served: callers
+// add VMs in the order that decides who came first).
+class ClaimSet {
+ public:
+  // Every collision of `vm` with the set, blamed on `vm`.
+  std::vector<SpecError> conflicts(const VmSpec& vm) const {
+    std::vector<SpecError> out;
+    auto taken = [&](const char* path, const std::string& what, const VmSpec& owner) {
+      out.push_back({vm.file, path, what + " is also used by " + owner.name + " (" + owner.file + ")"});
+    };
+    if (auto it = names_.find(vm.name); it != names_.end())
+      out.push_back({vm.file, "name", quote(vm.name) + " is also used by " + it->second->file});
+    if (auto it = interfaces_.find(vm.interface); it != interfaces_.end())
+      taken("interface", quote(vm.interface), *it->second);
+    if (auto it = macs_.find(vm.mac); it != macs_.end()) taken("mac", mac_str(vm.mac), *it->second);
+    auto check_id = [&](const char* field, const std::string& name) {
+      auto it = ids_.find(name_id(name));
+      if (it == ids_.end() || it->second.first == name) return;
+      char id[16];
+      std::snprintf(id, sizeof id, "0x%08x", name_id(name));
+      out.push_back({vm.file, field,
+                     quote(name) + " has the same id (" + id + ") as " + quote(it->second.first) + " (" +
+                         it->second.second->file + "); rename one"});
+    };
+    check_id("name", vm.name);
+    if (vm.group != vm.name) check_id("group", vm.group);
+    for (size_t i = 0; i < vm.addresses.size(); ++i)
+      if (const Range* r = overlapping(vm.addresses[i]))
+        out.push_back({vm.file, index_path("addresses", i),
+                       vm.addresses[i].str() + " overlaps " + r->vm->addresses[r->index].str() + " of " +
+                           r->vm->name + " (" + r->vm->file + ")"});
+    return out;
+  }
 
-// Different VMs' addresses must not overlap. Prefixes either nest or are disjoint,
-// so after sorting by first address an entry overlaps an earlier one exactly when it
-// starts before the furthest end seen so far.
-void check_address_overlaps(const std::vector<VmSpec>& vms, std::vector<SpecError>& errors) {
-  struct Entry {
-    int family;
-    std::array<uint8_t, 16> first, last;
-    uint8_t prefix_len;
+  // `vm` must outlive the set.
+  void add(const VmSpec& vm) {
+    names_.emplace(vm.name, &vm);
+    interfaces_.emplace(vm.interface, &vm);
+    macs_.emplace(vm.mac, &vm);
+    ids_.emplace(name_id(vm.name), std::pair{vm.name, &vm});
+    if (vm.group != vm.name) ids_.emplace(name_id(vm.group), std::pair{vm.group, &vm});
+    for (size_t i = 0; i < vm.addresses.size(); ++i) {
+      const Cidr& a = vm.addresses[i];
+      if (overlapping(a)) continue;  // nested in one of its own: covered
+      ranges_[a.family].emplace(network_of(a).addr, Range{last_of(a), &vm, i});
+    }
+  }
+
+ private:
+  struct Range {
+    std::array<uint8_t, 16> last;
     const VmSpec* vm;
     size_t index;
   };
-  std::vector<Entry> entries;
-  for (const auto& vm : vms)
-    for (size_t i = 0; i < vm.addresses.size(); ++i) {
-      const Cidr& a = vm.addresses[i];
-      entries.push_back({a.family, network_of(a).addr, last_of(a), a.prefix_len, &vm, i});
-    }
-  // Stable: of two equal prefixes, the later VM is the one reported.
-  std::stable_sort(entries.begin(), entries.end(), [](const Entry& x, const Entry& y) {
-    return std::tie(x.family, x.first, x.prefix_len) < std::tie(y.family, y.first, y.prefix_len);
-  });
-  const Entry* widest = nullptr;  // the entry reaching furthest, same family
-  for (const auto& e : entries) {
-    if (widest && widest->family == e.family && e.first <= widest->last && widest->vm != e.vm) {
-      const Cidr& mine = e.vm->addresses[e.index];
-      const Cidr& theirs = widest->vm->addresses[widest->index];
-      errors.push_back(
-          {e.vm->file, index_path("addresses", e.index),
-           mine.str() + " overlaps " + theirs.str() + " of " + widest->vm->name + " (" + widest->vm->file + ")"});
-    }
-    if (!widest || widest->family != e.family || widest->last < e.last) widest = &e;
+  // Ranges in the set never overlap, so the only candidate is the one
+  // starting last at or before `a`'s end.
+  const Range* overlapping(const Cidr& a) const {
+    auto fam = ranges_.find(a.family);
+    if (fam == ranges_.end()) return nullptr;
+    auto it = fam->second.upper_bound(last_of(a));
+    if (it == fam->second.begin()) return nullptr;
+    --it;
+    return it->second.last >= network_of(a).addr ? &it->second : nullptr;
   }
+  std::map<std::string, const VmSpec*> names_, interfaces_;
+  std::map<std::array<uint8_t, 6>, const VmSpec*> macs_;
+  std::map<uint32_t, std::pair<std::string, const VmSpec*>> ids_;
+  std::map<int, std::map<std::array<uint8_t, 16>, Range>> ranges_;
+};
+
+// What a file names, as far as it can be read: a broken file's interface
+// still gets no_policy, and `wait --vm` still finds its error.
+void names_of(const std::string& json, std::string& name, std::string& interface) {
+  rj::Document doc;
+  doc.Parse(json.c_str(), json.size());
+  if (doc.HasParseError() || !doc.IsObject()) return;
+  if (const Value* v = member(doc, "name"); v && v->IsString()) name = v->GetString();
+  if (const Value* v = member(doc, "interface"); v && v->IsString() && valid_ifname(v->GetString()))
+    interface = v->GetString();
+}
+
+int64_t mtime_ns(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) return 0;
+  return int64_t{st.st_mtim.tv_sec} * 1000000000 + st.st_mtim.tv_nsec;
 }
 
 }  // namespace
 
 void validate_vms(const std::vector<VmSpec>& vms, std::vector<SpecError>& errors) {
-  std::map<std::string, const VmSpec*> names, interfaces;
-  std::map<std::array<uint8_t, 6>, const VmSpec*> macs;
+  ClaimSet claims;
   for (const auto& vm : vms) {
-    if (auto [it, fresh] = names.emplace(vm.name, &vm); !fresh)
-      errors.push_back({vm.file, "name", quote(vm.name) + " is also used by " + it->second->file});
-    if (auto [it, fresh] = interfaces.emplace(vm.interface, &vm); !fresh)
-      taken(errors, vm, "interface", quote(vm.interface), *it->second);
-    if (auto [it, fresh] = macs.emplace(vm.mac, &vm); !fresh) taken(errors, vm, "mac", mac_str(vm.mac), *it->second);
+    auto c = claims.conflicts(vm);
+    errors.insert(errors.end(), c.begin(), c.end());
+    if (c.empty()) claims.add(vm);
   }
-
-  // VM and group names share one id space in the maps: ids must be unique per name.
-  std::map<uint32_t, std::pair<std::string, const VmSpec*>> ids;
-  auto check_id = [&](const VmSpec& vm, const char* field, const std::string& name) {
-    auto [it, fresh] = ids.emplace(name_id(name), std::pair{name, &vm});
-    if (fresh || it->second.first == name) return;
-    char id[16];
-    std::snprintf(id, sizeof id, "0x%08x", name_id(name));
-    errors.push_back({vm.file, field,
-                      quote(name) + " has the same id (" + id + ") as " + quote(it->second.first) + " (" +
-                          it->second.second->file + "); rename one"});
-  };
-  for (const auto& vm : vms) {
-    check_id(vm, "name", vm.name);
-    if (vm.group != vm.name) check_id(vm, "group", vm.group);
-  }
-  check_address_overlaps(vms, errors);
 }
 
-SpecLoad load_spec(const std::filesystem::path& dir) {
-  SpecLoad out;
-  auto& errors = out.errors;
-
+SpecFiles read_spec_files(const std::filesystem::path& dir) {
+  SpecFiles out;
   std::string host_file = (dir / "host.json").string();
   std::string why;
-  bool host_ok = false;
   if (auto text = read_file(host_file, &why)) {
-    out.spec.host = parse_host(host_file, *text, errors);
-    host_ok = errors.empty();
+    out.host = parse_host(host_file, *text, out.host_errors);
   } else {
-    out.spec.host.file = host_file;
-    errors.push_back({host_file, "", "cannot read: " + why});
+    out.host.file = host_file;
+    out.host_errors.push_back({host_file, "", "cannot read: " + why});
   }
+  bool host_ok = out.host_errors.empty();
 
   std::filesystem::path vms_dir = dir / "vms.d";
-  std::vector<std::string> files;
+  std::vector<std::string> paths;
   std::error_code ec;
   if (std::filesystem::exists(vms_dir, ec)) {
     for (std::filesystem::directory_iterator it(vms_dir, ec), end; !ec && it != end; it.increment(ec)) {
       std::string name = it->path().filename().string();
       // Writers create ".name.json.tmp"-style files and rename them into place.
       if (name.starts_with(".") || !name.ends_with(".json")) continue;
-      files.push_back(it->path().string());
+      paths.push_back(it->path().string());
     }
   }
-  if (ec) errors.push_back({vms_dir.string(), "", "cannot list: " + ec.message()});
-  std::sort(files.begin(), files.end());
+  if (ec) out.host_errors.push_back({vms_dir.string(), "", "cannot list: " + ec.message()});
+  std::sort(paths.begin(), paths.end());
 
-  for (const auto& file : files) {
-    auto text = read_file(file, &why);
+  const auto& wan = out.host.wan_interfaces;
+  for (const auto& path : paths) {
+    VmFile f;
+    f.path = path;
+    f.mtime_ns = mtime_ns(path);
+    auto text = read_file(path, &why);
     if (!text) {
-      errors.push_back({file, "", "cannot read: " + why});
+      f.errors.push_back({path, "", "cannot read: " + why});
+    } else {
+      names_of(*text, f.name, f.interface);
+      f.vm = parse_vm(path, *text, out.host.on_violation, f.errors);
+    }
+    if (f.vm) {
+      const VmSpec& vm = *f.vm;
+      if (std::find(wan.begin(), wan.end(), vm.interface) != wan.end())
+        f.errors.push_back({path, "interface", quote(vm.interface) + " is a WAN interface in " + out.host.file});
+      if (vm.imds && host_ok && !out.host.imds)  // a broken imds block is reported already
+        f.errors.push_back({path, "imds", "needs \"imds\" (the metadata address) in " + out.host.file});
+      if (!f.errors.empty()) f.vm.reset();
+    }
+    // Never no_policy on a WAN interface: that would cut the host off.
+    if (std::find(wan.begin(), wan.end(), f.interface) != wan.end()) f.interface.clear();
+    out.vms.push_back(std::move(f));
+  }
+  return out;
+}
+
+Admission admit(const SpecFiles& files, const std::vector<VmSpec>& incumbents, const std::set<std::string>& enforced,
+                const VmCheck& check) {
+  Admission out;
+  std::map<std::string, const VmSpec*> incumbent;  // by name
+  for (const auto& vm : incumbents) incumbent[vm.name] = &vm;
+
+  // Candidates, in the order that decides who came first: VMs enforced now
+  // (their own file before any other claiming the name), then VMs a previous
+  // run enforced, then newcomers by file age (mtime), never by file name.
+  struct Candidate {
+    const VmFile* file;
+    int rank;
+  };
+  std::vector<Candidate> candidates;
+  std::map<std::string, std::vector<SpecError>> errors;  // by file
+  for (const auto& f : files.vms) {
+    if (!f.vm) {
+      errors[f.path] = f.errors;
       continue;
     }
-    if (auto vm = parse_vm(file, *text, out.spec.host.on_violation, errors)) out.spec.vms.push_back(std::move(*vm));
+    auto inc = incumbent.find(f.vm->name);
+    int rank = inc != incumbent.end() ? (inc->second->file == f.path ? 0 : 1) : enforced.count(f.vm->name) ? 2 : 3;
+    candidates.push_back({&f, rank});
   }
-  auto& vms = out.spec.vms;
-  std::sort(vms.begin(), vms.end(),
-            [](const VmSpec& a, const VmSpec& b) { return std::tie(a.name, a.file) < std::tie(b.name, b.file); });
+  std::stable_sort(candidates.begin(), candidates.end(), [](const Candidate& a, const Candidate& b) {
+    return std::tie(a.rank, a.file->mtime_ns, a.file->path) < std::tie(b.rank, b.file->mtime_ns, b.file->path);
+  });
 
-  validate_vms(vms, errors);
-  const auto& wan = out.spec.host.wan_interfaces;
-  for (const auto& vm : vms) {
-    if (std::find(wan.begin(), wan.end(), vm.interface) != wan.end())
-      errors.push_back({vm.file, "interface", quote(vm.interface) + " is a WAN interface in " + out.spec.host.file});
-    if (vm.imds && host_ok && !out.spec.host.imds)  // a broken imds block is reported already
-      errors.push_back({vm.file, "imds", "needs \"imds\" (the metadata address) in " + out.spec.host.file});
+  // Incumbents whose file is now broken keep their last good policy; so
+  // does one whose change is refused. Both are fixed before any candidate
+  // is weighed; a refused change adds one and starts over (each incumbent
+  // at most once).
+  std::set<std::string> kept;
+  std::set<std::string> named;  // names some valid file defines
+  for (const auto& c : candidates) named.insert(c.file->vm->name);
+  for (const auto& vm : incumbents)
+    if (!named.count(vm.name) && errors.count(vm.file)) kept.insert(vm.name);
+
+  std::vector<const VmSpec*> accepted;
+  std::map<std::string, std::vector<SpecError>> refused;  // by file
+  std::map<std::string, std::vector<SpecError>> kept_why;  // by file: the refused change of a kept incumbent
+  for (;;) {
+    ClaimSet claims;
+    std::set<std::string> names;
+    accepted.clear();
+    refused.clear();
+    for (const auto& name : kept) {
+      claims.add(*incumbent[name]);
+      accepted.push_back(incumbent[name]);
+      names.insert(name);
+    }
+    bool restart = false;
+    for (const auto& c : candidates) {
+      const VmSpec& vm = *c.file->vm;
+      if (auto k = kept_why.find(c.file->path); k != kept_why.end()) {
+        refused[c.file->path] = k->second;
+        continue;
+      }
+      std::vector<SpecError> why = claims.conflicts(vm);
+      if (why.empty() && check) why = check(vm);
+      if (why.empty()) {
+        claims.add(vm);
+        accepted.push_back(&vm);
+        names.insert(vm.name);
+        continue;
+      }
+      refused[c.file->path] = why;
+      // An enforced VM whose change is refused keeps what it had.
+      if (incumbent.count(vm.name) && !names.count(vm.name)) {
+        kept.insert(vm.name);
+        kept_why[c.file->path] = why;
+        restart = true;
+        break;
+      }
+    }
+    if (!restart) break;
   }
+  for (auto& [file, why] : refused) errors[file] = why;
+
+  for (const VmSpec* vm : accepted) out.in_force.push_back(*vm);
+  std::sort(out.in_force.begin(), out.in_force.end(),
+            [](const VmSpec& a, const VmSpec& b) { return a.name < b.name; });
+  for (const auto& f : files.vms) {
+    auto e = errors.find(f.path);
+    if (e == errors.end()) continue;
+    RejectedFile r;
+    r.file = f.path;
+    r.name = f.vm ? f.vm->name : f.name;
+    r.interface = f.vm ? f.vm->interface : f.interface;
+    r.errors = e->second;
+    r.kept_last_good = kept_why.count(f.path) != 0;
+    for (const auto& name : kept)
+      if (incumbent[name]->file == f.path) {
+        r.kept_last_good = true;  // unreadable or not: the file of an enforced VM
+        r.name = name;
+      }
+    out.rejected.push_back(std::move(r));
+  }
+  return out;
+}
+
+SpecLoad load_spec(const std::filesystem::path& dir) {
+  SpecFiles files = read_spec_files(dir);
+  Admission a = admit(files, {});
+  SpecLoad out;
+  out.spec.host = files.host;
+  out.spec.vms = std::move(a.in_force);
+  out.errors = files.host_errors;
+  for (const auto& r : a.rejected) out.errors.insert(out.errors.end(), r.errors.begin(), r.errors.end());
   return out;
 }
 

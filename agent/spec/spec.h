@@ -4,7 +4,9 @@
 #include <array>
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -120,9 +122,53 @@ struct SpecLoad {
   bool ok() const { return errors.empty(); }
 };
 
+// One file of vms.d as read: the VM when the file is valid on its own.
+struct VmFile {
+  std::string path;
+  int64_t mtime_ns = 0;           // orders newcomers: the later file is blamed
+  std::optional<VmSpec> vm;       // parsed and valid against host.json
+  std::vector<SpecError> errors;  // why not
+  std::string name, interface;    // what it names, as far as it can be read
+};
+
+struct SpecFiles {
+  HostSpec host;
+  std::vector<SpecError> host_errors;  // host.json, or vms.d cannot be listed
+  std::vector<VmFile> vms;             // sorted by path
+};
+
+// Read and check DIR/host.json and every DIR/vms.d/*.json on its own.
+SpecFiles read_spec_files(const std::filesystem::path& dir);
+
+// A file whose VM is not (or no longer) what is enforced.
+struct RejectedFile {
+  std::string file;
+  std::string name, interface;  // as far as known ("" when unreadable)
+  std::vector<SpecError> errors;
+  bool kept_last_good = false;  // an enforced VM: it keeps its previous policy
+};
+
+struct Admission {
+  std::vector<VmSpec> in_force;       // sorted by name: accepted files + incumbents kept at their last good
+  std::vector<RejectedFile> rejected;  // sorted by file
+};
+
+// Extra per-VM check (the compiler's limits), run on candidates only.
+using VmCheck = std::function<std::vector<SpecError>(const VmSpec&)>;
+
+// Decide which VMs are in force. `incumbents` are the VMs enforced now
+// (their last good specs); `enforced` names VMs a previous run left in the
+// kernel (a restart). Conflicts are blamed on the newcomer: an enforced VM
+// keeps its name, interface, MAC and addresses; between newcomers the older
+// file (mtime) wins; file names never decide. An incumbent whose file is
+// broken, or whose change is refused, keeps its last good spec.
+Admission admit(const SpecFiles& files, const std::vector<VmSpec>& incumbents,
+                const std::set<std::string>& enforced = {}, const VmCheck& check = {});
+
 // Parse and validate DIR/host.json and DIR/vms.d/*.json (files starting with '.'
 // or not ending in .json are ignored: writers use rename from a temp file).
-// Cross-file checks: duplicate names, interfaces, MACs, overlapping addresses.
+// Cross-file checks: duplicate names, interfaces, MACs, overlapping addresses,
+// blamed on the later file (admit() with no incumbents).
 SpecLoad load_spec(const std::filesystem::path& dir);
 
 // Parse one host.json / VM file from text (used by load_spec and the tests).
@@ -131,7 +177,7 @@ SpecLoad load_spec(const std::filesystem::path& dir);
 HostSpec parse_host(const std::string& file, const std::string& json, std::vector<SpecError>& errors);
 std::optional<VmSpec> parse_vm(const std::string& file, const std::string& json, const ViolationPolicy& host_default,
                                std::vector<SpecError>& errors);
-// Cross-VM checks on an already parsed set.
+// Cross-VM checks on an already parsed set: each VM against those before it.
 void validate_vms(const std::vector<VmSpec>& vms, std::vector<SpecError>& errors);
 
 // Stable 32-bit ids (FNV-1a) for VM and group names; the compiler checks collisions.

@@ -4,7 +4,8 @@
 // BPF_PROG_TEST_RUN on the two TC programs.
 //
 // Needs root and the kernel (BPF, bpffs, a netns of its own). Without them the
-// tests skip, except under CI=true where they fail: CI never skips silently.
+// tests skip, except in CI (tests/common/ci.h) where they fail: CI never skips
+// silently.
 #pragma once
 
 #include <bpf/bpf.h>
@@ -33,6 +34,7 @@
 #include "maps/compiler.h"
 #include "maps/pinned_maps.h"
 #include "tests/bpf/packet.h"
+#include "tests/common/ci.h"
 #include "vmfence_abi.h"
 
 namespace vmfence::test {
@@ -40,10 +42,8 @@ namespace vmfence::test {
 constexpr int kPass = -1;  // TC_ACT_UNSPEC
 constexpr int kDrop = 2;   // TC_ACT_SHOT
 
-inline bool in_ci() {
-  const char* ci = std::getenv("CI");
-  return ci && (std::strcmp(ci, "true") == 0 || std::strcmp(ci, "1") == 0);
-}
+// The suite's one CI gate (CI set to anything but "", "0" or "false").
+using ::vmfence::testing::in_ci;
 
 // The process's private network namespace (entered once, on first use) and
 // the TAPs made in it. TAPs give VMs distinct, existing ifindexes, which

@@ -47,9 +47,11 @@
 # traffic) must keep passing in both runs.
 #
 # Needs root. NO_VMFENCE=1: topology only (every hostile frame must arrive).
-# HOSTILE_CONTROL=0: skip the background control run. HIT_WAIT=S: see below.
+# HOSTILE_CONTROL=0 (or E2E_CONTROL=0): skip the background control run. HIT_WAIT=S: see below.
 set -u
 . "$(dirname "$0")/lib.sh"
+E2E_CONTROL_MODE=bg
+[ "${HOSTILE_CONTROL:-1}" = 0 ] && E2E_CONTROL=0
 
 HOSTILE=$E2E_DIR/hostile
 # Seconds a frame has to show up at the receiver. Frames arrive within ~25 ms
@@ -62,40 +64,10 @@ for f in cap.py tx.py frames.py; do
 	[ -f "$HOSTILE/$f" ] || fatal "missing $HOSTILE/$f"
 done
 
-# The control run: this script again with NO_VMFENCE=1 (its own prefix and
-# namespaces), in the background while this run goes on; its output is
-# printed at the end and its result is one more check of this run.
-CONTROL_PID=""
-if [ "$ENFORCE" = 1 ] && [ "${HOSTILE_CONTROL:-1}" = 1 ]; then
-	NO_VMFENCE=1 HOSTILE_CONTROL=0 bash "$0" >"$WORK/control.log" 2>&1 &
-	CONTROL_PID=$!
-	say "control run (NO_VMFENCE=1) started in the background, pid $CONTROL_PID"
-fi
-# On an early exit, stop the control run and let it clean up its namespaces.
-# shellcheck disable=SC2317  # invoked by the EXIT trap
-hostile_cleanup() {
-	local rc=$? i
-	if [ -n "$CONTROL_PID" ] && kill -0 "$CONTROL_PID" 2>/dev/null; then
-		kill -TERM "$CONTROL_PID" 2>/dev/null
-		for i in $(seq 300); do kill -0 "$CONTROL_PID" 2>/dev/null || break; sleep 0.1; done
-		wait "$CONTROL_PID" 2>/dev/null
-	fi
-	(exit "$rc")
-	e2e_cleanup
-}
-trap hostile_cleanup EXIT
-# control_result: wait for the control run, show its output, count it.
-control_result() {
-	local rc
-	[ -n "$CONTROL_PID" ] || return 0
-	section "control run (NO_VMFENCE=1): every hostile frame must arrive, legit traffic pass"
-	wait "$CONTROL_PID"
-	rc=$?
-	CONTROL_PID=""
-	sed 's/^/  [control] /' "$WORK/control.log"
-	expect_ok "control run (NO_VMFENCE=1) passed (rc=$rc): the topology carries every hostile frame" test "$rc" = 0
-}
-
+# The control run (lib.sh): this script again with NO_VMFENCE=1 (its own
+# prefix and namespaces), started by e2e_init in the background
+# (E2E_CONTROL_MODE=bg) while this run goes on; e2e_finish prints its output,
+# counts its result and checks that every frame blocked here arrived there.
 declare -A IP4=([a1]=10.100.1.2 [a2]=10.100.1.3 [b1]=10.100.2.2 [s1]=10.100.3.2)
 declare -A IP6=([a1]=fec0:100::102 [a2]=fec0:100::103 [b1]=fec0:100::202 [s1]=fec0:100::302)
 declare -A MAC=([a1]=02:00:0a:64:01:02 [a2]=02:00:0a:64:01:03 [b1]=02:00:0a:64:02:02 [s1]=02:00:0a:64:03:02)
@@ -465,5 +437,4 @@ PYEOF
 	fi
 }
 late_arrivals
-control_result
 e2e_finish

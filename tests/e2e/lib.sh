@@ -12,9 +12,14 @@
 #   NO_VMFENCE=1 topology-only mode: no daemon; every flow the test expects
 #                vmfence to block must then SUCCEED (proves the topology
 #                would carry it, so a block under vmfence is vmfence's doing);
-#                log expectations are skipped.
+#                log expectations are skipped. A normal (enforced) run that
+#                used expect_blocked runs this control itself (see "control
+#                run" below): a plain `bash X_test.sh` proves both sides.
+#   E2E_CONTROL=0 skip that control run (a failure with CI=true).
 #   KEEP=1       keep the work directory (config, daemon log) after the run.
-#   CI=true      missing root or missing binary is a failure, never a skip.
+#   CI=true      missing root or missing binary is a failure, never a skip
+#                (CI set to anything but "", "0", "false" counts, as in the
+#                C++ suites: tests/common/ci.h).
 #   E2E_VERBOSE=1 print every command's output.
 #
 # Pinned maps go to /sys/fs/bpf/vmfence-e2e-$PFX (VMFENCE_PIN_DIR) and the run
@@ -36,6 +41,10 @@ E2E_SKIP=0
 E2E_FAILED_DESCS=()
 E2E_BG_PIDS=()
 E2E_T0=${EPOCHREALTIME/./}      # microseconds
+E2E_SCRIPT=$(readlink -f -- "$0")   # the test script (re-run for the control)
+E2E_CONTROL_PID=""
+E2E_CONTROL_DONE=0
+JOURNALD_STATE=""
 DAEMON_PID=""
 DAEMON_RC=""
 LOG_MARK=0
@@ -55,11 +64,16 @@ section() { echo; echo "[$(_ts)] ===== $* ====="; }
 
 # ------------------------------------------------------------- prologue ------
 
+# e2e_in_ci: CI is set (anything but "", "0", "false"): cannot-run is a failure.
+e2e_in_ci() {
+	case ${CI:-} in "" | 0 | [Ff][Aa][Ll][Ss][Ee]) return 1 ;; *) return 0 ;; esac
+}
+
 # e2e_init NAME: root check, prefix, work dir, cleanup trap.
 e2e_init() {
 	TEST_NAME=$1
 	if [ "$(id -u)" != 0 ]; then
-		if [ "${CI:-}" = true ]; then
+		if e2e_in_ci; then
 			echo "FAIL: $TEST_NAME needs root (network namespaces, BPF, TC); CI=true so this is a failure"
 			exit 1
 		fi
@@ -92,6 +106,105 @@ e2e_init() {
 	trap e2e_cleanup EXIT
 	trap 'say "interrupted"; exit 130' INT TERM
 	say "$TEST_NAME: prefix $PFX, work dir $WORK, $([ "$ENFORCE" = 1 ] && echo "vmfence $VMFENCE" || echo "NO_VMFENCE: topology only")"
+	if [ "$ENFORCE" = 1 ]; then
+		: >"$WORK/e2e-blocked.cmds"
+		[ "${E2E_CONTROL_MODE:-after}" = bg ] && [ "${E2E_CONTROL:-1}" != 0 ] && _control_start
+	fi
+	return 0
+}
+
+# ------------------------------------------------------------- control run ---
+#
+# A blocked flow proves nothing unless the same flow goes through without
+# vmfence. So an enforced run that used expect_blocked runs the script again
+# with NO_VMFENCE=1 (the control run: own prefix, namespaces and work dir, no
+# daemon) and fails unless
+#   - the control run passes, and
+#   - every command an expect_blocked check ran here (the probe with its
+#     source, destination and port: "$*" is the key) was run by an
+#     expect_blocked check of the control run and succeeded there.
+# The control runs from e2e_finish, after this run's checks (one run at a time:
+# timing checks are not disturbed); a script that sets E2E_CONTROL_MODE=bg
+# before e2e_init starts it at e2e_init instead, in parallel with this run.
+# A script whose NO_VMFENCE=1 mode skips some expect_blocked checks (they need
+# the daemon's state) must still run each of their commands through
+# expect_blocked in that mode, or the coverage check below fails.
+
+# _control_start: the control run, in the background.
+_control_start() {
+	: >"$WORK/control.report"
+	NO_VMFENCE=1 E2E_CONTROL=0 E2E_CONTROL_REPORT="$WORK/control.report" \
+		bash "$E2E_SCRIPT" </dev/null >"$WORK/control.log" 2>&1 &
+	E2E_CONTROL_PID=$!
+	say "control run (NO_VMFENCE=1) started, pid $E2E_CONTROL_PID"
+}
+
+# _control_finish: (run and) wait for the control run; count its result and
+# whether it carried every blocked flow of this run.
+_control_finish() {
+	local rc n missing
+	[ "$ENFORCE" = 1 ] && [ "$E2E_CONTROL_DONE" = 0 ] || return 0
+	E2E_CONTROL_DONE=1
+	n=$(cut -f1 "$WORK/e2e-blocked.cmds" 2>/dev/null | sort -u | wc -l)
+	if [ -z "$E2E_CONTROL_PID" ]; then
+		[ "$n" -gt 0 ] || return 0
+		if [ "${E2E_CONTROL:-1}" = 0 ]; then
+			if e2e_in_ci; then
+				_fail "control run disabled (E2E_CONTROL=0) in CI: $n blocked flows not shown to pass without vmfence"
+			else
+				_skip "control run (E2E_CONTROL=0): $n blocked flows not shown to pass without vmfence"
+			fi
+			return 0
+		fi
+		section "control run (NO_VMFENCE=1): the $n blocked flows must go through without vmfence"
+		_control_start
+	else
+		section "control run (NO_VMFENCE=1, started at the beginning): the $n blocked flows must go through without vmfence"
+	fi
+	wait "$E2E_CONTROL_PID"
+	rc=$?
+	E2E_CONTROL_PID=""
+	sed 's/^/  [control] /' "$WORK/control.log"
+	expect_ok "control run (NO_VMFENCE=1) passed (rc=$rc)" test "$rc" = 0
+	[ "$n" -gt 0 ] || return 0
+	missing=$(awk -F'\t' 'NR == FNR { if ($1 == "ok") ok[$2] = 1; next }
+		!($1 in ok) && !seen[$1]++ { print "    | " $2 "  [" $1 "]" }' \
+		"$WORK/control.report" "$WORK/e2e-blocked.cmds")
+	if [ -z "$missing" ]; then
+		_pass "control: each of the $n blocked flows went through without vmfence"
+	else
+		_fail "control: blocked flows not shown to go through without vmfence:"
+		echo "$missing"
+	fi
+}
+
+# _control_stop: end a control run still going (early exit).
+_control_stop() {
+	local i
+	[ -n "$E2E_CONTROL_PID" ] || return 0
+	if kill -0 "$E2E_CONTROL_PID" 2>/dev/null; then
+		kill -TERM "$E2E_CONTROL_PID" 2>/dev/null
+		# Its own cleanup removes its namespaces: give it time.
+		for i in $(seq 300); do kill -0 "$E2E_CONTROL_PID" 2>/dev/null || break; sleep 0.1; done
+		kill -KILL "$E2E_CONTROL_PID" 2>/dev/null
+	fi
+	wait "$E2E_CONTROL_PID" 2>/dev/null
+	E2E_CONTROL_PID=""
+}
+
+# ------------------------------------------------------------- journald ------
+
+# journald_ensure: a journald that answers on /run/systemd/journal/socket.
+# When none does, one is started (tests/e2e/journald.sh: own session, no fd of
+# this test) and stopped again, with its sockets, when the test ends.
+journald_ensure() {
+	[ -n "$JOURNALD_STATE" ] || JOURNALD_STATE=$WORK/journald.state
+	if ! bash "$E2E_DIR/journald.sh" alive; then
+		say "no journald answers: starting /lib/systemd/systemd-journald (stopped at the end)"
+	fi
+	bash "$E2E_DIR/journald.sh" start "$JOURNALD_STATE" || return 1
+	[ -s "$JOURNALD_STATE" ] && say "journald pid $(cat "$JOURNALD_STATE") started for this test"
+	return 0
 }
 
 # ------------------------------------------------------------- namespaces ----
@@ -407,14 +520,23 @@ expect_fail() {
 # expect_blocked DESC cmd...: a flow/attack vmfence must stop. With vmfence cmd
 # must fail; with NO_VMFENCE=1 it must succeed (the topology carries it, so the
 # block is vmfence's doing).
+# An enforced run records each command; the control run (see "control run")
+# reports which of them went through.
 expect_blocked() {
 	local d=$1; shift
 	if [ "$ENFORCE" = 1 ]; then
+		printf '%s\t%s\n' "$*" "$d" >>"$WORK/e2e-blocked.cmds"
 		if "$@"; then _fail "$d  [NOT blocked: $*]"; else _pass "$d (blocked)"; fi
 	else
-		if "$@"; then _pass "$d (unenforced: goes through, as it must without vmfence)"
-		else _fail "$d  [fails even without vmfence: topology problem: $*]"; fi
+		if "$@"; then
+			_pass "$d (unenforced: goes through, as it must without vmfence)"
+			[ -n "${E2E_CONTROL_REPORT:-}" ] && printf 'ok\t%s\n' "$*" >>"$E2E_CONTROL_REPORT"
+		else
+			_fail "$d  [fails even without vmfence: topology problem: $*]"
+			[ -n "${E2E_CONTROL_REPORT:-}" ] && printf 'fail\t%s\n' "$*" >>"$E2E_CONTROL_REPORT"
+		fi
 	fi
+	return 0
 }
 
 # mark_log: later expect_log/expect_no_log only look at lines logged after now.
@@ -539,8 +661,10 @@ e2e_summary() {
 	for f in "${E2E_FAILED_DESCS[@]}"; do echo "   failed: $f"; done
 }
 
-# e2e_finish: summary; exit status 1 on any failure.
+# e2e_finish: the control run (when this run blocked anything), summary; exit
+# status 1 on any failure.
 e2e_finish() {
+	_control_finish
 	e2e_summary
 	[ "$E2E_FAIL" = 0 ] || exit 1
 	exit 0
@@ -550,6 +674,7 @@ e2e_cleanup() {
 	local rc=$? p ns
 	trap - EXIT INT TERM
 	set +e
+	_control_stop
 	if [ -n "$DAEMON_PID" ]; then
 		kill -TERM "$DAEMON_PID" 2>/dev/null
 		for p in $(seq 50); do kill -0 "$DAEMON_PID" 2>/dev/null || break; sleep 0.1; done
@@ -571,6 +696,8 @@ e2e_cleanup() {
 	for p in /sys/fs/bpf/vmfence-e2e-"$PFX"*; do
 		[ -e "$p" ] && rm -rf -- "$p"
 	done
+	# A journald this test started (journald_ensure) goes too.
+	[ -n "$JOURNALD_STATE" ] && bash "$E2E_DIR/journald.sh" stop "$JOURNALD_STATE"
 	if [ "$rc" != 0 ] || [ "${KEEP:-0}" = 1 ]; then
 		say "work dir kept: $WORK (daemon log: $DLOG)"
 	else

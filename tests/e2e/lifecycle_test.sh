@@ -11,7 +11,8 @@
 # everything: a pinned BPF map in a sibling bpffs dir, an nft table in hv, a
 # clsact qdisc with a u32 filter on vm-vm2 and on wan0, a tbf root qdisc on
 # vm-vm1.
-# Needs root. NO_VMFENCE=1: topology and the unfiltered flows only.
+# Needs root. NO_VMFENCE=1: topology, the flows vmfence blocks (they must go
+# through) and the unfiltered flows only.
 set -u
 . "$(dirname "$0")/lib.sh"
 e2e_init lifecycle
@@ -135,6 +136,11 @@ if enforced; then
 	expect_ok "down: unrelated objects intact" unrelated_intact
 	say "left on vm-vm2:"; tap_progs hv vm-vm2 | sed 's/^/    /'
 	expect_ok "vmfence down again (nothing left) exits 0" eval 'vmf down --config "$CONF" >>"$WORK/down.log" 2>&1'
+else
+	# NO_VMFENCE=1 (lib.sh's control run): each flow vmfence must block goes
+	# through without it.
+	section "unenforced: the flows vmfence blocks"
+	enforced_flows unenforced
 fi
 
 section "unfiltered after down"

@@ -2,8 +2,9 @@
 # tests/e2e/modes_lib.sh - helpers for the modes / terminate end-to-end tests
 # and bench/violation_latency.sh, on top of lib.sh (source lib.sh first).
 #
-#   journal_setup                 make sure a journald answers (start one if
-#                                 no socket), JOURNAL_OK=1 when it round-trips
+#   journal_setup                 make sure a journald answers (start one,
+#                                 stopped at the end, if none does),
+#                                 JOURNAL_OK=1 when it round-trips
 #   journal_expect DESC VM K=V... a violation entry of VM with every K=V
 #   journal_count VM [K=V...]     number of violation entries of VM matching
 #   status_get VM PATH            a number from `vmfence status --json`
@@ -26,20 +27,14 @@
 
 VIOLATION_MESSAGE_ID=6f1c2a7d9e3b4c58a0d1e2f3a4b5c6d7
 JOURNAL_OK=0
-JOURNALD_PID=""
 
 # journal_setup: a journald that answers. Starts /lib/systemd/systemd-journald
-# when the socket is missing (it is left running: other tests may use it).
+# when none answers on /run/systemd/journal/socket (lib.sh journald_ensure:
+# detached from this test's file descriptors, stopped when the test ends).
 # JOURNAL_OK=1 once an entry sent with systemd-cat is read back.
 journal_setup() {
 	local tag i
-	if [ ! -S /run/systemd/journal/socket ]; then
-		say "no journal socket: starting /lib/systemd/systemd-journald"
-		/lib/systemd/systemd-journald </dev/null >/dev/null 2>&1 &
-		JOURNALD_PID=$!
-		disown "$JOURNALD_PID" 2>/dev/null
-		for i in $(seq 50); do [ -S /run/systemd/journal/socket ] && break; sleep 0.1; done
-	fi
+	journald_ensure || say "could not start a journald"
 	tag="vmfence-e2e-probe-$PFX"
 	echo "journal probe $PFX" | systemd-cat -t "$tag" 2>/dev/null
 	for i in $(seq 50); do

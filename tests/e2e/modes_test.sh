@@ -284,6 +284,8 @@ if enforced; then
 		VMFENCE_PROTO=udp VMFENCE_DPORT=51902 VMFENCE_MODE=sampled PRIORITY=4 "MESSAGE=.*\[quarantined\]"
 else
 	_skip "sampled + terminate (no daemon)"
+	# The control of the quarantine check above (same command).
+	expect_blocked "quarantined: allowed udp/51900 no longer passes" udp_probe t "$CONS" 51900
 fi
 
 # ---------------------------------------------------------------------------

@@ -8,17 +8,22 @@
 #   vm2 (imds: false) eth0 10.2.0.2           ──veth── vm-vm2 ┤ hv (vmfence run)
 #                                                     wan0 ───┘ 198.51.100.2 2001:db8:100::2
 #   wan: eth0 198.51.100.1 2001:db8:100::1, lo 169.254.169.254 (IMDS stand-in),
-#        an "internet" web server on :8080, and NO route back to 10.0.0.0/8 or fd00::/8.
+#        an "internet" web server on :8080, and NO route back to 10.0.0.0/8 or fd00::/8
+#        (except a route to vm2's 10.2.0.0/24 while the IMDS fence is tested).
 #
 # Asserts: VMs reach the internet only through masquerade (the server sees hv's WAN
 # address; without vmfence there is no way back); vm1 gets IMDS (IMDSv2 token whose
 # reply leaves IMDS with TTL 1, then a GET) and IMDS logs hv's address; vm2 gets
-# nothing from IMDS; unsolicited WAN -> VM is dropped unless an ingress rule allows
-# it; an operator's table survives `run` and `down`; restart leaves exactly one
-# `inet vmfence` table; deleting the table by hand is repaired within seconds;
-# after `down` the table is gone and NAT with it.
+# nothing from IMDS, although the path would carry it: vmfence leaves traffic toward
+# IMDS untranslated for VMs without `imds`, so the wan gets a route back to vm2 for
+# that check, and the same request is first shown to reach IMDS before vmfence runs
+# (the control; without it a blocked vm2 would prove nothing); unsolicited WAN -> VM
+# is dropped unless an ingress rule allows it; an operator's table survives `run` and
+# `down`; restart leaves exactly one `inet vmfence` table; deleting the table by hand
+# is repaired within seconds; after `down` the table is gone and NAT with it.
 #
-# Env: VMFENCE (default: <repo>/build/vmfence), CI=true makes "cannot run" a failure.
+# Env: VMFENCE (default: <repo>/build/vmfence), CI (set, not "0"/"false") makes
+# "cannot run" a failure.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -26,7 +31,7 @@ VMFENCE=${VMFENCE:-$ROOT/build/vmfence}
 PY=/usr/bin/python3  # Debian's; `python3` on PATH may be another interpreter
 
 cannot_run() {
-  if [[ "${CI:-}" == "true" ]]; then
+  if [[ -n "${CI:-}" && "${CI,,}" != 0 && "${CI,,}" != false ]]; then  # CI set: no skip (lib.sh e2e_in_ci)
     echo "FAIL: $*" >&2
     exit 1
   fi
@@ -236,6 +241,20 @@ check "topology: hv reaches the internet server" quiet helper "$HV" GET 198.51.1
 check_not "topology: without vmfence vm1 cannot reach the internet (no route back)" \
   quiet helper "$VM1" GET 198.51.100.1 8080 /
 
+# The control of the IMDS fence (section IMDS): with a route back to vm2's
+# network (vmfence does not translate vm2's traffic toward IMDS: vm2 is not an
+# IMDS VM), vm2's request reaches IMDS and gets its answer when nothing fences
+# it. So when it fails under vmfence, vmfence stopped it.
+wan_route_vm2() { ip -n "$WAN" route "$1" 10.2.0.0/24 via 198.51.100.2; }
+vm2_reads_imds() {
+  [[ "$(helper "$VM2" GET 169.254.169.254 80 /latest/meta-data/instance-id vmfence-test-token 2>/dev/null)" == i-vmfence ]]
+}
+must wan_route_vm2 add
+check "control: without vmfence vm2 reads IMDS (wan routes 10.2.0.0/24 back)" vm2_reads_imds
+check "control: IMDS saw vm2's own address" grep -q '^10\.2\.0\.2 GET /latest/meta-data/instance-id' "$WORK/imds.log"
+must wan_route_vm2 del
+: >"$WORK/imds.log"  # the checks below look at what IMDS sees under vmfence
+
 # An operator's own table in hv, created before vmfence runs.
 must hv_nft add table inet opsguard
 must hv_nft add chain inet opsguard guard '{ type filter hook forward priority 10; policy accept; }'
@@ -320,10 +339,25 @@ check "vm1 reads IMDS metadata with the token" \
   test "$(helper "$VM1" GET 169.254.169.254 80 /latest/meta-data/instance-id "$TOKEN" 2>/dev/null)" = i-vmfence
 check "IMDS saw the hypervisor's address" grep -q '^198.51.100.2 GET /latest/meta-data/instance-id' "$WORK/imds.log"
 check_not "IMDS never saw a VM address" grep -q '^10\.' "$WORK/imds.log"
+# vm2 with the route back of the control (which read IMDS without vmfence).
+# imds_fence_drops: packets of vm2 toward IMDS vmfence dropped (the TAP
+# program's imds_denied counter plus the "vm2: no IMDS" nft rule's counter).
+imds_fence_drops() {
+  local nft dp
+  nft=$(hv_nft -j list chain inet vmfence imds_forward |
+    jq '[.nftables[] | select(.rule.comment == "vm2: no IMDS") | .rule.expr[] | select(.counter) | .counter.packets] | add // 0')
+  dp=$(vmfence status --json 2>/dev/null | jq '[.vms[] | select(.name == "vm2") | .drops.imds_denied // 0] | add // 0')
+  echo $((${nft:-0} + ${dp:-0}))
+}
+must wan_route_vm2 add
 IMDS_LINES=$(wc -l <"$WORK/imds.log")
-check_not "vm2 (imds: false) gets nothing from IMDS" \
-  quiet helper "$VM2" GET 169.254.169.254 80 /latest/meta-data/instance-id vmfence-test-token
+FENCE_BEFORE=$(imds_fence_drops)
+check_not "vm2 (imds: false) gets nothing from IMDS (the control above read it without vmfence)" vm2_reads_imds
 check "IMDS received nothing from vm2" test "$(wc -l <"$WORK/imds.log")" = "$IMDS_LINES"
+FENCE_AFTER=$(imds_fence_drops)
+check "vmfence dropped vm2's packets toward IMDS (imds_denied + nft 'vm2: no IMDS': $FENCE_BEFORE -> $FENCE_AFTER)" \
+  test "$FENCE_AFTER" -gt "$FENCE_BEFORE"
+must wan_route_vm2 del
 
 # ---------------------------------------------------------------------------
 # WAN -> VM: established only, unless an ingress rule allows it

@@ -110,6 +110,9 @@ expect_ok "consumer -> VM a tcp/22 (ingress rule)" quick_tcp cons "${IP[a]}" 22 
 if ! enforced; then
 	nv_check() { violate a 51902 >/dev/null; sleep 0.5; grep -q ' violation$' "$WORK/srv/cons-sink-51902.log"; }
 	expect_ok "without vmfence a violating datagram reaches the consumer" nv_check
+	# The control of the quarantine check below (same command): without
+	# vmfence b's allowed datagram arrives.
+	expect_blocked "quarantined: allowed udp/51900 fails" quick_udp b "$CONS" 51900 0.5
 	e2e_finish
 fi
 

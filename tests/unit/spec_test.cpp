@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cstdlib>
 #include <fstream>
 #include <map>
@@ -168,10 +169,12 @@ TEST(ParseVm, EveryField) {
                 { "to": "fec0::/64", "proto": "icmpv6" } ],
     "ingress": [ { "from": "100.64.0.0/10", "proto": "udp", "ports": ["0-65535"] } ],
     "imds": true,
-    "on_violation": { "action": "terminate", "qmp_socket": "/run/{vm}.qmp", "threshold": 3, "window_ms": 500 }
+    "on_violation": { "action": "terminate", "threshold": 3, "window_ms": 500 }
   })";
   std::vector<SpecError> errors;
-  auto vm = parse_vm_text(json, errors);
+  ViolationPolicy host;
+  host.qmp_socket = "/run/{vm}.qmp";
+  auto vm = parse_vm_text(json, errors, host);
   ASSERT_TRUE(vm) << describe(errors);
   EXPECT_EQ(mac_str(vm->mac), "02:00:00:00:01:02");
   ASSERT_EQ(vm->addresses.size(), 2u);
@@ -209,12 +212,10 @@ TEST(ParseVm, OnViolationMergesFieldWiseOverHost) {
   EXPECT_EQ(inherit->on_violation.action, Action::terminate);
   EXPECT_EQ(inherit->on_violation.command, host.command);
 
-  auto partial = parse_vm_text(vm_json({{"on_violation", R"({"threshold": 10, "systemd_unit": "vm@{vm}.service"})"}}),
-                               errors, host);
+  auto partial = parse_vm_text(vm_json({{"on_violation", R"({"threshold": 10})"}}), errors, host);
   ASSERT_TRUE(partial) << describe(errors);
   EXPECT_EQ(partial->on_violation.action, Action::terminate);
   EXPECT_EQ(partial->on_violation.command, host.command);
-  EXPECT_EQ(partial->on_violation.systemd_unit, "vm@{vm}.service");
   EXPECT_EQ(partial->on_violation.threshold, 10u);
   EXPECT_EQ(partial->on_violation.window_ms, 2000u);
 
@@ -366,27 +367,19 @@ const ErrorCase kVmErrors[] = {
      {{"on_violation", R"({"action": "kill"})"}},
      "on_violation.action",
      "\"kill\" is not an action (alert, terminate)"},
-    {"command_type",
-     {{"on_violation", R"({"command": "systemctl stop vm"})"}},
+    // The trust boundary: how to terminate runs as root, so only host.json says it.
+    {"command_in_vm_file",
+     {{"on_violation", R"({"command": ["systemctl", "stop", "x"]})"}},
      "on_violation.command",
-     "expected an array, got a string"},
-    {"command_empty", {{"on_violation", R"({"command": []})"}}, "on_violation.command", "must not be empty"},
-    {"command_empty_program",
-     {{"on_violation", R"({"command": ["", "x"]})"}},
-     "on_violation.command[0]",
-     "the program must not be empty"},
-    {"command_element_type",
-     {{"on_violation", R"({"command": ["kill", 9]})"}},
-     "on_violation.command[1]",
-     "expected a string, got a number"},
-    {"systemd_unit_empty",
-     {{"on_violation", R"({"systemd_unit": ""})"}},
+     "not allowed in a VM's file (it runs as root): set it in host.json"},
+    {"systemd_unit_in_vm_file",
+     {{"on_violation", R"({"systemd_unit": "x@{vm}.service"})"}},
      "on_violation.systemd_unit",
-     "must not be empty"},
-    {"qmp_socket_type",
-     {{"on_violation", R"({"qmp_socket": 1})"}},
+     "not allowed in a VM's file (it runs as root): set it in host.json"},
+    {"qmp_socket_in_vm_file",
+     {{"on_violation", R"({"qmp_socket": "/run/{vm}.qmp"})"}},
      "on_violation.qmp_socket",
-     "expected a string, got a number"},
+     "not allowed in a VM's file (it runs as root): set it in host.json"},
     {"threshold_zero",
      {{"on_violation", R"({"threshold": 0})"}},
      "on_violation.threshold",
@@ -567,6 +560,27 @@ const ErrorCase kHostErrors[] = {
      {{"on_violation", R"({"actions": "alert"})"}},
      "on_violation.actions",
      "unknown field"},
+    {"command_type",
+     {{"on_violation", R"({"command": "systemctl stop vm"})"}},
+     "on_violation.command",
+     "expected an array, got a string"},
+    {"command_empty", {{"on_violation", R"({"command": []})"}}, "on_violation.command", "must not be empty"},
+    {"command_empty_program",
+     {{"on_violation", R"({"command": ["", "x"]})"}},
+     "on_violation.command[0]",
+     "the program must not be empty"},
+    {"command_element_type",
+     {{"on_violation", R"({"command": ["kill", 9]})"}},
+     "on_violation.command[1]",
+     "expected a string, got a number"},
+    {"systemd_unit_empty",
+     {{"on_violation", R"({"systemd_unit": ""})"}},
+     "on_violation.systemd_unit",
+     "must not be empty"},
+    {"qmp_socket_type",
+     {{"on_violation", R"({"qmp_socket": 1})"}},
+     "on_violation.qmp_socket",
+     "expected a string, got a number"},
     {"terminate_without_target",
      {{"on_violation", R"({"action": "terminate"})"}},
      "on_violation.action",
@@ -634,14 +648,17 @@ TEST(ValidateVms, OverlapSweepMatchesPairwise) {
     vm.addresses = {*parse_cidr(text)};
     vms.push_back(vm);
   }
-  // A VM is reported when another covers its address with a shorter prefix,
-  // or with the same prefix and comes first.
+  // First come, first served: a VM is reported when its address overlaps
+  // one of a VM before it that was not reported itself.
   std::set<std::string> want;
-  for (size_t i = 0; i < vms.size(); ++i)
-    for (size_t j = 0; j < vms.size(); ++j) {
-      const Cidr &mine = vms[i].addresses[0], &theirs = vms[j].addresses[0];
-      if (i != j && theirs.contains(mine) && (theirs.prefix_len < mine.prefix_len || j < i)) want.insert(vms[i].file);
-    }
+  std::vector<Cidr> taken;
+  for (const auto& vm : vms) {
+    const Cidr& mine = vm.addresses[0];
+    if (std::any_of(taken.begin(), taken.end(), [&](const Cidr& t) { return t.overlaps(mine); }))
+      want.insert(vm.file);
+    else
+      taken.push_back(mine);
+  }
   std::vector<SpecError> errors;
   validate_vms(vms, errors);
   std::set<std::string> got;
@@ -748,10 +765,18 @@ TEST_F(LoadSpec, ErrorsFromEveryFile) {
   EXPECT_EQ(load.errors[2].file, path("vms.d/b.json"));
 }
 
-TEST_F(LoadSpec, DuplicatesAcrossFilesNameBothFiles) {
+// The contract: a conflict is blamed on the file that came later (its
+// mtime), never on the earlier one and never by file name order.
+void set_mtime(const fs::path& p, int64_t seconds) {
+  fs::last_write_time(p, fs::file_time_type(std::chrono::seconds(seconds)));
+}
+
+TEST_F(LoadSpec, ConflictsAreBlamedOnTheLaterFile) {
   write("host.json", "{}");
   write("vms.d/a.json", vm_json());
   write("vms.d/b.json", vm_json({{"addresses", R"(["10.1.0.0/24"])"}}));
+  set_mtime(path("vms.d/a.json"), 1000000);
+  set_mtime(path("vms.d/b.json"), 2000000);
   SpecLoad load = load_spec(dir_);
   std::vector<std::string> got;
   for (const auto& e : load.errors) got.push_back(e.str());
@@ -760,8 +785,25 @@ TEST_F(LoadSpec, DuplicatesAcrossFilesNameBothFiles) {
                      b + ": name: \"vm1\" is also used by " + a,
                      b + ": interface: \"vm-vm1\" is also used by vm1 (" + a + ")",
                      b + ": mac: 02:00:00:00:01:02 is also used by vm1 (" + a + ")",
-                     a + ": addresses[0]: 10.1.0.2/32 overlaps 10.1.0.0/24 of vm1 (" + b + ")",
+                     b + ": addresses[0]: 10.1.0.0/24 overlaps 10.1.0.2/32 of vm1 (" + a + ")",
                  }));
+  ASSERT_EQ(load.spec.vms.size(), 1u);
+  EXPECT_EQ(load.spec.vms[0].file, a);
+}
+
+TEST_F(LoadSpec, FileNameOrderNeverDecides) {
+  write("host.json", "{}");
+  write("vms.d/a.json", vm_json({{"name", R"("late")"}, {"interface", R"("tap-late")"},
+                                 {"mac", R"("02:00:00:00:09:09")"}}));
+  write("vms.d/z.json", vm_json({{"name", R"("early")"}}));
+  set_mtime(path("vms.d/z.json"), 1000000);
+  set_mtime(path("vms.d/a.json"), 2000000);
+  SpecLoad load = load_spec(dir_);
+  ASSERT_EQ(load.errors.size(), 1u) << describe(load.errors);
+  EXPECT_EQ(load.errors[0].str(), path("vms.d/a.json") + ": addresses[0]: 10.1.0.2/32 overlaps 10.1.0.2/32 of early (" +
+                                      path("vms.d/z.json") + ")");
+  ASSERT_EQ(load.spec.vms.size(), 1u);
+  EXPECT_EQ(load.spec.vms[0].name, "early");
 }
 
 TEST_F(LoadSpec, ChecksAgainstHost) {

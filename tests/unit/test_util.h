@@ -2,6 +2,7 @@
 // files, logs).
 #pragma once
 
+#include <gtest/gtest.h>
 #include <spdlog/sinks/ostream_sink.h>
 #include <spdlog/spdlog.h>
 #include <stdlib.h>
@@ -14,22 +15,17 @@
 #include <stdexcept>
 #include <string>
 
-#include <gtest/gtest.h>
+#include "tests/common/ci.h"  // in_ci(): the suite's one CI gate
 
 namespace vmfence::testing {
 
-inline bool in_ci() {
-  const char* ci = std::getenv("CI");
-  return ci && std::string(ci) == "true";
-}
-
-// A test that cannot run here: a failure in CI (CI=true), a skip elsewhere.
-#define VMFENCE_REQUIRE(cond, why)                                  \
-  do {                                                              \
-    if (!(cond)) {                                                  \
-      if (::vmfence::testing::in_ci()) FAIL() << "cannot run (CI=true): " << (why); \
-      GTEST_SKIP() << (why);                                        \
-    }                                                               \
+// A test that cannot run here: a failure in CI (see in_ci()), a skip elsewhere.
+#define VMFENCE_REQUIRE(cond, why)                                                       \
+  do {                                                                                   \
+    if (!(cond)) {                                                                       \
+      if (::vmfence::testing::in_ci()) FAIL() << "cannot run, and CI is set: " << (why); \
+      GTEST_SKIP() << (why);                                                             \
+    }                                                                                    \
   } while (0)
 
 // A temporary directory, removed with everything in it.

@@ -1,0 +1,205 @@
+#include "agent/daemon/reconciler.h"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+
+namespace vmfence {
+
+namespace {
+
+template <typename T>
+bool same_bytes(const std::vector<T>& x, const std::vector<T>& y) {
+  return x.size() == y.size() && (x.empty() || std::memcmp(x.data(), y.data(), x.size() * sizeof(T)) == 0);
+}
+
+bool same_plan(const VmPlan& a, const VmPlan& b) {
+  return a.interface == b.interface && std::memcmp(&a.vm, &b.vm, sizeof(a.vm)) == 0 && same_bytes(a.egress, b.egress) &&
+         same_bytes(a.ingress, b.ingress) && same_bytes(a.gateways, b.gateways) &&
+         same_bytes(a.host_addresses, b.host_addresses) && same_bytes(a.net_addresses, b.net_addresses) &&
+         a.flow_limit == b.flow_limit;
+}
+
+bool addresses_overlap(const VmSpec& a, const VmSpec& b) {
+  for (const auto& x : a.addresses)
+    for (const auto& y : b.addresses)
+      if (x.family == y.family && x.overlaps(y)) return true;
+  return false;
+}
+
+// One VM of the new set and what became of its change.
+struct Item {
+  const VmSpec* vm;
+  VmPlan plan;
+  uint32_t ifindex = 0;
+  VmChange change;
+  bool staged = false, committed = false, failed = false;
+  std::string why;
+};
+
+}  // namespace
+
+vmfence_config datapath_config(const HostSpec& host, const std::vector<VmSpec>& vms) {
+  vmfence_config cfg{};
+  cfg.event_budget = VMFENCE_DEFAULT_EVENT_BUDGET;
+  cfg.budget_window_ns = VMFENCE_DEFAULT_BUDGET_WINDOW_NS;
+  cfg.tcp_timeout_s = host.flow_timeouts.tcp_s;
+  cfg.udp_timeout_s = host.flow_timeouts.udp_s;
+  cfg.icmp_timeout_s = host.flow_timeouts.icmp_s;
+  for (const auto& vm : vms)
+    for (const auto& a : vm.addresses)
+      if (a.mapped_prefix_len() < 128) cfg.flags |= VMFENCE_CFG_F_OWNER_NETS;
+  return cfg;
+}
+
+ReconcileResult Reconciler::reconcile(const SpecFiles& files, const std::vector<VmSpec>& incumbents,
+                                      const std::set<std::string>& enforced) {
+  ReconcileResult r;
+  if (!files.host_errors.empty()) {
+    r.host_ok = false;
+    r.in_force = incumbents;
+    return r;
+  }
+  const HostSpec& host = files.host;
+  std::map<std::string, const VmSpec*> incumbent;
+  for (const auto& vm : incumbents) incumbent[vm.name] = &vm;
+
+  // The compiler's limits are part of admission: a VM it cannot express is
+  // refused like a conflict (an enforced VM keeps its last good policy).
+  std::vector<VmSpec> everyone = incumbents;
+  for (const auto& f : files.vms)
+    if (f.vm) everyone.push_back(*f.vm);
+  const std::vector<Cidr> all_nets = vm_address_space(everyone);
+  auto compiles = [&](const VmSpec& vm) {
+    std::vector<SpecError> errs;
+    compile_vm(vm, host, all_nets, errs);
+    return errs;
+  };
+  Admission a = admit(files, incumbents, enforced, compiles);
+  r.rejected = std::move(a.rejected);
+  std::vector<VmSpec> in_force = std::move(a.in_force);
+
+  // Flags the new VMs need go in before their entries; flags only the old
+  // VMs needed go after they are gone (below).
+  const std::vector<Cidr> nets = vm_address_space(in_force);
+  vmfence_config before = datapath_config(host, in_force);
+  before.flags |= datapath_config(host, incumbents).flags;
+  if (auto s = writer_.write_config(before); !s) spdlog::error("datapath config: {}", s.message);
+
+  std::vector<Item> items;
+  for (const auto& vm : in_force) {
+    Item it{&vm, {}, ifindex_of_(vm.interface), {}, false, false, false, {}};
+    std::vector<SpecError> errs;
+    it.plan = compile_vm(vm, host, nets, errs);
+    if (!errs.empty()) {
+      it.failed = true;
+      it.why = errs.front().message;
+    } else {
+      auto inst = writer_.installed().find(vm.name);
+      if (inst != writer_.installed().end() && inst->second.ifindex == it.ifindex && same_plan(inst->second.plan, it.plan))
+        continue;  // unchanged
+    }
+    items.push_back(std::move(it));
+  }
+
+  // 1. Stage every change.
+  for (auto& it : items) {
+    if (it.failed) continue;
+    if (auto s = writer_.stage(it.plan, it.ifindex, it.change); !s) {
+      it.failed = true;
+      it.why = s.message;
+    } else {
+      it.staged = true;
+    }
+  }
+  // A VM whose change failed keeps its old addresses: a change that claims
+  // one of them must not go in either (undone, latest first).
+  for (bool again = true; again;) {
+    again = false;
+    for (const auto& f : items) {
+      auto old = incumbent.find(f.vm->name);
+      if (!f.failed || old == incumbent.end()) continue;
+      for (auto it = items.rbegin(); it != items.rend(); ++it) {
+        if (!it->staged || it->vm->name == f.vm->name || !addresses_overlap(*it->vm, *old->second)) continue;
+        writer_.abort(it->change);
+        it->staged = false;
+        it->failed = true;
+        it->why = "an address is still held by " + f.vm->name + ", whose change failed";
+        again = true;
+      }
+    }
+  }
+  // 2. VMs no longer in force: their interfaces drop everything; addresses
+  // are freed unless a staged VM took them over.
+  std::set<std::string> keep;
+  for (const auto& vm : in_force) keep.insert(vm.name);
+  std::vector<std::string> gone;
+  for (const auto& [name, inst] : writer_.installed())
+    if (!keep.count(name)) gone.push_back(name);
+  for (const auto& name : gone) {
+    if (auto s = writer_.remove(name); !s) spdlog::error("vm {}: remove: {}", name, s.message);
+    r.removed.push_back(name);
+  }
+  // 3. The switches.
+  for (auto& it : items) {
+    if (!it.staged) continue;
+    if (auto s = writer_.commit(it.change); !s) {
+      it.failed = true;
+      it.why = s.message;
+      continue;
+    }
+    it.committed = true;
+  }
+  // 4. Old generations and given-up addresses.
+  for (auto& it : items)
+    if (it.committed) {
+      writer_.release(it.change);
+      r.changed.push_back(it.vm->name);
+    }
+
+  // Failures: an enforced VM keeps what it had; a newcomer is refused.
+  std::set<std::string> failed;
+  for (const auto& it : items) {
+    if (!it.failed) continue;
+    failed.insert(it.vm->name);
+    RejectedFile rf;
+    rf.file = it.vm->file;
+    rf.name = it.vm->name;
+    rf.interface = it.vm->interface;
+    rf.errors.push_back({it.vm->file, "", "cannot be installed: " + it.why});
+    rf.kept_last_good = incumbent.count(it.vm->name) && writer_.installed().count(it.vm->name);
+    r.rejected.push_back(std::move(rf));
+  }
+  for (auto& vm : in_force) {
+    if (!failed.count(vm.name)) {
+      r.in_force.push_back(vm);
+      continue;
+    }
+    auto old = incumbent.find(vm.name);
+    if (old != incumbent.end() && writer_.installed().count(vm.name)) r.in_force.push_back(*old->second);
+  }
+  std::sort(r.rejected.begin(), r.rejected.end(),
+            [](const RejectedFile& x, const RejectedFile& y) { return x.file < y.file; });
+
+  // 5. Interfaces no valid spec may use drop everything.
+  std::set<std::string> used;
+  for (const auto& vm : r.in_force) used.insert(vm.interface);
+  for (const auto& rf : r.rejected) {
+    if (rf.interface.empty() || used.count(rf.interface)) continue;
+    uint32_t ifindex = ifindex_of_(rf.interface);
+    if (!ifindex) continue;  // blocked when it appears
+    if (auto s = writer_.block(ifindex, name_id(rf.name.empty() ? rf.file : rf.name)); !s)
+      spdlog::error("{}: no_policy on {}: {}", rf.file, rf.interface, s.message);
+    else
+      r.blocked.push_back(ifindex);
+  }
+
+  vmfence_config after = datapath_config(host, r.in_force);
+  if (after.flags != before.flags)
+    if (auto s = writer_.write_config(after); !s) spdlog::error("datapath config: {}", s.message);
+  return r;
+}
+
+}  // namespace vmfence

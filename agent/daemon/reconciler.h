@@ -1,0 +1,56 @@
+// The Reconciler: turns (what is enforced, the spec files as they are now)
+// into ordered map writes, with every ordering rule in one place:
+//   1. admission: conflicts are blamed on the newcomer (agent/spec admit());
+//   2. config flags that a new VM needs are written before its entries;
+//   3. every changed VM stages, then every VM commits (one vms update each),
+//      then removed VMs are freed, then every VM releases its old generation:
+//      an address moving between VMs is owned by exactly one VM throughout;
+//   4. a failed change is undone (the VM keeps what it had; a newcomer's
+//      interface drops everything), and a change whose new addresses are
+//      still held by a VM whose change failed is undone too;
+//   5. interfaces named by refused files drop everything (no_policy).
+// It talks to the kernel only through MapWriter (whose backend is a fake in
+// the unit tests) and an interface-name lookup; attaching the programs is
+// the caller's (it gets the list of interfaces that need them).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "agent/spec/spec.h"
+#include "maps/map_writer.h"
+
+namespace vmfence {
+
+// The datapath's global knobs for a set of VMs.
+vmfence_config datapath_config(const HostSpec& host, const std::vector<VmSpec>& vms);
+
+struct ReconcileResult {
+  std::vector<VmSpec> in_force;        // sorted by name
+  std::vector<RejectedFile> rejected;  // refused files, install failures included
+  std::vector<std::string> changed;    // VMs whose maps changed
+  std::vector<std::string> removed;    // VMs no longer in force
+  std::vector<uint32_t> blocked;       // interfaces now in no_policy for a refused file
+  bool host_ok = true;                 // false: host.json is broken, nothing changed
+};
+
+class Reconciler {
+ public:
+  using IfindexOf = std::function<uint32_t(const std::string& ifname)>;
+  Reconciler(MapWriter& writer, IfindexOf ifindex_of) : writer_(writer), ifindex_of_(std::move(ifindex_of)) {}
+
+  // Make the maps match `files`, given the VMs enforced now (`incumbents`,
+  // their last good specs). `enforced` names VMs a previous run left in the
+  // kernel (first reconcile after a restart).
+  ReconcileResult reconcile(const SpecFiles& files, const std::vector<VmSpec>& incumbents,
+                            const std::set<std::string>& enforced = {});
+
+ private:
+  MapWriter& writer_;
+  IfindexOf ifindex_of_;
+};
+
+}  // namespace vmfence

@@ -1,0 +1,62 @@
+// The map writer's view of the kernel: a few byte-level operations on the
+// datapath's maps. Two implementations: the pinned BPF maps (PinnedBackend,
+// maps/pinned_maps.cpp) and an in-memory fake that can fail any write on
+// purpose (FakeBackend, maps/fake_backend.h), so the writer's ordering and
+// rollback are unit-tested without root.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <vector>
+
+#include "maps/status.h"
+#include "vmfence_abi.h"
+
+namespace vmfence {
+
+struct MapSet;
+
+// The maps the writer changes (the flow and fragment tables are per slot and
+// handled by ensure_tables / drop_tables).
+enum class MapId : uint8_t { vms, owners, owner_nets, egress, ingress, gateways, state };
+const char* map_id_name(MapId id);
+
+using Bytes = std::vector<uint8_t>;
+
+template <typename T>
+Bytes to_bytes(const T& x) {
+  auto p = reinterpret_cast<const uint8_t*>(&x);
+  return Bytes(p, p + sizeof(T));
+}
+
+class MapBackend {
+ public:
+  virtual ~MapBackend() = default;
+  virtual Status update(MapId map, const Bytes& key, const Bytes& value) = 0;
+  // Deleting a key that is not there is not an error.
+  virtual Status erase(MapId map, const Bytes& key) = 0;
+  // False when absent.
+  virtual bool lookup(MapId map, const Bytes& key, Bytes& value) = 0;
+  virtual std::vector<Bytes> keys(MapId map) = 0;
+  // The slot's own flow table (flow_limit entries; a changed limit keeps the
+  // live flows) and fragment table.
+  virtual Status ensure_tables(uint32_t slot, uint32_t flow_limit) = 0;
+  virtual void drop_tables(uint32_t slot) = 0;
+  // A fresh slot: counters zeroed, state (quarantine, windows, budget) zeroed.
+  virtual Status reset_slot(uint32_t slot) = 0;
+  // Delete flows idle past their timeout from the slots' tables; how many
+  // went. `left` (optional) gets each slot's remaining flows and table size.
+  struct TableUse {
+    size_t entries = 0;
+    uint32_t max_entries = 0;
+  };
+  virtual size_t sweep_flows(const std::vector<uint32_t>& slots, const vmfence_config& cfg,
+                             std::map<uint32_t, TableUse>* left) = 0;
+  virtual Status write_config(const vmfence_config& cfg) = 0;
+};
+
+// The real maps (fds borrowed from `maps`, which must outlive the backend).
+std::unique_ptr<MapBackend> pinned_backend(MapSet& maps);
+
+}  // namespace vmfence

@@ -1,0 +1,403 @@
+#include "maps/map_writer.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "maps/pinned_maps.h"
+
+namespace vmfence {
+
+const char* map_id_name(MapId id) {
+  switch (id) {
+    case MapId::vms:
+      return VMFENCE_MAP_VMS;
+    case MapId::owners:
+      return VMFENCE_MAP_OWNERS;
+    case MapId::owner_nets:
+      return VMFENCE_MAP_OWNER_NETS;
+    case MapId::egress:
+      return VMFENCE_MAP_EGRESS;
+    case MapId::ingress:
+      return VMFENCE_MAP_INGRESS;
+    case MapId::gateways:
+      return VMFENCE_MAP_GATEWAYS;
+    case MapId::state:
+      return VMFENCE_MAP_STATE;
+  }
+  return "?";
+}
+
+namespace {
+
+template <typename T>
+T from_bytes(const Bytes& b) {
+  T x{};
+  std::memcpy(&x, b.data(), std::min(b.size(), sizeof(T)));
+  return x;
+}
+
+Bytes policy_key(const PolicyEntry& e, uint32_t policy_id) {
+  vmfence_policy_key k = e.key;
+  k.policy_id = policy_id;
+  return to_bytes(k);
+}
+
+template <typename T>
+bool contains_bytes(const std::vector<T>& list, const T& x) {
+  return std::any_of(list.begin(), list.end(), [&](const T& y) { return std::memcmp(&x, &y, sizeof(T)) == 0; });
+}
+
+vmfence_owner owner_of(const VmPlan& plan) { return {plan.vm.vm_id, plan.vm.group_id}; }
+
+constexpr MapId kCounted[] = {MapId::vms, MapId::owners, MapId::owner_nets, MapId::egress, MapId::ingress,
+                              MapId::gateways};
+
+}  // namespace
+
+MapWriter::MapWriter(MapSet& maps) : backend_(pinned_backend(maps)) {}
+MapWriter::MapWriter(std::unique_ptr<MapBackend> backend) : backend_(std::move(backend)) {}
+MapWriter::~MapWriter() = default;
+
+void MapWriter::recount() {
+  for (MapId m : kCounted) counts_[m] = backend_->keys(m).size();
+}
+
+size_t MapWriter::entries(MapId map) const {
+  auto it = counts_.find(map);
+  return it == counts_.end() ? 0 : it->second;
+}
+
+std::optional<uint32_t> MapWriter::adopted_ifindex(uint32_t vm_id) const {
+  auto it = adopted_.find(vm_id);
+  if (it == adopted_.end()) return std::nullopt;
+  return it->second.second;
+}
+
+Status MapWriter::adopt() {
+  used_slots_.insert(0);  // slot 0: packets on interfaces without a VM
+  for (const Bytes& k : backend_->keys(MapId::vms)) {
+    Bytes v;
+    if (!backend_->lookup(MapId::vms, k, v)) continue;
+    auto ifindex = from_bytes<uint32_t>(k);
+    auto vm = from_bytes<vmfence_vm>(v);
+    if (vm.flags & VMFENCE_VM_F_NO_POLICY) continue;  // blocked: re-derived from the specs
+    adopted_[vm.vm_id] = {vm.slot, ifindex};
+    used_slots_.insert(vm.slot);
+    next_policy_id_ = std::max(next_policy_id_, vm.policy_id + 1);
+  }
+  for (MapId m : {MapId::egress, MapId::ingress})
+    for (const Bytes& k : backend_->keys(m))
+      next_policy_id_ = std::max(next_policy_id_, from_bytes<vmfence_policy_key>(k).policy_id + 1);
+  recount();
+  return {};
+}
+
+uint32_t MapWriter::alloc_slot(uint32_t vm_id, bool& fresh) {
+  fresh = false;
+  if (auto it = adopted_.find(vm_id); it != adopted_.end()) return it->second.first;
+  // Lowest free slot at or after the hint: linear overall, not per VM.
+  for (uint32_t tries = 0; tries < VMFENCE_MAX_VMS; ++tries) {
+    uint32_t s = next_free_slot_;
+    next_free_slot_ = next_free_slot_ + 1 >= VMFENCE_MAX_VMS ? 1 : next_free_slot_ + 1;
+    if (!used_slots_.count(s)) {
+      if (!backend_->reset_slot(s)) continue;
+      used_slots_.insert(s);
+      fresh = true;
+      return s;
+    }
+  }
+  return 0;
+}
+
+void MapWriter::free_slot(uint32_t slot) {
+  if (slot == 0) return;
+  used_slots_.erase(slot);
+  // The next VM in this slot starts with empty tables.
+  backend_->drop_tables(slot);
+  for (auto it = adopted_.begin(); it != adopted_.end();)
+    it = it->second.first == slot ? adopted_.erase(it) : std::next(it);
+}
+
+// Quarantine, the violation window and the event budget belong to the
+// interface instance they were earned on: a new one starts clear.
+void MapWriter::reset_instance(uint32_t slot) {
+  vmfence_state st{};
+  (void)backend_->update(MapId::state, to_bytes(slot), to_bytes(st));
+}
+
+void MapWriter::erase_counted(MapId map, const Bytes& key) {
+  Bytes v;
+  if (!backend_->lookup(map, key, v)) return;
+  if (backend_->erase(map, key) && counts_[map] > 0) --counts_[map];
+}
+
+Status MapWriter::put(VmChange& c, MapId map, const Bytes& key, const Bytes& value, bool record_previous) {
+  VmChange::Undo u{map, key, std::nullopt};
+  if (record_previous) {
+    Bytes prev;
+    if (backend_->lookup(map, key, prev)) u.previous = std::move(prev);
+  }
+  if (auto s = backend_->update(map, key, value); !s) return s;
+  if (!u.previous) ++counts_[map];
+  c.undo.push_back(std::move(u));
+  return {};
+}
+
+Status MapWriter::stage(const VmPlan& plan, uint32_t ifindex, VmChange& c) {
+  c = VmChange{};
+  auto it = vms_.find(plan.name);
+  if (it != vms_.end()) c.old = it->second;
+  c.next.plan = plan;
+  c.next.ifindex = ifindex;
+  auto b = blocked_.find(ifindex);
+  auto bv = blocked_vm_.find(ifindex);
+  if (c.old) {
+    c.next.slot = c.old->slot;
+  } else if (ifindex && b != blocked_.end() && b->second && bv != blocked_vm_.end() &&
+             bv->second == plan.vm.vm_id) {
+    // Its spec was removed and is back while its interface stayed: the same
+    // instance, with its slot (counters, quarantine) as it was.
+    c.next.slot = b->second;
+    c.same_instance = true;
+  } else {
+    bool fresh = false;
+    c.next.slot = alloc_slot(plan.vm.vm_id, fresh);
+    c.new_slot = true;
+  }
+  if (c.next.slot == 0) return Status::error(ENOSPC, "no free VM slot (max " + std::to_string(VMFENCE_MAX_VMS) + ")");
+  if (auto s = backend_->ensure_tables(c.next.slot, plan.flow_limit); !s) {
+    abort(c);
+    return s;
+  }
+  c.next.policy_id = next_policy_id_++;
+
+  auto fail = [&](const Status& s, const char* what) {
+    abort(c);
+    int e = s.err;
+    return Status::error(e, std::string(e == E2BIG || e == ENOSPC ? "map full: " : "") + what);
+  };
+  // 1. The new generation, invisible until the VM entry points at it.
+  for (const auto& e : plan.egress)
+    if (auto s = put(c, MapId::egress, policy_key(e, c.next.policy_id), to_bytes(e.value), false); !s)
+      return fail(s, "write egress policy entry");
+  for (const auto& e : plan.ingress)
+    if (auto s = put(c, MapId::ingress, policy_key(e, c.next.policy_id), to_bytes(e.value), false); !s)
+      return fail(s, "write ingress policy entry");
+  // 2. Addresses (overwriting a previous owner in one update) and gateways.
+  Bytes owner = to_bytes(owner_of(plan));
+  for (const auto& a : plan.host_addresses)
+    if (auto s = put(c, MapId::owners, to_bytes(a), owner, true); !s) return fail(s, "write address owner");
+  for (const auto& a : plan.net_addresses)
+    if (auto s = put(c, MapId::owner_nets, to_bytes(a), owner, true); !s) return fail(s, "write address prefix owner");
+  uint8_t one = 1;
+  for (const auto& g : plan.gateways)
+    if (auto s = put(c, MapId::gateways, to_bytes(g), to_bytes(one), true); !s) return fail(s, "write gateway");
+  return {};
+}
+
+Status MapWriter::commit(VmChange& c) {
+  uint32_t ifindex = c.next.ifindex;
+  if (ifindex) {
+    vmfence_vm vm = c.next.plan.vm;
+    vm.slot = c.next.slot;
+    vm.policy_id = c.next.policy_id;
+    if (auto s = put(c, MapId::vms, to_bytes(ifindex), to_bytes(vm), true); !s) {
+      abort(c);
+      return Status::error(s.err, "write VM entry");
+    }
+  }
+  c.committed = true;
+  vms_[c.next.plan.name] = c.next;
+  return {};
+}
+
+void MapWriter::release(VmChange& c) {
+  uint32_t ifindex = c.next.ifindex;
+  uint32_t vm_id = c.next.plan.vm.vm_id;
+  // The interface this VM now has: a blocked entry there is replaced.
+  if (auto b = blocked_.find(ifindex); ifindex && b != blocked_.end()) {
+    if (b->second != c.next.slot) free_slot(b->second);
+    blocked_.erase(b);
+    blocked_vm_.erase(ifindex);
+  }
+  // A new interface instance (re-created TAP, or first sight after a restart
+  // of a TAP the previous run did not know): clear quarantine and windows.
+  std::optional<uint32_t> before = c.old ? std::optional(c.old->ifindex) : adopted_ifindex(vm_id);
+  if (c.same_instance) before = ifindex;
+  if (ifindex && (!before || *before != ifindex)) reset_instance(c.next.slot);
+  adopted_.erase(vm_id);
+  if (!c.old) return;
+  const InstalledVm& old = *c.old;
+  if (old.ifindex && old.ifindex != ifindex) erase_counted(MapId::vms, to_bytes(old.ifindex));
+  if (old.policy_id == c.next.policy_id) return;  // a rebind: same generation
+  for (const auto& e : old.plan.egress) erase_counted(MapId::egress, policy_key(e, old.policy_id));
+  for (const auto& e : old.plan.ingress) erase_counted(MapId::ingress, policy_key(e, old.policy_id));
+  // Give up addresses only while they are still ours.
+  Bytes mine = to_bytes(owner_of(old.plan));
+  auto give_up = [&](MapId m, const Bytes& key) {
+    Bytes cur;
+    if (backend_->lookup(m, key, cur) && cur == mine) erase_counted(m, key);
+  };
+  for (const auto& a : old.plan.host_addresses)
+    if (!contains_bytes(c.next.plan.host_addresses, a)) give_up(MapId::owners, to_bytes(a));
+  for (const auto& a : old.plan.net_addresses)
+    if (!contains_bytes(c.next.plan.net_addresses, a)) give_up(MapId::owner_nets, to_bytes(a));
+  for (const auto& g : old.plan.gateways)
+    if (!contains_bytes(c.next.plan.gateways, g)) erase_counted(MapId::gateways, to_bytes(g));
+}
+
+void MapWriter::abort(VmChange& c) {
+  for (auto u = c.undo.rbegin(); u != c.undo.rend(); ++u) {
+    if (u->previous) {
+      (void)backend_->update(u->map, u->key, *u->previous);
+    } else {
+      (void)backend_->erase(u->map, u->key);
+      if (counts_[u->map] > 0) --counts_[u->map];
+    }
+  }
+  c.undo.clear();
+  if (c.committed) {
+    if (c.old)
+      vms_[c.old->plan.name] = *c.old;
+    else
+      vms_.erase(c.next.plan.name);
+    c.committed = false;
+  }
+  if (c.new_slot && c.next.slot) free_slot(c.next.slot);
+  c.new_slot = false;
+}
+
+Status MapWriter::install(const VmPlan& plan, uint32_t ifindex) {
+  VmChange c;
+  if (auto s = stage(plan, ifindex, c); !s) return s;
+  if (auto s = commit(c); !s) return s;
+  release(c);
+  return {};
+}
+
+Status MapWriter::bind(const std::string& name, uint32_t ifindex) {
+  auto it = vms_.find(name);
+  if (it == vms_.end()) return Status::error(ENOENT, "bind unknown VM " + name);
+  // Only the vms entry changes: the generation and addresses stay.
+  VmChange c;
+  c.old = it->second;
+  c.next = it->second;
+  c.next.ifindex = ifindex;
+  if (auto s = commit(c); !s) return s;
+  release(c);
+  return {};
+}
+
+Status MapWriter::unbind(const std::string& name) {
+  auto it = vms_.find(name);
+  if (it == vms_.end() || !it->second.ifindex) return {};
+  erase_counted(MapId::vms, to_bytes(it->second.ifindex));
+  it->second.ifindex = 0;
+  return {};
+}
+
+Status MapWriter::remove(const std::string& name) {
+  auto it = vms_.find(name);
+  if (it == vms_.end()) return {};
+  InstalledVm old = it->second;
+  if (old.ifindex) {
+    // The interface stays: drop everything on it (fail closed).
+    vmfence_vm vm = old.plan.vm;
+    vm.slot = old.slot;
+    vm.policy_id = 0;
+    vm.flags |= VMFENCE_VM_F_NO_POLICY;
+    VmChange c;
+    if (auto s = put(c, MapId::vms, to_bytes(old.ifindex), to_bytes(vm), true); !s)
+      return Status::error(s.err, "block removed VM " + name);
+    blocked_[old.ifindex] = old.slot;
+    blocked_vm_[old.ifindex] = old.plan.vm.vm_id;
+  }
+  for (const auto& e : old.plan.egress) erase_counted(MapId::egress, policy_key(e, old.policy_id));
+  for (const auto& e : old.plan.ingress) erase_counted(MapId::ingress, policy_key(e, old.policy_id));
+  Bytes mine = to_bytes(owner_of(old.plan));
+  auto give_up = [&](MapId m, const Bytes& key) {
+    Bytes cur;
+    if (backend_->lookup(m, key, cur) && cur == mine) erase_counted(m, key);
+  };
+  for (const auto& a : old.plan.host_addresses) give_up(MapId::owners, to_bytes(a));
+  for (const auto& a : old.plan.net_addresses) give_up(MapId::owner_nets, to_bytes(a));
+  for (const auto& g : old.plan.gateways) erase_counted(MapId::gateways, to_bytes(g));
+  if (!old.ifindex) free_slot(old.slot);
+  vms_.erase(it);
+  return {};
+}
+
+Status MapWriter::block(uint32_t ifindex, uint32_t vm_id) {
+  if (!ifindex) return {};
+  for (const auto& [name, vm] : vms_)
+    if (vm.ifindex == ifindex) return Status::error(EBUSY, "interface is enforced for vm " + name);
+  vmfence_vm vm{};
+  vm.vm_id = vm_id;
+  vm.group_id = vm_id;
+  vm.flags = VMFENCE_VM_F_NO_POLICY;
+  auto b = blocked_.find(ifindex);
+  vm.slot = b != blocked_.end() ? b->second : 0;
+  VmChange c;
+  if (auto s = put(c, MapId::vms, to_bytes(ifindex), to_bytes(vm), true); !s)
+    return Status::error(s.err, "block interface " + std::to_string(ifindex));
+  blocked_[ifindex] = vm.slot;
+  return {};
+}
+
+void MapWriter::forget_blocked(uint32_t ifindex) {
+  auto b = blocked_.find(ifindex);
+  if (b == blocked_.end()) return;
+  erase_counted(MapId::vms, to_bytes(ifindex));
+  free_slot(b->second);
+  blocked_.erase(b);
+  blocked_vm_.erase(ifindex);
+}
+
+Status MapWriter::collect_garbage() {
+  std::set<uint32_t> live_policies, live_ifindexes;
+  for (const auto& [ifindex, slot] : blocked_) live_ifindexes.insert(ifindex);
+  std::set<Bytes> live_hosts, live_nets, live_gws;
+  for (const auto& [name, vm] : vms_) {
+    live_policies.insert(vm.policy_id);
+    if (vm.ifindex) live_ifindexes.insert(vm.ifindex);
+    for (const auto& a : vm.plan.host_addresses) live_hosts.insert(to_bytes(a));
+    for (const auto& a : vm.plan.net_addresses) live_nets.insert(to_bytes(a));
+    for (const auto& g : vm.plan.gateways) live_gws.insert(to_bytes(g));
+  }
+  for (MapId m : {MapId::egress, MapId::ingress})
+    for (const Bytes& k : backend_->keys(m))
+      if (!live_policies.count(from_bytes<vmfence_policy_key>(k).policy_id)) (void)backend_->erase(m, k);
+  auto prune = [&](MapId m, const std::set<Bytes>& live) {
+    for (const Bytes& k : backend_->keys(m))
+      if (!live.count(k)) (void)backend_->erase(m, k);
+  };
+  prune(MapId::owners, live_hosts);
+  prune(MapId::owner_nets, live_nets);
+  prune(MapId::gateways, live_gws);
+  for (const Bytes& k : backend_->keys(MapId::vms))
+    if (!live_ifindexes.count(from_bytes<uint32_t>(k))) (void)backend_->erase(MapId::vms, k);
+  std::set<uint32_t> live_slots;
+  for (const auto& [name, vm] : vms_) live_slots.insert(vm.slot);
+  for (const auto& [ifindex, slot] : blocked_) live_slots.insert(slot);
+  for (uint32_t slot = 1; slot < VMFENCE_MAX_VMS; ++slot)
+    if (!live_slots.count(slot)) backend_->drop_tables(slot);
+  // Slots of a previous run that no VM claimed are free again.
+  for (auto it = adopted_.begin(); it != adopted_.end();) {
+    if (!live_slots.count(it->second.first)) used_slots_.erase(it->second.first);
+    it = adopted_.erase(it);
+  }
+  recount();
+  return {};
+}
+
+Status MapWriter::write_config(const vmfence_config& cfg) { return backend_->write_config(cfg); }
+
+size_t MapWriter::sweep_flows(const vmfence_config& cfg, std::map<uint32_t, MapBackend::TableUse>* left) {
+  std::set<uint32_t> slots;
+  for (const auto& [name, vm] : vms_) slots.insert(vm.slot);
+  for (const auto& [ifindex, slot] : blocked_)
+    if (slot) slots.insert(slot);
+  return backend_->sweep_flows(std::vector<uint32_t>(slots.begin(), slots.end()), cfg, left);
+}
+
+}  // namespace vmfence
