@@ -10,6 +10,7 @@
 #include <netinet/ip6.h>
 #include <signal.h>
 #include <spdlog/fmt/fmt.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -19,6 +20,7 @@
 #include <thread>
 
 #include "agent/events/events.h"
+#include "agent/spec/json.h"
 #include "agent/datapath/loader.h"
 #include "agent/nft/nft.h"
 #include "agent/daemon/state_file.h"
@@ -114,53 +116,99 @@ int cmd_status(bool json) {
     std::fprintf(stderr, "vmfence status: no datapath (%s)\n", s.message.c_str());
     return 1;
   }
-  std::string config_dir;
-  auto names = read_state_file(run_dir(), &config_dir);
+  State st = read_state(run_dir());
   auto name_of = [&](uint32_t vm_id) -> const StateVm* {
-    for (const auto& n : names)
+    for (const auto& n : st.vms)
       if (n.vm_id == vm_id) return &n;
     return nullptr;
   };
+  rj::StringBuffer buf;
+  rj::PrettyWriter<rj::StringBuffer> w(buf);
   std::string out;
-  if (json) out += "{\"pin_dir\": \"" + dir + "\", \"vms\": [";
-  bool first = true;
+  if (json) {
+    w.StartObject();
+    w.Key("pin_dir");
+    w.String(dir.c_str());
+    w.Key("vms");
+    w.StartArray();
+  }
   for (const auto& [ifindex, vm] : read_vms(maps)) {
     const StateVm* n = name_of(vm.vm_id);
     char ifname[IF_NAMESIZE] = "";
     if (!if_indextoname(ifindex, ifname)) std::strcpy(ifname, "?");
     vmfence_counters c{};
-    vmfence_state st{};
-    read_counters(maps, vm.slot, c);
-    read_state(maps, vm.slot, st);
+    vmfence_state vs{};
+    (void)read_counters(maps, vm.slot, c);  // a slot without counters reads as zeros
+    (void)read_state(maps, vm.slot, vs);
     std::string name = n ? n->name : fmt::format("vm#{:08x}", vm.vm_id);
     bool no_policy = vm.flags & VMFENCE_VM_F_NO_POLICY;
+    bool is_attached = attached(dir, ifindex);
+    // Enforced: programs on the interface and the policy installed (a VM
+    // the agent reports as not yet attached is not).
+    bool enforced = is_attached && !no_policy && (!n || n->enforced);
     const TableFill flows = flow_table_fill(maps, vm.slot);
     if (json) {
-      out += first ? "\n  " : ",\n  ";
-      out += fmt::format(
-          "{{\"name\": \"{}\", \"interface\": \"{}\", \"ifindex\": {}, \"attached\": {}, \"mode\": \"{}\", "
-          "\"group\": \"{}\", \"policy_generation\": {}, \"quarantined\": {}, \"spec_removed\": {}, "
-          "\"counters\": {{\"from_vm_packets\": {}, \"from_vm_bytes\": {}, \"to_vm_packets\": {}, \"to_vm_bytes\": "
-          "{}, \"events_suppressed\": {}, \"events_lost\": {}}}, \"flows\": {{\"entries\": {}, "
-          "\"max_entries\": {}}}, \"drops\": {{",
-          name, ifname, ifindex, attached(dir, ifindex) ? "true" : "false", datapath_mode_name(vm.mode),
-          n ? n->group : "", vm.policy_id, st.quarantined ? "true" : "false", no_policy ? "true" : "false",
-          c.from_vm_packets, c.from_vm_bytes, c.to_vm_packets, c.to_vm_bytes, c.events_suppressed, c.events_lost,
-          flows.entries, flows.max_entries);
-      bool f2 = true;
+      w.StartObject();
+      w.Key("name");
+      w.String(name.c_str());
+      w.Key("interface");
+      w.String(ifname);
+      w.Key("ifindex");
+      w.Uint(ifindex);
+      w.Key("attached");
+      w.Bool(is_attached);
+      w.Key("enforced");
+      w.Bool(enforced);
+      w.Key("mode");
+      w.String(datapath_mode_name(vm.mode));
+      w.Key("group");
+      w.String(n ? n->group.c_str() : "");
+      w.Key("policy_generation");
+      w.Uint(vm.policy_id);
+      w.Key("quarantined");
+      w.Bool(vs.quarantined);
+      w.Key("spec_removed");
+      w.Bool(no_policy);
+      w.Key("no_policy");
+      w.Bool(no_policy);
+      w.Key("counters");
+      w.StartObject();
+      w.Key("from_vm_packets");
+      w.Uint64(c.from_vm_packets);
+      w.Key("from_vm_bytes");
+      w.Uint64(c.from_vm_bytes);
+      w.Key("to_vm_packets");
+      w.Uint64(c.to_vm_packets);
+      w.Key("to_vm_bytes");
+      w.Uint64(c.to_vm_bytes);
+      w.Key("events_suppressed");
+      w.Uint64(c.events_suppressed);
+      w.Key("events_lost");
+      w.Uint64(c.events_lost);
+      w.EndObject();
+      w.Key("flows");
+      w.StartObject();
+      w.Key("entries");
+      w.Uint64(flows.entries);
+      w.Key("max_entries");
+      w.Uint(flows.max_entries);
+      w.EndObject();
+      w.Key("drops");
+      w.StartObject();
       for (int r = 1; r < VMFENCE_REASON_COUNT; ++r) {
-        out += fmt::format("{}\"{}\": {}", f2 ? "" : ", ", reason_name(r), c.drops[r]);
-        f2 = false;
+        w.Key(reason_name(r));
+        w.Uint64(c.drops[r]);
       }
-      out += "}}";
+      w.EndObject();
+      w.EndObject();
     } else {
-      out +=
-          fmt::format("{} on {} (ifindex {}, {}) mode {} generation {}{}{}\n", name, ifname, ifindex,
-                      attached(dir, ifindex) ? "attached" : "NOT attached", datapath_mode_name(vm.mode), vm.policy_id,
-                      st.quarantined ? " QUARANTINED" : "", no_policy ? " SPEC REMOVED (drop all)" : "");
-      out +=
-          fmt::format("  from vm: {} packets {} bytes; to vm: {} packets {} bytes; flows {} / {}\n", c.from_vm_packets,
-                      c.from_vm_bytes, c.to_vm_packets, c.to_vm_bytes, flows.entries, flows.max_entries);
+      out += fmt::format("{} on {} (ifindex {}, {}) mode {} generation {}{}{}\n", name, ifname, ifindex,
+                         !is_attached ? "NOT attached" : enforced || no_policy ? "attached" : "NOT enforced",
+                         datapath_mode_name(vm.mode), vm.policy_id, vs.quarantined ? " QUARANTINED" : "",
+                         no_policy ? " NO POLICY (drop all)" : "");
+      out += fmt::format("  from vm: {} packets {} bytes; to vm: {} packets {} bytes; flows {} / {}\n",
+                         c.from_vm_packets, c.from_vm_bytes, c.to_vm_packets, c.to_vm_bytes, flows.entries,
+                         flows.max_entries);
       std::string drops;
       for (int r = 1; r < VMFENCE_REASON_COUNT; ++r)
         if (c.drops[r]) drops += fmt::format("{}{} {}", drops.empty() ? "" : ", ", reason_name(r), c.drops[r]);
@@ -169,29 +217,72 @@ int cmd_status(bool json) {
         out += fmt::format("  events: {} suppressed (budget), {} lost (ring buffer full)\n", c.events_suppressed,
                            c.events_lost);
     }
-    first = false;
   }
   // VMs the agent knows whose interface is not there.
-  for (const auto& n : names) {
+  for (const auto& n : st.vms) {
     if (n.ifindex) continue;
     if (json) {
-      out += (first ? "\n  " : ",\n  ") +
-             fmt::format(
-                 "{{\"name\": \"{}\", \"interface\": \"{}\", \"ifindex\": 0, \"attached\": false, \"mode\": "
-                 "\"{}\", \"group\": \"{}\", \"policy_generation\": {}}}",
-                 n.name, n.interface, n.mode, n.group, n.policy_id);
+      w.StartObject();
+      w.Key("name");
+      w.String(n.name.c_str());
+      w.Key("interface");
+      w.String(n.interface.c_str());
+      w.Key("ifindex");
+      w.Uint(0);
+      w.Key("attached");
+      w.Bool(false);
+      w.Key("enforced");
+      w.Bool(false);
+      w.Key("mode");
+      w.String(n.mode.c_str());
+      w.Key("group");
+      w.String(n.group.c_str());
+      w.Key("policy_generation");
+      w.Uint(n.policy_id);
+      w.EndObject();
     } else {
       out += fmt::format("{} on {}: interface not present (policy generation {} ready)\n", n.name, n.interface,
                          n.policy_id);
     }
-    first = false;
   }
-  // Fill levels.
-  if (json)
-    out += "\n], \"maps\": {";
-  else
+  if (json) {
+    w.EndArray();
+    w.Key("rejected");
+    w.StartArray();
+  } else if (!st.rejected.empty()) {
+    out += "refused files:\n";
+  }
+  for (const auto& r : st.rejected) {
+    if (json) {
+      w.StartObject();
+      w.Key("file");
+      w.String(r.file.c_str());
+      w.Key("name");
+      w.String(r.name.c_str());
+      w.Key("interface");
+      w.String(r.interface.c_str());
+      w.Key("kept_last_good");
+      w.Bool(r.kept_last_good);
+      w.Key("errors");
+      w.StartArray();
+      for (const auto& e : r.errors) w.String(e.c_str());
+      w.EndArray();
+      w.EndObject();
+    } else {
+      out += fmt::format("  {}{}\n", r.file,
+                         r.kept_last_good          ? fmt::format(" (vm {} keeps its last good policy)", r.name)
+                         : r.interface.empty()     ? std::string()
+                                                   : fmt::format(" ({} drops everything)", r.interface));
+      for (const auto& e : r.errors) out += "    " + e + "\n";
+    }
+  }
+  if (json) {
+    w.EndArray();
+    w.Key("maps");
+    w.StartObject();
+  } else {
     out += "maps:\n";
-  bool fm = true;
+  }
   maps.for_each([&](const char* name, int fd) {
     uint32_t type = 0;
     uint32_t max = map_max_entries(fd, &type);
@@ -201,26 +292,58 @@ int cmd_status(bool json) {
       return;
     bpf_map_info info{};
     uint32_t len = sizeof(info);
-    bpf_obj_get_info_by_fd(fd, &info, &len);
+    if (bpf_obj_get_info_by_fd(fd, &info, &len) != 0) return;
     size_t n = count_entries(fd, info.key_size);
-    if (json)
-      out += fmt::format("{}\"{}\": {{\"entries\": {}, \"max_entries\": {}}}", fm ? "" : ", ", name, n, max);
-    else
+    if (json) {
+      w.Key(name);
+      w.StartObject();
+      w.Key("entries");
+      w.Uint64(n);
+      w.Key("max_entries");
+      w.Uint(max);
+      w.EndObject();
+    } else {
       out += fmt::format("  {:<24} {:>7} / {:<7} ({:.1f}%)\n", name, n, max, max ? 100.0 * n / max : 0.0);
-    fm = false;
+    }
   });
-  if (json) out += "}}\n";
+  if (json) {
+    w.EndObject();
+    w.EndObject();
+    out = std::string(buf.GetString()) + "\n";
+  }
   std::fputs(out.c_str(), stdout);
   return 0;
 }
 
 // --- wait ---------------------------------------------------------------------
 
+// A refused file for `vm` (by name, or by file name when the file names
+// nothing readable) that is still as the daemon saw it: wait fails at once.
+static const StateRejected* refused(const State& st, const std::string& vm) {
+  for (const auto& r : st.rejected) {
+    if (r.kept_last_good) continue;  // the VM is enforced at its last good policy
+    bool named = r.name == vm || (r.name.empty() && fs::path(r.file).stem() == vm);
+    if (!named) continue;
+    struct stat sb {};
+    int64_t now = 0;
+    if (::stat(r.file.c_str(), &sb) == 0) now = int64_t{sb.st_mtim.tv_sec} * 1000000000 + sb.st_mtim.tv_nsec;
+    if (now != r.mtime_ns) continue;  // changed since: the daemon has yet to look at it
+    return &r;
+  }
+  return nullptr;
+}
+
 int cmd_wait(const std::string& vm, double timeout_s) {
   std::string dir = pin_dir();
   uint32_t id = name_id(vm);
   auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
   for (;;) {
+    State st = read_state(run_dir());
+    if (const StateRejected* r = refused(st, vm)) {
+      std::fprintf(stderr, "vmfence wait: %s is refused by the running agent:\n", vm.c_str());
+      for (const auto& e : r->errors) std::fprintf(stderr, "%s\n", e.c_str());
+      return 1;
+    }
     MapSet maps;
     if (MapSet::open_pinned(dir, maps)) {
       for (const auto& [ifindex, v] : read_vms(maps))
