@@ -105,8 +105,7 @@ static uint32_t map_max_entries(int fd, uint32_t* type = nullptr) {
 }
 
 static bool attached(const std::string& dir, uint32_t ifindex) {
-  return ifindex && fs::exists(Datapath::link_path(dir, ifindex, true)) &&
-         fs::exists(Datapath::link_path(dir, ifindex, false));
+  return ifindex && Datapath::attached(dir, ifindex);
 }
 
 int cmd_status(bool json) {

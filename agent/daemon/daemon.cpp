@@ -580,7 +580,7 @@ int Daemon::run() {
           events_.consume();
           break;
         case kLinks:
-          links_->handle_readable();
+          if (auto s = links_->handle_readable(); !s) spdlog::error("link monitor: {}", s.message);
           break;
         case kInotify: {
           char buf[4096];
@@ -600,6 +600,7 @@ int Daemon::run() {
           (void)!read(timer_.get(), &ticks, sizeof(ticks));
           actions_.poll();
           if (!unattached_.empty()) retry_attaches();
+          if (links_->resync_pending()) (void)links_->resync();  // a failed re-list: again
           auto now = Clock::now();
           if (now - last_report > std::chrono::seconds(1)) {
             last_report = now;

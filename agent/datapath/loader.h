@@ -68,7 +68,7 @@ class Datapath {
   // Unpin maps of other layout versions (a previous release's vmfence_*_vN)
   // once the programs on every interface use the current ones.
   static void remove_stale_pins(const std::string& dir);
-  // ifindexes with pinned links under dir.
+  // ifindexes with a pin (link or program) of either direction under dir.
   static std::vector<uint32_t> linked_ifindexes(const std::string& dir);
 
   MapSet& maps() { return maps_; }

@@ -100,19 +100,19 @@ const std::vector<VmDef>& world_vms() {
         "name": "vmlimit", "interface": "vft-limit", "mac": "02:00:00:00:0c:02",
         "addresses": ["10.12.0.2/32"], "limits": { "flows": 2 },
         "egress": [ { "to": "203.0.113.7/32", "proto": "udp", "ports": ["51900"] } ],
-        "on_violation": { "action": "terminate", "command": ["true"] } })"},
+        "on_violation": { "action": "terminate" } })"},
       // on_violation terminate: quarantined in the kernel at the first violation.
       {"vmquar", "02:00:00:00:0a:02", R"({
         "name": "vmquar", "interface": "vft-quar", "mac": "02:00:00:00:0a:02",
         "addresses": ["10.10.0.2/32"],
         "egress": [ { "to": "0.0.0.0/0", "proto": "tcp", "ports": ["443"] } ],
-        "on_violation": { "action": "terminate", "command": ["true"] } })"},
+        "on_violation": { "action": "terminate" } })"},
       // ... at the third violation within the window.
       {"vmquar3", "02:00:00:00:0b:02", R"({
         "name": "vmquar3", "interface": "vft-quar3", "mac": "02:00:00:00:0b:02",
         "addresses": ["10.11.0.2/32"],
         "egress": [ { "to": "0.0.0.0/0", "proto": "tcp", "ports": ["443"] } ],
-        "on_violation": { "action": "terminate", "command": ["true"], "threshold": 3,
+        "on_violation": { "action": "terminate", "threshold": 3,
                           "window_ms": 60000 } })"},
   };
   return vms;

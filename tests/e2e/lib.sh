@@ -165,7 +165,7 @@ _control_finish() {
 	rc=$?
 	E2E_CONTROL_PID=""
 	sed 's/^/  [control] /' "$WORK/control.log"
-	expect_ok "control run (NO_VMFENCE=1) passed (rc=$rc)" test "$rc" = 0
+	expect_ok "control run (NO_VMFENCE=1) succeeds (rc=$rc)" test "$rc" = 0
 	[ "$n" -gt 0 ] || return 0
 	missing=$(awk -F'\t' 'NR == FNR { if ($1 == "ok") ok[$2] = 1; next }
 		!($1 in ok) && !seen[$1]++ { print "    | " $2 "  [" $1 "]" }' \

@@ -8,7 +8,7 @@
 #   hv:   taps tap-a tap-b tap-c (10.40.0.1/32 + proxy_arp + host routes),
 #         wan0 198.51.100.1/24 -> netns "cons" 198.51.100.2: TCP 443, UDP echo
 #         51900, UDP sinks 51902 (violations) and 51904 (heartbeats).
-#   a 10.40.0.21: terminate, threshold 1 (VM override of the host's command);
+#   a 10.40.0.21: terminate, threshold 1 (VM override of the host's threshold);
 #                 ingress tcp/22 from the consumer (TCP 22 served in a)
 #   b 10.40.0.22: terminate with the host default: threshold 3 in 1000 ms
 #   c 10.40.0.23: on_violation alert (override): no command, no quarantine
@@ -90,7 +90,7 @@ vm_json() {
 	local k=$1 extra=""
 	case $k in
 	a) extra=", \"ingress\": [ { \"from\": \"$CONS/32\", \"proto\": \"tcp\", \"ports\": [\"22\"] } ],
-  \"on_violation\": { \"threshold\": 1, \"command\": [\"$WORK/record.sh\", \"{vm}\", \"vm-override\"] }" ;;
+  \"on_violation\": { \"threshold\": 1 }" ;;
 	c) extra=', "on_violation": { "action": "alert" }' ;;
 	esac
 	echo "{ \"name\": \"${NAME[$k]}\", \"interface\": \"tap-$k\", \"mac\": \"$(mac "$k")\",
@@ -178,8 +178,8 @@ expect_log "terminating vm=a logged with its latency" \
 expect_log "the command's exit status logged" "${NAME[a]}: terminate: command \(pid [0-9]+\) exited with status 0 after [0-9]+ ms"
 expect_log "the triggering violation logged with quarantined=1" \
 	"$(violation_re "${NAME[a]}" egress_denied "src=${IP[a]} dst=$CONS proto=udp sport=[0-9]+ dport=51902 mode=filtered quarantined=1")"
-expect_ok "argv: {vm} replaced, VM override of the command ('$(grep -m1 '^start' "$(act_log a)" | cut -d' ' -f3-)')" \
-	grep -Eq "^start [0-9]+ argc=2 argv=${NAME[a]} vm-override$" "$(act_log a)"
+expect_ok "argv: {vm} replaced in the host's command ('$(grep -m1 '^start' "$(act_log a)" | cut -d' ' -f3-)')" \
+	grep -Eq "^start [0-9]+ argc=2 argv=${NAME[a]} host-default$" "$(act_log a)"
 expect_ok "env VMFENCE_VM=${NAME[a]}" test "$(act_env a VMFENCE_VM)" = "${NAME[a]}"
 expect_ok "env VMFENCE_REASON=egress_denied" test "$(act_env a VMFENCE_REASON)" = egress_denied
 expect_ok "env VMFENCE_SRC=${IP[a]}" test "$(act_env a VMFENCE_SRC)" = "${IP[a]}"
