@@ -58,7 +58,9 @@ class Daemon {
   explicit Daemon(std::string config_dir)
       : config_dir_(std::move(config_dir)),
         actions_(&journal_),
-        events_(journal_, actions_, [this](uint32_t id) { return vm_by_id(id); }) {}
+        events_(
+            journal_, [this](const VmSpec& vm, const Violation& v, uint64_t packet_ns) { on_trigger(vm, v, packet_ns); },
+            [this](uint32_t id) { return vm_by_id(id); }) {}
   int run();
 
  private:
@@ -75,6 +77,7 @@ class Daemon {
   void publish_state();
   void report_lost_events();
   void act_on_quarantine();
+  void on_trigger(const VmSpec& vm, const Violation& v, uint64_t packet_ns);
   void check_fill_levels();
   const VmSpec* vm_by_id(uint32_t id) const;
   const VmSpec* vm_on(const std::string& ifname) const;
@@ -83,6 +86,7 @@ class Daemon {
   std::string config_dir_;
   HostSpec host_;
   std::vector<VmSpec> in_force_;            // sorted by name
+  std::map<uint32_t, size_t> by_id_;        // vm_id -> index in in_force_
   std::vector<RejectedFile> rejected_;      // refused files (reported in the state file, `wait`)
   std::map<uint32_t, VmSpec> removed_;      // vm_id -> spec of a removed VM whose interface still drops
   Journal journal_;
@@ -105,8 +109,7 @@ class Daemon {
 };
 
 const VmSpec* Daemon::vm_by_id(uint32_t id) const {
-  for (const auto& vm : in_force_)
-    if (name_id(vm.name) == id) return &vm;
+  if (auto it = by_id_.find(id); it != by_id_.end()) return &in_force_[it->second];
   if (auto it = removed_.find(id); it != removed_.end()) return &it->second;
   return nullptr;
 }
@@ -192,6 +195,8 @@ void Daemon::apply(const ReconcileResult& r) {
     spdlog::warn("vm {}: spec removed; its interface (if present) now drops everything", name);
   }
   in_force_ = r.in_force;
+  by_id_.clear();
+  for (size_t i = 0; i < in_force_.size(); ++i) by_id_[name_id(in_force_[i].name)] = i;
   rejected_ = r.rejected;
   for (const auto& name : r.changed) {
     actions_.rearm(name);
@@ -446,6 +451,18 @@ void Daemon::report_lost_events() {
     spdlog::warn("{}", msg);
     journal_.notice(4, msg, vm->name);
   }
+}
+
+// A VM reached its threshold (its event arrived): terminate it, if that is
+// its action.
+void Daemon::on_trigger(const VmSpec& vm, const Violation& v, uint64_t packet_ns) {
+  if (vm.on_violation.action != Action::terminate) return;
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);  // the datapath's clock
+  uint64_t now = static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
+  if (actions_.terminate(vm.on_violation, v))
+    spdlog::warn("terminating vm={} reason={} ({:.3f} ms after the packet)", v.vm, v.reason,
+                 (now - packet_ns) / 1e6);
 }
 
 // The quarantine flag in the kernel is the source of truth: a VM that

@@ -48,8 +48,8 @@ Violation decode_event(const vmfence_event& e, const VmSpec* vm) {
   return v;
 }
 
-EventConsumer::EventConsumer(const Journal& journal, ActionRunner& actions, Lookup lookup)
-    : journal_(journal), actions_(actions), lookup_(std::move(lookup)) {}
+EventConsumer::EventConsumer(const Journal& journal, OnTrigger on_trigger, Lookup lookup)
+    : journal_(journal), on_trigger_(std::move(on_trigger)), lookup_(std::move(lookup)) {}
 
 EventConsumer::~EventConsumer() {
   if (rb_) ring_buffer__free(rb_);
@@ -82,15 +82,7 @@ void EventConsumer::handle(const vmfence_event& e) {
                v.vm.empty() ? "-" : v.vm, v.reason, v.direction, v.src, v.dst, v.proto, v.sport, v.dport, v.mode,
                v.quarantined ? " quarantined=1" : "");
   // The action first: sd_journal_send may block on a slow journald.
-  if (vm && v.trigger && vm->on_violation.action == Action::terminate) {
-    // Latency from the violating packet (datapath clock) to the action start.
-    timespec ts{};
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    uint64_t now = static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + ts.tv_nsec;
-    if (actions_.terminate(vm->on_violation, v))
-      spdlog::warn("terminating vm={} reason={} ({:.3f} ms after the packet)", v.vm, v.reason,
-                   (now - e.timestamp_ns) / 1e6);
-  }
+  if (vm && v.trigger && on_trigger_) on_trigger_(*vm, v, e.timestamp_ns);
   journal_.violation(v);
 }
 

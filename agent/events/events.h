@@ -8,7 +8,6 @@
 #include <utility>
 #include <string>
 
-#include "agent/actions/actions.h"
 #include "agent/events/journal.h"
 #include "agent/spec/spec.h"
 #include "agent/events/violation.h"
@@ -28,7 +27,11 @@ class EventConsumer {
  public:
   // lookup: vm_id -> spec (null when unknown).
   using Lookup = std::function<const VmSpec*(uint32_t vm_id)>;
-  EventConsumer(const Journal& journal, ActionRunner& actions, Lookup lookup);
+  // on_trigger: a VM reached its on_violation threshold (the action is the
+  // daemon's: events does not depend on actions). Called before journald,
+  // which may block.
+  using OnTrigger = std::function<void(const VmSpec& vm, const Violation& v, uint64_t packet_ns)>;
+  EventConsumer(const Journal& journal, OnTrigger on_trigger, Lookup lookup);
   ~EventConsumer();
   Status open(int events_map_fd);
   int fd() const;  // epoll fd of the ring buffer
@@ -44,7 +47,7 @@ class EventConsumer {
   void handle(const vmfence_event& e);
 
   const Journal& journal_;
-  ActionRunner& actions_;
+  OnTrigger on_trigger_;
   Lookup lookup_;
   ring_buffer* rb_ = nullptr;
   uint64_t handled_ = 0;

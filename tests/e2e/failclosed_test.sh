@@ -4,7 +4,7 @@
 #   hv:   routed TAPs (seed 003 style), gateway 10.70.0.254 on each
 #   fc1:  vm1 10.70.0.1, valid spec (egress icmp anywhere)
 #   fc2:  vm2 10.70.0.2, spec with an unknown field          -> no_policy
-#   fc3:  vm3 10.70.0.3, spec written after start claiming 10.70.0.0/24
+#   fc3:  vm3 10.70.0.3, spec written after start claiming 10.70.0.0/29
 #         (overlaps the enforced vm1; its file is older by name order)
 #         -> refused, vm1 untouched, fc3 no_policy
 #   fc4:  vm4 10.70.0.4, invalid spec; its TAP appears after the start -> no_policy
@@ -69,10 +69,10 @@ assert r and r[0]["interface"] == "fc2" and not r[0]["kept_last_good"], r
 fi
 
 section "a newcomer conflicting with an enforced VM is refused"
-write_vm a-vm3 "$(spec vm3 fc3 02:00:00:00:70:03 10.70.0.0/24)"
+write_vm a-vm3 "$(spec vm3 fc3 02:00:00:00:70:03 10.70.0.0/29)"
 if enforced; then
 	expect_fail "wait --vm vm3 fails (conflict)" vmf wait --vm vm3 --timeout 10
-	expect_ok "... blamed on the newcomer" grep -Eq "a-vm3.json: addresses\[0\]: 10.70.0.0/24 overlaps 10.70.0.[15]/32 of vm[15] " \
+	expect_ok "... blamed on the newcomer" grep -Eq "a-vm3.json: addresses\[0\]: 10.70.0.0/29 overlaps 10.70.0.[15]/32 of vm[15] " \
 		<(vmf wait --vm vm3 --timeout 1 2>&1)
 	expect_ok "vm1 still enforced" vmf wait --vm vm1 --timeout 1
 fi
@@ -86,6 +86,35 @@ sleep 0.5
 expect_blocked "vm4 -> gateway (TAP created after the start, file invalid)" ping_probe vm4 "$GW"
 if enforced; then
 	expect_ok "fc4 carries both programs" test "$(tap_progs hv fc4 | grep -c vmfence)" -ge 2
+fi
+
+section "an attach that fails is undone, reported and retried"
+if enforced; then
+	write_vm vm6 "$(spec vm6 fc6 02:00:00:00:70:06 10.70.0.6/32)"
+	sleep 0.5
+	# A TAP whose tcx egress hook is full (to_vm cannot go on), renamed into
+	# vm6's interface name so the daemon sees it appear as fc6.
+	ip -n "$HV" tuntap add dev fcx mode tap || fatal "tuntap fcx"
+	ifx=$(ipn hv -o link show dev fcx | awk -F: '{print $1; exit}')
+	# nsenter execs python: $! is the process that holds the links.
+	nsenter --net="/run/netns/$HV" -- "$PY" "$(dirname "$0")/tools/fill_tcx_egress.py" "$ifx" >"$WORK/fill.log" 2>&1 &
+	FILL_PID=$!
+	E2E_BG_PIDS+=("$FILL_PID")  # killed at cleanup if the test stops early
+	for _ in $(seq 100); do grep -q '^full' "$WORK/fill.log" && break; sleep 0.1; done
+	expect_ok "fcx's egress hook is full ($(cat "$WORK/fill.log"))" grep -q '^full' "$WORK/fill.log"
+	ipn hv link set fcx name fc6
+	sleep 1
+	expect_fail "wait --vm vm6 does not succeed while to_vm cannot attach" vmf wait --vm vm6 --timeout 2
+	expect_ok "status: vm6 not enforced" /usr/bin/python3 -c '
+import json, sys
+d = json.loads(sys.argv[1])
+v = [x for x in d["vms"] if x["name"] == "vm6"]
+assert v and not v[0]["enforced"], v' "$(vmf status --json)"
+	expect_ok "from_vm was taken back (no half-attached TAP)" test "$(tap_progs hv fc6 | grep -c vmfence)" = 0
+	expect_ok "the failure is logged" grep -Eq "vm vm6: attach to ifindex [0-9]+: .*NOT enforced; retrying" "$DLOG"
+	kill "$FILL_PID"; wait "$FILL_PID" 2>/dev/null
+	expect_ok "once the hook has room, the retry enforces vm6" vmf wait --vm vm6 --timeout 20
+	expect_ok "fc6 carries both programs" test "$(tap_progs hv fc6 | grep -c vmfence)" -ge 2
 fi
 
 section "500 TAPs created at once: every one enforced"
