@@ -147,5 +147,32 @@ sys.exit(0 if n == int(sys.argv[1]) else 1)' "$N" >"$WORK/enforced.count"
 	expect_ok "vmfence wait for the last one" vmf wait --vm "b$N" --timeout 5
 fi
 
+section "a quarantine whose event was lost still terminates the VM"
+if enforced; then
+	# host.json says how to terminate; vm1 asks for it. Then the kernel's
+	# quarantine flag is set as the datapath does when the ring buffer is
+	# full (no event reaches the daemon): the daemon must still act.
+	printf '#!/bin/sh\necho "$1 $VMFENCE_REASON" >>"%s/terminated.log"\n' "$WORK" >"$WORK/term.sh"
+	chmod +x "$WORK/term.sh"
+	write_host "{ \"on_violation\": { \"action\": \"alert\", \"command\": [\"$WORK/term.sh\", \"{vm}\"] } }"
+	write_vm vm1 "$(spec vm1 fc1 02:00:00:00:70:01 10.70.0.1/32 ', "on_violation": { "action": "terminate" }')"
+	sleep 1
+	slot=$(/usr/bin/python3 -c '
+import json, sys
+print([v["slot"] for v in json.load(open(sys.argv[1]))["vms"] if v["name"] == "vm1"][0])' "$RUNDIR/vms.json")
+	key=$(printf '%02x %02x 00 00' $((slot & 255)) $((slot >> 8 & 255)))
+	val="00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 01 00 00 00 00 00 00 00"
+	# shellcheck disable=SC2086
+	nsx hv bpftool map update pinned "$PIN/vmfence_state_v1" key hex $key value hex $val
+	for _ in $(seq 50); do [ -s "$WORK/terminated.log" ] && break; sleep 0.1; done
+	expect_ok "the host's command ran for vm1 ($(cat "$WORK/terminated.log" 2>/dev/null))" \
+		grep -q "^vm1 quarantined" "$WORK/terminated.log"
+	expect_blocked "vm1 -> gateway (quarantined)" ping_probe vm1 "$GW"
+	sleep 2
+	expect_ok "... once per incident" test "$(grep -c . "$WORK/terminated.log")" = 1
+else
+	expect_blocked "vm1 -> gateway (quarantined)" ping_probe vm1 "$GW"
+fi
+
 expect_ok "the daemon is still running" test "$ENFORCE" != 1 -o -n "$(kill -0 "${DAEMON_PID:-0}" 2>/dev/null && echo y)"
 e2e_finish
