@@ -1,7 +1,10 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
-/* Every map of the datapath, one comment each. Names match VMFENCE_MAP_* in
- * vmfence_abi.h (checked by tests/bpf); libbpf pins them by name under the
- * pin root the agent sets, and re-uses a compatible pinned map on restart. */
+/* Every map of the datapath, one comment each. Their names come from
+ * VMFENCE_MAPS in vmfence_abi.h: VMFENCE_MAP_ID(VMS, vms) is vmfence_vms_v<N>,
+ * N = VMFENCE_MAP_VMS_VERSION (tests/bpf/layout_test.cpp checks every map
+ * against the list and the list against the object); libbpf pins them by name
+ * under the pin root the agent sets, and re-uses a compatible pinned map on
+ * restart. */
 #ifndef VMFENCE_MAPS_BPF_H
 #define VMFENCE_MAPS_BPF_H
 
@@ -12,7 +15,7 @@ struct {
 	__type(key, __u32);
 	__type(value, struct vmfence_vm);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} vmfence_vms_v1 SEC(".maps");
+} VMFENCE_MAP_ID(VMS, vms) SEC(".maps");
 
 /* VM host address -> owner: anti-spoofing beyond the inline addresses, isolation. */
 struct {
@@ -21,7 +24,7 @@ struct {
 	__type(key, struct vmfence_addr);
 	__type(value, struct vmfence_owner);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} vmfence_owners_v1 SEC(".maps");
+} VMFENCE_MAP_ID(OWNERS, owners) SEC(".maps");
 
 /* VM address prefixes (rare: routed blocks) -> owner. */
 struct {
@@ -31,7 +34,7 @@ struct {
 	__type(key, struct vmfence_addr_key);
 	__type(value, struct vmfence_owner);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} vmfence_owner_nets_v1 SEC(".maps");
+} VMFENCE_MAP_ID(OWNER_NETS, owner_nets) SEC(".maps");
 
 /* (policy generation, destination prefix) -> port rules the VM may open. */
 struct {
@@ -41,7 +44,7 @@ struct {
 	__type(key, struct vmfence_policy_key);
 	__type(value, struct vmfence_policy_value);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} vmfence_egress_v1 SEC(".maps");
+} VMFENCE_MAP_ID(EGRESS, egress) SEC(".maps");
 
 /* (policy generation, source prefix) -> port rules peers may open to the VM. */
 struct {
@@ -51,7 +54,7 @@ struct {
 	__type(key, struct vmfence_policy_key);
 	__type(value, struct vmfence_policy_value);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} vmfence_ingress_v1 SEC(".maps");
+} VMFENCE_MAP_ID(INGRESS, ingress) SEC(".maps");
 
 /* (vm, address) the VM may resolve with ARP/ND. */
 struct {
@@ -60,7 +63,7 @@ struct {
 	__type(key, struct vmfence_gateway_key);
 	__type(value, __u8);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} vmfence_gateways_v1 SEC(".maps");
+} VMFENCE_MAP_ID(GATEWAYS, gateways) SEC(".maps");
 
 /* Per-VM flow tables: slot -> a hash of the flows the policy allowed, as seen
  * from the VM, sized by the VM's limits.flows (the agent creates each inner
@@ -81,7 +84,7 @@ struct {
 	__type(key, __u32);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 	__array(values, struct vmfence_flow_table);
-} vmfence_flows_v2 SEC(".maps");
+} VMFENCE_MAP_ID(FLOWS, flows) SEC(".maps");
 
 /* Per-VM first fragments allowed -> generation, so later fragments may
  * follow; an LRU within the VM only. */
@@ -98,7 +101,7 @@ struct {
 	__type(key, __u32);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 	__array(values, struct vmfence_frag_table);
-} vmfence_frags_v2 SEC(".maps");
+} VMFENCE_MAP_ID(FRAGS, frags) SEC(".maps");
 
 /* Per-CPU counters by VM slot. */
 struct {
@@ -107,7 +110,7 @@ struct {
 	__type(key, __u32);
 	__type(value, struct vmfence_counters);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} vmfence_counters_v2 SEC(".maps");
+} VMFENCE_MAP_ID(COUNTERS, counters) SEC(".maps");
 
 /* Runtime state by VM slot: quarantine, violation window, event budget. */
 struct {
@@ -116,7 +119,7 @@ struct {
 	__type(key, __u32);
 	__type(value, struct vmfence_state);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} vmfence_state_v1 SEC(".maps");
+} VMFENCE_MAP_ID(STATE, state) SEC(".maps");
 
 /* Global knobs written by the agent. */
 struct {
@@ -125,13 +128,13 @@ struct {
 	__type(key, __u32);
 	__type(value, struct vmfence_config);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} vmfence_config_v2 SEC(".maps");
+} VMFENCE_MAP_ID(CONFIG, config) SEC(".maps");
 
 /* Violation events to the agent. */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, VMFENCE_EVENTS_BYTES);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} vmfence_events_v1 SEC(".maps");
+} VMFENCE_MAP_ID(EVENTS, events) SEC(".maps");
 
 #endif

@@ -1,12 +1,16 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
 /*
  * vmfence_abi.h - every struct, constant and map name shared by the BPF
- * datapath (bpf/) and the C++ agent (agent/, maps/).
+ * datapath (bpf/) and the C++ agent (agent/, maps/). Valid C (clang -target
+ * bpf) and C++.
  *
  * Rules: fixed-width types only, explicit padding, no includes except the
  * type header, byte order stated per field. When a pinned map's key or value
- * layout changes, bump VMFENCE_ABI_VERSION: map names carry it as a suffix so
- * an agent never adopts a pinned map of another layout.
+ * layout changes, bump that map's VMFENCE_MAP_*_VERSION: map names carry it
+ * as a suffix so an agent never adopts a pinned map of another layout.
+ *
+ * The two lists (VMFENCE_MAPS, VMFENCE_REASONS) are X-macros: pass a macro
+ * taking a row's columns and it is expanded once per row.
  */
 #ifndef VMFENCE_ABI_H
 #define VMFENCE_ABI_H
@@ -17,22 +21,83 @@
 #include <linux/types.h>
 #endif
 
+/* Not a map suffix any more (each map has its own version, below). */
 #define VMFENCE_ABI_VERSION 1
 
-/* Pin directory and map names (the suffix is the ABI version). */
+#define VMFENCE_STR_(x) #x
+#define VMFENCE_STR(x)  VMFENCE_STR_(x)
+
+/* Pin directory. */
 #define VMFENCE_PIN_DIR        "/sys/fs/bpf/vmfence"
-#define VMFENCE_MAP_VMS        "vmfence_vms_v1"       /* ifindex -> vm         */
-#define VMFENCE_MAP_OWNERS     "vmfence_owners_v1"    /* host addr -> owning vm */
-#define VMFENCE_MAP_OWNER_NETS "vmfence_owner_nets_v1" /* addr LPM -> owning vm */
-#define VMFENCE_MAP_EGRESS     "vmfence_egress_v1"    /* (policy, dst) LPM     */
-#define VMFENCE_MAP_INGRESS    "vmfence_ingress_v1"   /* (policy, src) LPM     */
-#define VMFENCE_MAP_GATEWAYS   "vmfence_gateways_v1"  /* (vm, addr) -> 1       */
-#define VMFENCE_MAP_FLOWS      "vmfence_flows_v2"     /* slot -> VM flow table */
-#define VMFENCE_MAP_FRAGS      "vmfence_frags_v2"     /* slot -> VM frag table */
-#define VMFENCE_MAP_COUNTERS   "vmfence_counters_v2"  /* per-CPU, per vm       */
-#define VMFENCE_MAP_STATE      "vmfence_state_v1"     /* per vm runtime state  */
-#define VMFENCE_MAP_CONFIG     "vmfence_config_v2"    /* global knobs, 1 entry */
-#define VMFENCE_MAP_EVENTS     "vmfence_events_v1"    /* violation ring buffer */
+
+/*
+ * Layout version of each pinned map: the _vN suffix of its name. Bump it when
+ * the map's type, flags, key, value or inner map changes (a struct below, or
+ * VMFENCE_REASON_SLOTS for the counters): the agent then creates a new map
+ * under the new name and removes the old pin instead of adopting it. The
+ * BPF identifier changes with it, so the compiler points at every use
+ * (bpf/vmfence.bpf.c, the skeleton fields in agent/datapath/loader.cpp);
+ * scripts and docs name maps in full (README's map table, tests/e2e/,
+ * bench/): grep for the old name.
+ */
+#define VMFENCE_MAP_VMS_VERSION        1
+#define VMFENCE_MAP_OWNERS_VERSION     1
+#define VMFENCE_MAP_OWNER_NETS_VERSION 1
+#define VMFENCE_MAP_EGRESS_VERSION     1
+#define VMFENCE_MAP_INGRESS_VERSION    1
+#define VMFENCE_MAP_GATEWAYS_VERSION   1
+#define VMFENCE_MAP_FLOWS_VERSION      2
+#define VMFENCE_MAP_FRAGS_VERSION      2
+#define VMFENCE_MAP_COUNTERS_VERSION   2
+#define VMFENCE_MAP_STATE_VERSION      1
+#define VMFENCE_MAP_CONFIG_VERSION     2
+#define VMFENCE_MAP_EVENTS_VERSION     1
+
+/*
+ * Every pinned map, one row each: X(ID, name). Its name, as BPF identifier
+ * (bpf/maps.bpf.h, the skeleton) and as pin file, is
+ * vmfence_<name>_v<VMFENCE_MAP_<ID>_VERSION>: VMFENCE_MAP_ID(ID, name).
+ * C++ uses the string, VMFENCE_MAP_<ID>. A new map needs a row, a version,
+ * a VMFENCE_MAP_<ID> below, its definition in bpf/maps.bpf.h, a member of
+ * MapSet (maps/pinned_maps.*) and a row in tests/bpf/layout_test.cpp.
+ */
+#define VMFENCE_MAPS(X)                                                                         \
+	X(VMS,        vms)        /* ifindex -> vm          */                                  \
+	X(OWNERS,     owners)     /* host addr -> owning vm */                                  \
+	X(OWNER_NETS, owner_nets) /* addr LPM -> owning vm  */                                  \
+	X(EGRESS,     egress)     /* (policy, dst) LPM      */                                  \
+	X(INGRESS,    ingress)    /* (policy, src) LPM      */                                  \
+	X(GATEWAYS,   gateways)   /* (vm, addr) -> 1        */                                  \
+	X(FLOWS,      flows)      /* slot -> VM flow table  */                                  \
+	X(FRAGS,      frags)      /* slot -> VM frag table  */                                  \
+	X(COUNTERS,   counters)   /* per-CPU, per vm        */                                  \
+	X(STATE,      state)      /* per vm runtime state   */                                  \
+	X(CONFIG,     config)     /* global knobs, 1 entry  */                                  \
+	X(EVENTS,     events)     /* violation ring buffer  */
+
+/* The identifier vmfence_<name>_v<N> (the version macro expanded first). */
+#define VMFENCE_MAP_ID(ID, name) \
+	VMFENCE_MAP_ID_(vmfence_##name##_v, VMFENCE_MAP_##ID##_VERSION)
+#define VMFENCE_MAP_ID_(prefix, version)  VMFENCE_MAP_ID__(prefix, version)
+#define VMFENCE_MAP_ID__(prefix, version) prefix##version
+/* The same as a string literal, e.g. "vmfence_vms_v1". */
+#define VMFENCE_MAP_NAME(ID, name) \
+	VMFENCE_STR(VMFENCE_MAP_ID_(vmfence_##name##_v, VMFENCE_MAP_##ID##_VERSION))
+
+/* Pin names (string literals; tests/bpf/layout_test.cpp checks each against
+ * its VMFENCE_MAPS row). */
+#define VMFENCE_MAP_VMS        VMFENCE_MAP_NAME(VMS, vms)
+#define VMFENCE_MAP_OWNERS     VMFENCE_MAP_NAME(OWNERS, owners)
+#define VMFENCE_MAP_OWNER_NETS VMFENCE_MAP_NAME(OWNER_NETS, owner_nets)
+#define VMFENCE_MAP_EGRESS     VMFENCE_MAP_NAME(EGRESS, egress)
+#define VMFENCE_MAP_INGRESS    VMFENCE_MAP_NAME(INGRESS, ingress)
+#define VMFENCE_MAP_GATEWAYS   VMFENCE_MAP_NAME(GATEWAYS, gateways)
+#define VMFENCE_MAP_FLOWS      VMFENCE_MAP_NAME(FLOWS, flows)
+#define VMFENCE_MAP_FRAGS      VMFENCE_MAP_NAME(FRAGS, frags)
+#define VMFENCE_MAP_COUNTERS   VMFENCE_MAP_NAME(COUNTERS, counters)
+#define VMFENCE_MAP_STATE      VMFENCE_MAP_NAME(STATE, state)
+#define VMFENCE_MAP_CONFIG     VMFENCE_MAP_NAME(CONFIG, config)
+#define VMFENCE_MAP_EVENTS     VMFENCE_MAP_NAME(EVENTS, events)
 #define VMFENCE_LINK_DIR       VMFENCE_PIN_DIR "/links"
 
 /* Map sizes (documented in README "Bounded state"). */
@@ -59,36 +124,88 @@ enum vmfence_mode {
 	VMFENCE_MODE_DIRECT    = 3, /* anti-spoofing and isolation only        */
 };
 
-/* Why a packet was dropped. Shared with user space: names in maps/reasons.cpp.
- * Distinct from TC_ACT_*. Append only (counters are indexed by it). */
+/* Kind of a drop reason (last column of VMFENCE_REASONS). */
+#define VMFENCE_DROP_VIOLATION 0 /* event; from the VM: toward on_violation   */
+#define VMFENCE_DROP_REPORTED  1 /* event; never held against the VM          */
+#define VMFENCE_DROP_QUIET     2 /* counted only: no event, never a violation */
+
+/*
+ * Why a packet was dropped, one row each: X(value, NAME, "name", kind).
+ *   value  enum vmfence_reason VMFENCE_REASON_<NAME>: the index of
+ *          vmfence_counters.drops[] and vmfence_event.reason. Distinct from
+ *          TC_ACT_*. Append only: never renumber, never reuse a value.
+ *   name   the reason in logs, journald (VMFENCE_REASON), `vmfence status`
+ *          and the e2e tests (maps/reasons.cpp: reason_name()).
+ *   kind   VMFENCE_DROP_<kind>: VIOLATION, REPORTED (an event, never held
+ *          against the VM) or QUIET (README "What happens to a packet": a
+ *          guest's own noise and limits, and what an outsider or a lost
+ *          packet can cause; counted only). Only drops of packets from the
+ *          VM count toward on_violation.
+ * Rows are in value order without gaps (checked in maps/reasons.cpp).
+ *
+ * Adding a drop reason is a layout change: the counters keep one slot per
+ * reason (VMFENCE_REASON_SLOTS), and datapaths, agents and scripts of other
+ * versions read reasons by number or by name. To add one:
+ *  - append a row with the next value (VMFENCE_REASON_COUNT follows);
+ *  - when VMFENCE_REASON_COUNT would exceed VMFENCE_REASON_SLOTS, raise
+ *    VMFENCE_REASON_SLOTS (struct vmfence_counters grows) and bump
+ *    VMFENCE_MAP_COUNTERS_VERSION; README's map table says "room for N";
+ *  - a QUIET or REPORTED reason: bpf/vmfence.bpf.c (is_quiet(),
+ *    counts_as_violation()) must agree with its kind; a QUIET one goes in
+ *    the quiet lists of tests/e2e/lib.sh (counters_match_log) and
+ *    tests/e2e/noise_lib.sh (NON_VIOLATION; TO_VM_ONLY if only the to-VM
+ *    hook gives it);
+ *  - README: the "Drop reasons" list and the quiet ones named after it;
+ *  - tests/fuzz/model.cpp: the reference model must give the new reason
+ *    where the datapath does (fuzz_differential compares them by name);
+ *  - tests/bpf/datapath_test.cpp: a case that produces it.
+ */
+#define VMFENCE_REASONS(X)                                                                      \
+	X(0,  NONE,            "none",            REPORTED)  /* not a drop                     */ \
+	X(1,  UNKNOWN_IFINDEX, "unknown_ifindex", REPORTED)  /* no VM bound to this interface  */ \
+	X(2,  MALFORMED,       "malformed",       VIOLATION) /* truncated or invalid headers   */ \
+	X(3,  BAD_ETHERTYPE,   "bad_ethertype",   VIOLATION) /* VLAN tags, unknown L3          */ \
+	X(4,  SPOOFED_MAC,     "spoofed_mac",     VIOLATION)                                    \
+	X(5,  SPOOFED_IP,      "spoofed_ip",      VIOLATION)                                    \
+	X(6,  SPOOFED_ARP,     "spoofed_arp",     VIOLATION)                                    \
+	X(7,  SPOOFED_ND,      "spoofed_nd",      VIOLATION) /* NA/NS lies, rogue RA/redirect  */ \
+	X(8,  ARP_DENIED,      "arp_denied",      VIOLATION) /* ARP/NS for a foreign target    */ \
+	X(9,  CROSS_GROUP,     "cross_group",     VIOLATION) /* VM to VM across groups         */ \
+	X(10, EGRESS_DENIED,   "egress_denied",   VIOLATION) /* not allowlisted                */ \
+	X(11, INGRESS_DENIED,  "ingress_denied",  VIOLATION) /* unsolicited inbound            */ \
+	X(12, FRAGMENT,        "fragment",        QUIET)     /* fragment of no allowed packet  */ \
+	X(13, IMDS_DENIED,     "imds_denied",     VIOLATION) /* IMDS without imds: true        */ \
+	X(14, QUARANTINED,     "quarantined",     REPORTED)  /* VM quarantined after violation */ \
+	X(15, NO_POLICY,       "no_policy",       REPORTED)  /* spec removed, iface remains    */ \
+	X(16, NOT_FOR_VM,      "not_for_vm",      VIOLATION) /* to-VM packet for another addr  */ \
+	X(17, FLOW_LIMIT,      "flow_limit",      QUIET)     /* VM's flow table full           */ \
+	X(18, LINK_LOCAL,      "link_local",      QUIET)     /* link-local noise not carried   */ \
+	X(19, UNASSIGNED_SRC,  "unassigned_src",  QUIET)     /* self-made IPv6 addr in its /64 */ \
+	X(20, STALE_REPLY,     "stale_reply",     QUIET)     /* reply-shaped, no flow held     */
+
+#define VMFENCE_REASON_ENUM_(value, NAME, name, kind) VMFENCE_REASON_##NAME = value,
+#define VMFENCE_REASON_ONE_(value, NAME, name, kind)  + 1
 enum vmfence_reason {
-	VMFENCE_REASON_NONE            = 0,
-	VMFENCE_REASON_UNKNOWN_IFINDEX = 1,  /* no VM bound to this interface */
-	VMFENCE_REASON_MALFORMED       = 2,  /* truncated or invalid headers  */
-	VMFENCE_REASON_BAD_ETHERTYPE   = 3,  /* VLAN tags, unknown L3         */
-	VMFENCE_REASON_SPOOFED_MAC     = 4,
-	VMFENCE_REASON_SPOOFED_IP      = 5,
-	VMFENCE_REASON_SPOOFED_ARP     = 6,
-	VMFENCE_REASON_SPOOFED_ND      = 7,  /* NA/NS lies, rogue RA/redirect */
-	VMFENCE_REASON_ARP_DENIED      = 8,  /* ARP/NS for a foreign target   */
-	VMFENCE_REASON_CROSS_GROUP     = 9,  /* VM to VM across groups        */
-	VMFENCE_REASON_EGRESS_DENIED   = 10, /* not allowlisted               */
-	VMFENCE_REASON_INGRESS_DENIED  = 11, /* unsolicited inbound           */
-	VMFENCE_REASON_FRAGMENT        = 12, /* fragment of no allowed packet */
-	VMFENCE_REASON_IMDS_DENIED     = 13, /* IMDS without imds: true       */
-	VMFENCE_REASON_QUARANTINED     = 14, /* VM quarantined after violation*/
-	VMFENCE_REASON_NO_POLICY       = 15, /* spec removed, iface remains   */
-	VMFENCE_REASON_NOT_FOR_VM      = 16, /* to-VM packet for another addr */
-	/* Not violations: counted, never held against the VM, no event. */
-	VMFENCE_REASON_FLOW_LIMIT      = 17, /* VM's flow table full          */
-	VMFENCE_REASON_LINK_LOCAL      = 18, /* link-local noise not carried  */
-	VMFENCE_REASON_UNASSIGNED_SRC  = 19, /* self-made IPv6 addr in its /64 */
-	VMFENCE_REASON_STALE_REPLY     = 20, /* reply-shaped, no flow (expired,
-					      * or a stray packet's answer) */
-	VMFENCE_REASON_COUNT           = 21,
+	VMFENCE_REASONS(VMFENCE_REASON_ENUM_)
+	VMFENCE_REASON_COUNT = 0 VMFENCE_REASONS(VMFENCE_REASON_ONE_),
 };
+#undef VMFENCE_REASON_ENUM_
+#undef VMFENCE_REASON_ONE_
 /* Room in the counters for reasons still to come without a layout change. */
 #define VMFENCE_REASON_SLOTS 24
+
+/* VMFENCE_DROP_* of a reason; a value outside the list is a violation. */
+static inline int vmfence_reason_kind(__u32 reason)
+{
+	switch (reason) {
+#define VMFENCE_REASON_CASE_(value, NAME, name, kind) \
+	case value:                                   \
+		return VMFENCE_DROP_##kind;
+	VMFENCE_REASONS(VMFENCE_REASON_CASE_)
+#undef VMFENCE_REASON_CASE_
+	}
+	return VMFENCE_DROP_VIOLATION;
+}
 
 /* Hook that saw the packet. */
 enum vmfence_direction {

@@ -7,7 +7,8 @@
 
 namespace vmfence {
 
-// "spoofed_ip", "cross_group", ... ("unknown" outside the enum).
+// "spoofed_ip", "cross_group", ... ("unknown" outside the enum): the names of
+// VMFENCE_REASONS in vmfence_abi.h.
 const char* reason_name(uint8_t reason);
 std::optional<uint8_t> reason_from_name(std::string_view name);
 const char* direction_name(uint8_t direction);  // "from_vm" | "to_vm"

@@ -2,7 +2,8 @@
 // must give one layout: every shared struct's size and member offsets in the
 // BTF of the compiled BPF object are checked against sizeof/offsetof here
 // (as cilium's alignchecker does), and every map of the object is checked
-// against VMFENCE_MAP_* names, key/value types and sizes, and map sizes.
+// against VMFENCE_MAP_* names, key/value types and sizes, and map sizes. The map
+// names are checked against the VMFENCE_MAPS list at compile time.
 //
 // Opens the embedded object without loading it: no root needed.
 #include <bpf/btf.h>
@@ -11,11 +12,16 @@
 
 #include <cstddef>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
+#include <string_view>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "maps/pinned_maps.h"
+#include "maps/reasons.h"
 #include "vmfence_abi.h"
 #include "vmfence_tc.skel.h"
 
@@ -144,6 +150,25 @@ const std::vector<MapDef>& abi_maps() {
   return maps;
 }
 
+// The map names: each VMFENCE_MAP_<ID> string is its VMFENCE_MAPS row's name, and
+// each row is a map of the compiled object under that identifier (a skeleton
+// field, as agent/datapath/loader.cpp uses them).
+#define VMF_CHECK_MAP_NAME(ID, name)                                                                   \
+  static_assert(std::string_view(VMFENCE_MAP_##ID) == VMFENCE_MAP_NAME(ID, name),                      \
+                "VMFENCE_MAP_" #ID " is not the name of its VMFENCE_MAPS row");                        \
+  static_assert(std::is_pointer_v<decltype(std::declval<vmfence_tc>().maps.VMFENCE_MAP_ID(ID, name))>, \
+                "the BPF object has no map " VMFENCE_MAP_NAME(ID, name));
+VMFENCE_MAPS(VMF_CHECK_MAP_NAME)
+#undef VMF_CHECK_MAP_NAME
+
+std::set<std::string> listed_maps() {
+  std::set<std::string> out;
+#define VMF_LISTED(ID, name) out.insert(VMFENCE_MAP_##ID);
+  VMFENCE_MAPS(VMF_LISTED)
+#undef VMF_LISTED
+  return out;
+}
+
 struct SkelDeleter {
   void operator()(vmfence_tc* s) const { vmfence_tc__destroy(s); }
 };
@@ -214,6 +239,25 @@ TEST_F(AbiLayout, EveryMapNamedInTheAbiHeader) {
   std::set<std::string> mapset_names;
   vmfence::MapSet().for_each([&](const char* name, int) { mapset_names.insert(name); });
   EXPECT_EQ(mapset_names, abi_names) << "MapSet covers every map";
+  EXPECT_EQ(listed_maps(), abi_names) << "VMFENCE_MAPS lists every map (and this test's table too)";
+}
+
+// The drop reasons: the enum and the names in logs, journald and status both come
+// from VMFENCE_REASONS, and the names map back to their values.
+TEST(AbiReasons, NamesAndValuesFromTheList) {
+  int rows = 0;
+#define VMF_CHECK_REASON(value, NAME, name, kind)                                    \
+  EXPECT_EQ(VMFENCE_REASON_##NAME, value);                                           \
+  EXPECT_STREQ(vmfence::reason_name(value), name);                                   \
+  EXPECT_EQ(vmfence::reason_from_name(name), std::optional<uint8_t>(value)) << name; \
+  EXPECT_EQ(vmfence_reason_kind(value), VMFENCE_DROP_##kind) << name;                \
+  ++rows;
+  VMFENCE_REASONS(VMF_CHECK_REASON)
+#undef VMF_CHECK_REASON
+  EXPECT_EQ(rows, VMFENCE_REASON_COUNT);
+  EXPECT_STREQ(vmfence::reason_name(VMFENCE_REASON_COUNT), "unknown");
+  EXPECT_EQ(vmfence::reason_from_name("unknown"), std::nullopt);
+  EXPECT_EQ(vmfence_reason_kind(VMFENCE_REASON_COUNT), VMFENCE_DROP_VIOLATION);
 }
 
 }  // namespace

@@ -528,11 +528,22 @@ class FakeSystemd : public ::testing::Test {
     };
     sd_bus* bus = nullptr;
     sd_bus_slot* slot = nullptr;
-    bool ok = sd_bus_new(&bus) >= 0 && sd_bus_set_address(bus, address_.c_str()) >= 0 &&
-              sd_bus_set_bus_client(bus, 1) >= 0 && sd_bus_start(bus) >= 0 &&
-              sd_bus_add_object_vtable(bus, &slot, "/org/freedesktop/systemd1", "org.freedesktop.systemd1.Manager",
-                                       vtable, this) >= 0 &&
-              sd_bus_request_name(bus, "org.freedesktop.systemd1", 0) >= 0;
+    bool ok = false;
+    // The socket file exists from bind(), a moment before dbus-daemon
+    // listens: retry the connection for a while on a loaded machine.
+    for (int attempt = 0; attempt < 100 && !ok; ++attempt) {
+      if (attempt) {
+        sd_bus_flush_close_unref(bus);
+        bus = nullptr;
+        std::this_thread::sleep_for(50ms);
+      }
+      ok = sd_bus_new(&bus) >= 0 && sd_bus_set_address(bus, address_.c_str()) >= 0 &&
+           sd_bus_set_bus_client(bus, 1) >= 0 && sd_bus_start(bus) >= 0;
+    }
+    ok = ok &&
+         sd_bus_add_object_vtable(bus, &slot, "/org/freedesktop/systemd1", "org.freedesktop.systemd1.Manager", vtable,
+                                  this) >= 0 &&
+         sd_bus_request_name(bus, "org.freedesktop.systemd1", 0) >= 0;
     ready = ok ? 1 : 2;
     while (ok && !stop_) {
       int r = sd_bus_process(bus, nullptr);
