@@ -159,7 +159,9 @@ class Setup {
   }
   // A destination the rules allow: inside the middle /24 (the deepest match),
   // or anywhere (0.0.0.0/0) with one rule.
-  std::string allowed_dst() const { return rules_ > 1 ? rule_net(static_cast<uint32_t>(rules_ / 2)) + ".10" : "93.184.216.34"; }
+  std::string allowed_dst() const {
+    return rules_ > 1 ? rule_net(static_cast<uint32_t>(rules_ / 2)) + ".10" : "93.184.216.34";
+  }
 
   int from_vm() const { return dp_->from_vm_prog_fd(); }
   int to_vm() const { return dp_->to_vm_prog_fd(); }
@@ -289,8 +291,9 @@ int main(int argc, char** argv) {
               cpu_model().c_str(), sysconf(_SC_NPROCESSORS_ONLN), CPU_COUNT(&set), sched_getcpu(), u.release,
               read_line("/proc/sys/net/core/bpf_jit_enable").c_str());
   std::printf("load average at start: %s\n", read_line("/proc/loadavg").c_str());
-  std::printf("frame: 64-byte TCP ACK from the VM under test (ifindex 1) to tcp/443; dst \"/24\": inside its middle\n"
-              "/24 rule (the deepest LPM match), dst \"0/0\": 93.184.216.34, matched by 0.0.0.0/0 only\n\n");
+  std::printf(
+      "frame: 64-byte TCP ACK from the VM under test (ifindex 1) to tcp/443; dst \"/24\": inside its middle\n"
+      "/24 rule (the deepest LPM match), dst \"0/0\": 93.184.216.34, matched by 0.0.0.0/0 only\n\n");
   std::printf("%7s %6s %4s | %6s %8s %8s %7s | %10s %9s | %s\n", "VMs", "rules", "dst", "empty", "minimal", "from_vm",
               "spread", "vs minimal", "vs empty", "net of empty: from_vm / minimal");
 
@@ -390,8 +393,8 @@ int main(int argc, char** argv) {
                       {"from_vm 10000", many.from_vm(), fm, kPass}},
                      o);
     std::printf("  other VMs %-33s minimal %6.1f -> %6.1f (%+.0f%%)   from_vm %6.1f -> %6.1f (%+.0f%%)\n",
-                others_rules ? "with a rule each (shared trie):" : "with no policy entries:", m[0].median,
-                m[1].median, (m[1] / m[0] - 1) * 100, m[2].median, m[3].median, (m[3] / m[2] - 1) * 100);
+                others_rules ? "with a rule each (shared trie):" : "with no policy entries:", m[0].median, m[1].median,
+                (m[1] / m[0] - 1) * 100, m[2].median, m[3].median, (m[3] / m[2] - 1) * 100);
   }
   return 0;
 }

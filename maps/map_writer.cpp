@@ -49,8 +49,8 @@ bool contains_bytes(const std::vector<T>& list, const T& x) {
 
 vmfence_owner owner_of(const VmPlan& plan) { return {plan.vm.vm_id, plan.vm.group_id}; }
 
-constexpr MapId kCounted[] = {MapId::vms, MapId::owners, MapId::owner_nets, MapId::egress, MapId::ingress,
-                              MapId::gateways};
+constexpr MapId kCounted[] = {MapId::vms,    MapId::owners,  MapId::owner_nets,
+                              MapId::egress, MapId::ingress, MapId::gateways};
 
 }  // namespace
 
@@ -153,8 +153,7 @@ Status MapWriter::stage(const VmPlan& plan, uint32_t ifindex, VmChange& c) {
   auto bv = blocked_vm_.find(ifindex);
   if (c.old) {
     c.next.slot = c.old->slot;
-  } else if (ifindex && b != blocked_.end() && b->second && bv != blocked_vm_.end() &&
-             bv->second == plan.vm.vm_id) {
+  } else if (ifindex && b != blocked_.end() && b->second && bv != blocked_vm_.end() && bv->second == plan.vm.vm_id) {
     // Its spec was removed and is back while its interface stayed: the same
     // instance, with its slot (counters, quarantine) as it was.
     c.next.slot = b->second;

@@ -109,8 +109,8 @@ class MapWriter {
   std::map<std::string, InstalledVm> vms_;
   std::map<uint32_t, std::pair<uint32_t, uint32_t>> adopted_;  // vm_id -> (slot, ifindex) of a previous run
   std::set<uint32_t> used_slots_;
-  std::map<uint32_t, uint32_t> blocked_;           // ifindex -> slot (0: a rejected file's interface)
-  std::map<uint32_t, uint32_t> blocked_vm_;        // ifindex -> vm_id of a removed VM still blocked there
+  std::map<uint32_t, uint32_t> blocked_;     // ifindex -> slot (0: a rejected file's interface)
+  std::map<uint32_t, uint32_t> blocked_vm_;  // ifindex -> vm_id of a removed VM still blocked there
   std::map<MapId, size_t> counts_;
   uint32_t next_free_slot_ = 1;
   uint32_t next_policy_id_ = 1;

@@ -19,11 +19,11 @@
 #include <fstream>
 #include <thread>
 
-#include "agent/events/events.h"
-#include "agent/spec/json.h"
-#include "agent/datapath/loader.h"
-#include "agent/nft/nft.h"
 #include "agent/daemon/state_file.h"
+#include "agent/datapath/loader.h"
+#include "agent/events/events.h"
+#include "agent/nft/nft.h"
+#include "agent/spec/json.h"
 #include "maps/compiler.h"
 #include "maps/pinned_maps.h"
 #include "maps/reasons.h"
@@ -104,9 +104,7 @@ static uint32_t map_max_entries(int fd, uint32_t* type = nullptr) {
   return info.max_entries;
 }
 
-static bool attached(const std::string& dir, uint32_t ifindex) {
-  return ifindex && Datapath::attached(dir, ifindex);
-}
+static bool attached(const std::string& dir, uint32_t ifindex) { return ifindex && Datapath::attached(dir, ifindex); }
 
 int cmd_status(bool json) {
   std::string dir = pin_dir();
@@ -202,12 +200,14 @@ int cmd_status(bool json) {
       w.EndObject();
     } else {
       out += fmt::format("{} on {} (ifindex {}, {}) mode {} generation {}{}{}\n", name, ifname, ifindex,
-                         !is_attached ? "NOT attached" : enforced || no_policy ? "attached" : "NOT enforced",
+                         !is_attached            ? "NOT attached"
+                         : enforced || no_policy ? "attached"
+                                                 : "NOT enforced",
                          datapath_mode_name(vm.mode), vm.policy_id, vs.quarantined ? " QUARANTINED" : "",
                          no_policy ? " NO POLICY (drop all)" : "");
-      out += fmt::format("  from vm: {} packets {} bytes; to vm: {} packets {} bytes; flows {} / {}\n",
-                         c.from_vm_packets, c.from_vm_bytes, c.to_vm_packets, c.to_vm_bytes, flows.entries,
-                         flows.max_entries);
+      out +=
+          fmt::format("  from vm: {} packets {} bytes; to vm: {} packets {} bytes; flows {} / {}\n", c.from_vm_packets,
+                      c.from_vm_bytes, c.to_vm_packets, c.to_vm_bytes, flows.entries, flows.max_entries);
       std::string drops;
       for (int r = 1; r < VMFENCE_REASON_COUNT; ++r)
         if (c.drops[r]) drops += fmt::format("{}{} {}", drops.empty() ? "" : ", ", reason_name(r), c.drops[r]);
@@ -269,9 +269,9 @@ int cmd_status(bool json) {
       w.EndObject();
     } else {
       out += fmt::format("  {}{}\n", r.file,
-                         r.kept_last_good          ? fmt::format(" (vm {} keeps its last good policy)", r.name)
-                         : r.interface.empty()     ? std::string()
-                                                   : fmt::format(" ({} drops everything)", r.interface));
+                         r.kept_last_good      ? fmt::format(" (vm {} keeps its last good policy)", r.name)
+                         : r.interface.empty() ? std::string()
+                                               : fmt::format(" ({} drops everything)", r.interface));
       for (const auto& e : r.errors) out += "    " + e + "\n";
     }
   }

@@ -59,7 +59,8 @@ class Daemon {
       : config_dir_(std::move(config_dir)),
         actions_(&journal_),
         events_(
-            journal_, [this](const VmSpec& vm, const Violation& v, uint64_t packet_ns) { on_trigger(vm, v, packet_ns); },
+            journal_,
+            [this](const VmSpec& vm, const Violation& v, uint64_t packet_ns) { on_trigger(vm, v, packet_ns); },
             [this](uint32_t id) { return vm_by_id(id); }) {}
   int run();
 
@@ -85,10 +86,10 @@ class Daemon {
 
   std::string config_dir_;
   HostSpec host_;
-  std::vector<VmSpec> in_force_;            // sorted by name
-  std::map<uint32_t, size_t> by_id_;        // vm_id -> index in in_force_
-  std::vector<RejectedFile> rejected_;      // refused files (reported in the state file, `wait`)
-  std::map<uint32_t, VmSpec> removed_;      // vm_id -> spec of a removed VM whose interface still drops
+  std::vector<VmSpec> in_force_;        // sorted by name
+  std::map<uint32_t, size_t> by_id_;    // vm_id -> index in in_force_
+  std::vector<RejectedFile> rejected_;  // refused files (reported in the state file, `wait`)
+  std::map<uint32_t, VmSpec> removed_;  // vm_id -> spec of a removed VM whose interface still drops
   Journal journal_;
   ActionRunner actions_;
   EventConsumer events_;
@@ -98,7 +99,7 @@ class Daemon {
   std::unique_ptr<LinkMonitor> links_;
   nft::Monitor nft_monitor_;
   Fd epoll_, signal_fd_, inotify_, timer_, lock_;
-  std::map<uint32_t, AttachRetry> unattached_;  // ifindex -> retry
+  std::map<uint32_t, AttachRetry> unattached_;                  // ifindex -> retry
   std::map<uint32_t, std::pair<uint64_t, uint64_t>> reported_;  // vm_id -> suppressed, lost (in-force VMs only)
   std::map<uint32_t, MapBackend::TableUse> flow_use_;           // slot -> flows, from the last sweep
   bool reload_pending_ = false;
@@ -424,7 +425,8 @@ void Daemon::reload(const char* why) {
   apply(r);
   apply_nft();
   publish_state();
-  size_t kept = std::count_if(r.rejected.begin(), r.rejected.end(), [](const RejectedFile& f) { return f.kept_last_good; });
+  size_t kept =
+      std::count_if(r.rejected.begin(), r.rejected.end(), [](const RejectedFile& f) { return f.kept_last_good; });
   spdlog::info("reload ({}): {} VMs changed, {} removed, {} kept at their last good policy, {} files refused", why,
                r.changed.size(), r.removed.size(), kept, r.rejected.size() - kept);
 }
@@ -461,8 +463,7 @@ void Daemon::on_trigger(const VmSpec& vm, const Violation& v, uint64_t packet_ns
   clock_gettime(CLOCK_MONOTONIC, &ts);  // the datapath's clock
   uint64_t now = static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
   if (actions_.terminate(vm.on_violation, v))
-    spdlog::warn("terminating vm={} reason={} ({:.3f} ms after the packet)", v.vm, v.reason,
-                 (now - packet_ns) / 1e6);
+    spdlog::warn("terminating vm={} reason={} ({:.3f} ms after the packet)", v.vm, v.reason, (now - packet_ns) / 1e6);
 }
 
 // The quarantine flag in the kernel is the source of truth: a VM that

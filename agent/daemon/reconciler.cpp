@@ -98,7 +98,8 @@ ReconcileResult Reconciler::reconcile(const SpecFiles& files, const std::vector<
       it.why = errs.front().message;
     } else {
       auto inst = writer_.installed().find(vm.name);
-      if (inst != writer_.installed().end() && inst->second.ifindex == it.ifindex && same_plan(inst->second.plan, it.plan))
+      if (inst != writer_.installed().end() && inst->second.ifindex == it.ifindex &&
+          same_plan(inst->second.plan, it.plan))
         continue;  // unchanged
     }
     items.push_back(std::move(it));

@@ -40,8 +40,8 @@ Violation decode_event(const vmfence_event& e, const VmSpec* vm) {
     v.dport = e.dport;
   } else {
     char mac[18];
-    snprintf(mac, sizeof(mac), "%02x:%02x:%02x:%02x:%02x:%02x", e.smac[0], e.smac[1], e.smac[2], e.smac[3],
-             e.smac[4], e.smac[5]);
+    snprintf(mac, sizeof(mac), "%02x:%02x:%02x:%02x:%02x:%02x", e.smac[0], e.smac[1], e.smac[2], e.smac[3], e.smac[4],
+             e.smac[5]);
     v.src = mac;
     v.proto = fmt::format("ethertype:0x{:04x}", e.ethertype);
   }

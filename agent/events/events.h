@@ -5,12 +5,12 @@
 #include <functional>
 #include <map>
 #include <set>
-#include <utility>
 #include <string>
+#include <utility>
 
 #include "agent/events/journal.h"
-#include "agent/spec/spec.h"
 #include "agent/events/violation.h"
+#include "agent/spec/spec.h"
 #include "maps/status.h"
 #include "vmfence_abi.h"
 

@@ -40,33 +40,21 @@ void Journal::violation(const Violation& v) const {
   if (!available_) return;
   const std::string message = v.summary();
   const std::string dport = std::to_string(v.dport);
-  int r = sd_journal_send("MESSAGE=%s", message.c_str(),
-                          "PRIORITY=4",
-                          "MESSAGE_ID=%s", kViolationMessageId,
-                          "SYSLOG_IDENTIFIER=vmfence",
-                          "VMFENCE_VM=%s", v.vm.c_str(),
-                          "VMFENCE_REASON=%s", v.reason.c_str(),
-                          "VMFENCE_SRC=%s", v.src.c_str(),
-                          "VMFENCE_DST=%s", v.dst.c_str(),
-                          "VMFENCE_PROTO=%s", v.proto.c_str(),
-                          "VMFENCE_DPORT=%s", dport.c_str(),
-                          "VMFENCE_MODE=%s", v.mode.c_str(),
-                          "VMFENCE_DIRECTION=%s", v.direction.c_str(),
-                          "VMFENCE_INTERFACE=%s", v.interface.c_str(),
-                          nullptr);
+  int r = sd_journal_send("MESSAGE=%s", message.c_str(), "PRIORITY=4", "MESSAGE_ID=%s", kViolationMessageId,
+                          "SYSLOG_IDENTIFIER=vmfence", "VMFENCE_VM=%s", v.vm.c_str(), "VMFENCE_REASON=%s",
+                          v.reason.c_str(), "VMFENCE_SRC=%s", v.src.c_str(), "VMFENCE_DST=%s", v.dst.c_str(),
+                          "VMFENCE_PROTO=%s", v.proto.c_str(), "VMFENCE_DPORT=%s", dport.c_str(), "VMFENCE_MODE=%s",
+                          v.mode.c_str(), "VMFENCE_DIRECTION=%s", v.direction.c_str(), "VMFENCE_INTERFACE=%s",
+                          v.interface.c_str(), nullptr);
   if (r < 0) report_send_failure(r);
 }
 
-void Journal::notice(int priority, const std::string& message, const std::string& vm,
-                     const char* message_id) const {
+void Journal::notice(int priority, const std::string& message, const std::string& vm, const char* message_id) const {
   if (!available_) return;
   if (priority < 0 || priority > 7) priority = 5;  // LOG_NOTICE
-  int r = sd_journal_send("MESSAGE=%s", message.c_str(),
-                          "PRIORITY=%d", priority,
-                          "MESSAGE_ID=%s", message_id ? message_id : kActionMessageId,
-                          "SYSLOG_IDENTIFIER=vmfence",
-                          "VMFENCE_VM=%s", vm.c_str(),
-                          nullptr);
+  int r = sd_journal_send("MESSAGE=%s", message.c_str(), "PRIORITY=%d", priority, "MESSAGE_ID=%s",
+                          message_id ? message_id : kActionMessageId, "SYSLOG_IDENTIFIER=vmfence", "VMFENCE_VM=%s",
+                          vm.c_str(), nullptr);
   if (r < 0) report_send_failure(r);
 }
 

@@ -13,10 +13,10 @@ struct Violation {
   std::string direction;  // "from_vm" | "to_vm"
   std::string src;        // address ("10.1.0.2"), or MAC for L2-only drops
   std::string dst;
-  std::string proto;      // "tcp", "udp", "icmp", "icmpv6", "arp", number otherwise
+  std::string proto;  // "tcp", "udp", "icmp", "icmpv6", "arp", number otherwise
   uint16_t sport = 0;
   uint16_t dport = 0;
-  std::string mode;       // "filtered", ...
+  std::string mode;           // "filtered", ...
   uint64_t timestamp_ns = 0;  // CLOCK_MONOTONIC, from the datapath
   bool trigger = false;       // reached on_violation.threshold
   bool quarantined = false;   // the datapath quarantined the VM

@@ -203,6 +203,17 @@ std::vector<const RuleDesc*> Ruleset::in_chain(const std::string& chain) const {
 // Builder
 // ---------------------------------------------------------------------------
 
+// Each VM address of the IMDS address's family (only of VMs with imds: true
+// when `only_allowed`).
+template <typename F>
+void for_each_imds_source(const Spec& spec, const ImdsSpec& imds, bool only_allowed, F fn) {
+  for (const auto& vm : spec.vms) {
+    if (only_allowed && !vm.imds) continue;
+    for (const auto& a : vm.addresses)
+      if (a.family == imds.address.family) fn(vm, a);
+  }
+}
+
 Ruleset build_ruleset(const Spec& spec) {
   Ruleset rs;
   rs.chains = {
@@ -269,32 +280,25 @@ Ruleset build_ruleset(const Spec& spec) {
 
   // imds_forward: allowed VMs, then every other VM address
   if (imds) {
-    for (const auto& vm : spec.vms) {
-      if (!vm.imds) continue;
-      for (const auto& a : vm.addresses) {
-        if (a.family != imds->address.family) continue;
-        RuleDesc r;
-        r.chain = kChainImds;
-        r.saddr = a;
-        r.l4 = Proto::tcp;
-        r.dport = imds_port;
-        r.verdict = Verdict::accept;
-        r.comment = vm.name + ": IMDS";
-        add(std::move(r));
-      }
-    }
-    for (const auto& vm : spec.vms) {
-      for (const auto& a : vm.addresses) {
-        if (a.family != imds->address.family) continue;
-        RuleDesc r;
-        r.chain = kChainImds;
-        r.saddr = a;
-        r.counter = true;
-        r.verdict = Verdict::drop;
-        r.comment = vm.name + (vm.imds ? ": IMDS, other ports" : ": no IMDS");
-        add(std::move(r));
-      }
-    }
+    for_each_imds_source(spec, *imds, true, [&](const VmSpec& vm, const Cidr& a) {
+      RuleDesc r;
+      r.chain = kChainImds;
+      r.saddr = a;
+      r.l4 = Proto::tcp;
+      r.dport = imds_port;
+      r.verdict = Verdict::accept;
+      r.comment = vm.name + ": IMDS";
+      add(std::move(r));
+    });
+    for_each_imds_source(spec, *imds, false, [&](const VmSpec& vm, const Cidr& a) {
+      RuleDesc r;
+      r.chain = kChainImds;
+      r.saddr = a;
+      r.counter = true;
+      r.verdict = Verdict::drop;
+      r.comment = vm.name + (vm.imds ? ": IMDS, other ports" : ": no IMDS");
+      add(std::move(r));
+    });
   }
 
   // wan_to_vm: the VMs' ingress rules, then drop the rest toward VM addresses
@@ -339,22 +343,18 @@ Ruleset build_ruleset(const Spec& spec) {
   // postrouting: IMDS for imds:true VMs (from the hypervisor's address), no
   // translation toward IMDS for anyone else, then masquerade out of each WAN.
   if (imds) {
-    for (const auto& vm : spec.vms) {
-      if (!vm.imds) continue;
-      for (const auto& a : vm.addresses) {
-        if (a.family != imds->address.family) continue;
-        RuleDesc r;
-        r.chain = kChainPostrouting;
-        r.saddr = a;
-        r.daddr = host_addr(imds->address);
-        r.l4 = Proto::tcp;
-        r.dport = imds_port;
-        r.counter = true;
-        r.verdict = Verdict::masquerade;
-        r.comment = vm.name + ": IMDS from the hypervisor's address";
-        add(std::move(r));
-      }
-    }
+    for_each_imds_source(spec, *imds, true, [&](const VmSpec& vm, const Cidr& a) {
+      RuleDesc r;
+      r.chain = kChainPostrouting;
+      r.saddr = a;
+      r.daddr = host_addr(imds->address);
+      r.l4 = Proto::tcp;
+      r.dport = imds_port;
+      r.counter = true;
+      r.verdict = Verdict::masquerade;
+      r.comment = vm.name + ": IMDS from the hypervisor's address";
+      add(std::move(r));
+    });
     RuleDesc r;
     r.chain = kChainPostrouting;
     r.daddr = host_addr(imds->address);

@@ -835,8 +835,7 @@ std::optional<VmSpec> parse_vm(const std::string& file, const std::string& json,
     vm.on_violation = merge(host_default, f);
     // Only when this file asks for terminate: an inherited one is host.json's error.
     if (f.action == Action::terminate && !can_terminate(vm.on_violation))
-      c.error("on_violation.action",
-              "\"terminate\" needs one of command, systemd_unit or qmp_socket in host.json");
+      c.error("on_violation.action", "\"terminate\" needs one of command, systemd_unit or qmp_socket in host.json");
   }
   if (c.failed()) return std::nullopt;
   return vm;
@@ -875,8 +874,8 @@ class ClaimSet {
     for (size_t i = 0; i < vm.addresses.size(); ++i)
       if (const Range* r = overlapping(vm.addresses[i]))
         out.push_back({vm.file, index_path("addresses", i),
-                       vm.addresses[i].str() + " overlaps " + r->vm->addresses[r->index].str() + " of " +
-                           r->vm->name + " (" + r->vm->file + ")"});
+                       vm.addresses[i].str() + " overlaps " + r->vm->addresses[r->index].str() + " of " + r->vm->name +
+                           " (" + r->vm->file + ")"});
     return out;
   }
 
@@ -1036,7 +1035,7 @@ Admission admit(const SpecFiles& files, const std::vector<VmSpec>& incumbents, c
     if (!named.count(vm.name) && errors.count(vm.file)) kept.insert(vm.name);
 
   std::vector<const VmSpec*> accepted;
-  std::map<std::string, std::vector<SpecError>> refused;  // by file
+  std::map<std::string, std::vector<SpecError>> refused;   // by file
   std::map<std::string, std::vector<SpecError>> kept_why;  // by file: the refused change of a kept incumbent
   for (;;) {
     ClaimSet claims;
@@ -1077,8 +1076,7 @@ Admission admit(const SpecFiles& files, const std::vector<VmSpec>& incumbents, c
   for (auto& [file, why] : refused) errors[file] = why;
 
   for (const VmSpec* vm : accepted) out.in_force.push_back(*vm);
-  std::sort(out.in_force.begin(), out.in_force.end(),
-            [](const VmSpec& a, const VmSpec& b) { return a.name < b.name; });
+  std::sort(out.in_force.begin(), out.in_force.end(), [](const VmSpec& a, const VmSpec& b) { return a.name < b.name; });
   for (const auto& f : files.vms) {
     auto e = errors.find(f.path);
     if (e == errors.end()) continue;

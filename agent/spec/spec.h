@@ -149,7 +149,7 @@ struct RejectedFile {
 };
 
 struct Admission {
-  std::vector<VmSpec> in_force;       // sorted by name: accepted files + incumbents kept at their last good
+  std::vector<VmSpec> in_force;        // sorted by name: accepted files + incumbents kept at their last good
   std::vector<RejectedFile> rejected;  // sorted by file
 };
 

@@ -6,11 +6,10 @@
 
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <poll.h>
 #include <sched.h>
 #include <unistd.h>
-
-#include <gtest/gtest.h>
 
 #include <array>
 #include <chrono>
@@ -139,23 +138,31 @@ TEST(NftBuild, MasqueradeV6AndUnalignedPrefixes) {
   s.host.wan_interfaces = {"wan0"};
   s.host.masquerade = {v6("fd00::", 12), v6("2001:db8::", 32), v4("100.64.0.0", 10)};
   const auto rs = nft::build_ruleset(s);
-  EXPECT_EQ(exprs_of(rs, "oifname \"wan0\" ip6 saddr fd00::/12 counter masquerade comment \"masquerade fd00::/12 out wan0\""),
-            "[ meta load oifname => reg 1 ]\n"
-            "[ cmp eq reg 1 0x306e6177 0x00000000 0x00000000 0x00000000 ]\n"
-            "[ meta load nfproto => reg 1 ]\n"
-            "[ cmp eq reg 1 0x0000000a ]\n"
-            "[ payload load 16b @ network header + 8 => reg 1 ]\n"
-            "[ bitwise reg 1 = ( reg 1 & 0x0000f0ff 0x00000000 0x00000000 0x00000000 ) ^ 0x00000000 0x00000000 0x00000000 0x00000000 ]\n"
-            "[ cmp eq reg 1 0x000000fd 0x00000000 0x00000000 0x00000000 ]\n"
-            "[ counter pkts 0 bytes 0 ]\n"
-            "[ masq ]\n");
+  EXPECT_EQ(
+      exprs_of(rs, "oifname \"wan0\" ip6 saddr fd00::/12 counter masquerade comment \"masquerade fd00::/12 out wan0\""),
+      "[ meta load oifname => reg 1 ]\n"
+      "[ cmp eq reg 1 0x306e6177 0x00000000 0x00000000 0x00000000 ]\n"
+      "[ meta load nfproto => reg 1 ]\n"
+      "[ cmp eq reg 1 0x0000000a ]\n"
+      "[ payload load 16b @ network header + 8 => reg 1 ]\n"
+      "[ bitwise reg 1 = ( reg 1 & 0x0000f0ff 0x00000000 0x00000000 0x00000000 ) ^ 0x00000000 0x00000000 0x00000000 "
+      "0x00000000 ]\n"
+      "[ cmp eq reg 1 0x000000fd 0x00000000 0x00000000 0x00000000 ]\n"
+      "[ counter pkts 0 bytes 0 ]\n"
+      "[ masq ]\n");
   // Byte-aligned IPv6 prefix: only the prefix bytes are loaded.
-  EXPECT_NE(exprs_of(rs, "oifname \"wan0\" ip6 saddr 2001:db8::/32 counter masquerade comment \"masquerade 2001:db8::/32 out wan0\"")
-                .find("[ payload load 4b @ network header + 8 => reg 1 ]\n[ cmp eq reg 1 0xb80d0120 ]\n"),
-            std::string::npos);
-  EXPECT_NE(exprs_of(rs, "oifname \"wan0\" ip saddr 100.64.0.0/10 counter masquerade comment \"masquerade 100.64.0.0/10 out wan0\"")
-                .find("[ bitwise reg 1 = ( reg 1 & 0x0000c0ff ) ^ 0x00000000 ]\n[ cmp eq reg 1 0x00004064 ]\n"),
-            std::string::npos);
+  EXPECT_NE(
+      exprs_of(
+          rs,
+          "oifname \"wan0\" ip6 saddr 2001:db8::/32 counter masquerade comment \"masquerade 2001:db8::/32 out wan0\"")
+          .find("[ payload load 4b @ network header + 8 => reg 1 ]\n[ cmp eq reg 1 0xb80d0120 ]\n"),
+      std::string::npos);
+  EXPECT_NE(
+      exprs_of(
+          rs,
+          "oifname \"wan0\" ip saddr 100.64.0.0/10 counter masquerade comment \"masquerade 100.64.0.0/10 out wan0\"")
+          .find("[ bitwise reg 1 = ( reg 1 & 0x0000c0ff ) ^ 0x00000000 ]\n[ cmp eq reg 1 0x00004064 ]\n"),
+      std::string::npos);
 }
 
 TEST(NftBuild, HostBitsAreCleared) {
@@ -165,8 +172,9 @@ TEST(NftBuild, HostBitsAreCleared) {
   const auto rs = nft::build_ruleset(s);
   EXPECT_EQ(texts(rs, "wan_to_vm"),
             (std::vector<std::string>{"ip daddr 10.1.0.0/24 counter drop comment \"vm1: unsolicited from the WAN\""}));
-  EXPECT_NE(nft::rule_exprs(*rs.in_chain("wan_to_vm")[0]).find("[ payload load 3b @ network header + 16 => reg 1 ]\n"
-                                                               "[ cmp eq reg 1 0x0000010a ]\n"),
+  EXPECT_NE(nft::rule_exprs(*rs.in_chain("wan_to_vm")[0])
+                .find("[ payload load 3b @ network header + 16 => reg 1 ]\n"
+                      "[ cmp eq reg 1 0x0000010a ]\n"),
             std::string::npos);
 }
 
@@ -192,12 +200,11 @@ TEST(NftBuild, ImdsOnlyForImdsVms) {
             "[ bitwise reg 1 = ( reg 1 & 0x0000ff00 ) ^ 0x00000040 ]\n"
             "[ payload write reg 1 => 2b @ network header + 8 csum_type 1 csum_off 10 csum_flags 0x0 ]\n");
 
-  EXPECT_EQ(texts(rs, "imds_forward"),
-            (std::vector<std::string>{
-                "ip saddr 10.1.0.2 tcp dport 80 accept comment \"vm1: IMDS\"",
-                "ip saddr 10.1.0.2 counter drop comment \"vm1: IMDS, other ports\"",
-                "ip saddr 10.2.0.2 counter drop comment \"vm2: no IMDS\"",
-            }));
+  EXPECT_EQ(texts(rs, "imds_forward"), (std::vector<std::string>{
+                                           "ip saddr 10.1.0.2 tcp dport 80 accept comment \"vm1: IMDS\"",
+                                           "ip saddr 10.1.0.2 counter drop comment \"vm1: IMDS, other ports\"",
+                                           "ip saddr 10.2.0.2 counter drop comment \"vm2: no IMDS\"",
+                                       }));
   EXPECT_EQ(nft::rule_exprs(*rs.in_chain("imds_forward")[0]),
             "[ meta load nfproto => reg 1 ]\n"
             "[ cmp eq reg 1 0x00000002 ]\n"
@@ -211,15 +218,18 @@ TEST(NftBuild, ImdsOnlyForImdsVms) {
 
   const auto post = texts(rs, "postrouting");
   ASSERT_EQ(post.size(), 4u);
-  EXPECT_EQ(post[0], "ip saddr 10.1.0.2 ip daddr 169.254.169.254 tcp dport 80 counter masquerade comment "
-                     "\"vm1: IMDS from the hypervisor's address\"");
+  EXPECT_EQ(post[0],
+            "ip saddr 10.1.0.2 ip daddr 169.254.169.254 tcp dport 80 counter masquerade comment "
+            "\"vm1: IMDS from the hypervisor's address\"");
   EXPECT_EQ(post[1], "ip daddr 169.254.169.254 accept comment \"IMDS: no translation for other sources\"");
-  EXPECT_EQ(post[2], "oifname \"wan0\" ip saddr 10.0.0.0/8 counter masquerade comment \"masquerade 10.0.0.0/8 out wan0\"");
+  EXPECT_EQ(post[2],
+            "oifname \"wan0\" ip saddr 10.0.0.0/8 counter masquerade comment \"masquerade 10.0.0.0/8 out wan0\"");
   EXPECT_EQ(post[3], "oifname \"wan0\" ip6 saddr fd00::/8 counter masquerade comment \"masquerade fd00::/8 out wan0\"");
   for (const auto& t : post) EXPECT_EQ(t.find("10.2.0.2"), std::string::npos) << t;  // vm2: no IMDS NAT
 
   // forward sends IMDS-bound packets to imds_forward
-  EXPECT_NE(find_rule(rs, "ip daddr 169.254.169.254 jump imds_forward comment \"IMDS: only VMs with imds true\""), nullptr);
+  EXPECT_NE(find_rule(rs, "ip daddr 169.254.169.254 jump imds_forward comment \"IMDS: only VMs with imds true\""),
+            nullptr);
 }
 
 TEST(NftBuild, ImdsV6Address) {
@@ -274,12 +284,11 @@ TEST(NftBuild, WanToVmEstablishedOnly) {
             "[ meta load iifname => reg 1 ]\n"
             "[ cmp eq reg 1 0x306e6177 0x00000000 0x00000000 0x00000000 ]\n"
             "[ immediate reg 0 jump -> wan_to_vm ]\n");
-  EXPECT_EQ(texts(rs, "wan_to_vm"),
-            (std::vector<std::string>{
-                "ip daddr 10.1.0.2 counter drop comment \"vm1: unsolicited from the WAN\"",
-                "ip6 daddr fd00:1::2 counter drop comment \"vm1: unsolicited from the WAN\"",
-                "ip daddr 10.2.0.2 counter drop comment \"vm2: unsolicited from the WAN\"",
-            }));
+  EXPECT_EQ(texts(rs, "wan_to_vm"), (std::vector<std::string>{
+                                        "ip daddr 10.1.0.2 counter drop comment \"vm1: unsolicited from the WAN\"",
+                                        "ip6 daddr fd00:1::2 counter drop comment \"vm1: unsolicited from the WAN\"",
+                                        "ip daddr 10.2.0.2 counter drop comment \"vm2: unsolicited from the WAN\"",
+                                    }));
   EXPECT_EQ(nft::rule_exprs(*rs.in_chain("wan_to_vm")[1]),
             "[ meta load nfproto => reg 1 ]\n"
             "[ cmp eq reg 1 0x0000000a ]\n"
@@ -446,7 +455,8 @@ TEST_F(NftKernel, NftListsExactlyOurRuleText) {
   std::string listing = run("nft list table inet vmfence");
   for (size_t pos; (pos = listing.find("counter packets 0 bytes 0")) != std::string::npos;)
     listing.replace(pos, std::strlen("counter packets 0 bytes 0"), "counter");
-  for (const auto& rule : rs.rules) EXPECT_NE(listing.find("\t\t" + rule.text() + "\n"), std::string::npos) << rule.text() << "\n" << listing;
+  for (const auto& rule : rs.rules)
+    EXPECT_NE(listing.find("\t\t" + rule.text() + "\n"), std::string::npos) << rule.text() << "\n" << listing;
   EXPECT_NE(listing.find("comment \"managed by vmfence, ruleset "), std::string::npos) << listing;
   EXPECT_NE(listing.find("type nat hook postrouting priority srcnat; policy accept;"), std::string::npos);
 }

@@ -2,6 +2,7 @@
 // through ActionRunner, and end to end against a real QEMU guest booted by
 // tests/guest/microvm.sh on a TAP inside a test network namespace (root).
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <poll.h>
 #include <signal.h>
 #include <spawn.h>
@@ -29,11 +30,9 @@
 #include <thread>
 #include <vector>
 
-#include <gtest/gtest.h>
-
 #include "agent/actions/actions.h"
-#include "tests/unit/test_util.h"
 #include "agent/events/violation.h"
+#include "tests/unit/test_util.h"
 
 #ifndef VMFENCE_SOURCE_DIR
 #define VMFENCE_SOURCE_DIR "."
@@ -53,18 +52,17 @@ struct TempDir : testing::TempDir {
   TempDir() : testing::TempDir("vmfence-qmp") {}
 };
 
-
 // ---- a scripted QMP server -------------------------------------------------------
 
 enum class Script {
-  normal,              // greeting, return, return + SHUTDOWN event + close
-  with_events,         // events before each return
-  caps_error,          // qmp_capabilities gets an error
-  quit_error,          // quit gets an error
-  no_greeting,         // accepts, says nothing
-  close_after_quit,    // closes on quit without a return (EOF = success)
-  close_at_once,       // closes right after accept
-  not_qmp,             // greeting is not QMP
+  normal,            // greeting, return, return + SHUTDOWN event + close
+  with_events,       // events before each return
+  caps_error,        // qmp_capabilities gets an error
+  quit_error,        // quit gets an error
+  no_greeting,       // accepts, says nothing
+  close_after_quit,  // closes on quit without a return (EOF = success)
+  close_at_once,     // closes right after accept
+  not_qmp,           // greeting is not QMP
 };
 
 class FakeQmp {
@@ -135,12 +133,14 @@ class FakeQmp {
       say(c, "SSH-2.0-OpenSSH_9.2");
       return;
     }
-    say(c, R"({"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, "capabilities": ["oob"]}})");
+    say(c,
+        R"({"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, "capabilities": ["oob"]}})");
     std::string buf, line;
     if (!hear(c, buf, &line)) return;
     if (script_ == Script::with_events) say(c, event);
     if (script_ == Script::caps_error) {
-      say(c, R"({"error": {"class": "CommandNotFound", "desc": "Expecting capabilities negotiation with 'qmp_capabilities'"}})");
+      say(c,
+          R"({"error": {"class": "CommandNotFound", "desc": "Expecting capabilities negotiation with 'qmp_capabilities'"}})");
       return;
     }
     say(c, R"({"return": {}})");
@@ -152,7 +152,8 @@ class FakeQmp {
       return;
     }
     say(c, R"({"return": {}})");
-    say(c, R"({"timestamp": {"seconds": 1, "microseconds": 3}, "event": "SHUTDOWN", "data": {"guest": false, "reason": "host-qmp-quit"}})");
+    say(c,
+        R"({"timestamp": {"seconds": 1, "microseconds": 3}, "event": "SHUTDOWN", "data": {"guest": false, "reason": "host-qmp-quit"}})");
   }
 
   std::string path_;
@@ -189,8 +190,9 @@ TEST(QmpQuit, ClosedAfterQuitIsSuccess) {
 TEST(QmpQuit, CapabilitiesErrorIsReported) {
   TempDir dir;
   FakeQmp qmp(dir / "qmp", Script::caps_error);
-  EXPECT_EQ(qmp_quit(dir / "qmp", 2s),
-            "QMP " + dir / "qmp" + ": qmp_capabilities refused: Expecting capabilities negotiation with 'qmp_capabilities'");
+  EXPECT_EQ(
+      qmp_quit(dir / "qmp", 2s),
+      "QMP " + dir / "qmp" + ": qmp_capabilities refused: Expecting capabilities negotiation with 'qmp_capabilities'");
 }
 
 TEST(QmpQuit, QuitErrorIsReported) {
@@ -288,8 +290,8 @@ TEST(QmpQuitLatency, TerminateToConnect) {
   ::close(lfd);
   std::sort(ms.begin(), ms.end());
   const double p50 = ms[50], p99 = ms[98], mx = ms[99];
-  std::printf("terminate() -> QMP child connected (fork path), 100 runs: p50 %.3f ms, p99 %.3f ms, max %.3f ms\n",
-              p50, p99, mx);
+  std::printf("terminate() -> QMP child connected (fork path), 100 runs: p50 %.3f ms, p99 %.3f ms, max %.3f ms\n", p50,
+              p99, mx);
   RecordProperty("p50_ms", std::to_string(p50));
   RecordProperty("p99_ms", std::to_string(p99));
   EXPECT_LT(p99, 20.0);
@@ -351,14 +353,14 @@ class RealGuest {
   std::string boot(const std::string& script) {
     if (sh("ip netns add " + ns_) != 0) return "ip netns add " + ns_ + " failed";
     netns_made_ = true;
-    if (sh("ip -n " + ns_ + " link set lo up && ip -n " + ns_ + " tuntap add dev vmfqtap mode tap && ip -n " +
-           ns_ + " link set vmfqtap up && ip -n " + ns_ + " addr add " + subnet_ + "1/24 dev vmfqtap") != 0) {
+    if (sh("ip -n " + ns_ + " link set lo up && ip -n " + ns_ + " tuntap add dev vmfqtap mode tap && ip -n " + ns_ +
+           " link set vmfqtap up && ip -n " + ns_ + " addr add " + subnet_ + "1/24 dev vmfqtap") != 0) {
       return "cannot create the TAP in " + ns_;
     }
     std::ofstream(dir_ / "script.sh") << script;
     const std::string harness = harness_path();
-    std::vector<std::string> args = {"bash", harness, "run", ns_, "vmfqtap", subnet_ + "2/24", subnet_ + "1",
-                                     dir_ / "script.sh"};
+    std::vector<std::string> args = {"bash",    harness,          "run",         ns_,
+                                     "vmfqtap", subnet_ + "2/24", subnet_ + "1", dir_ / "script.sh"};
     std::vector<std::string> env;
     for (char** e = environ; *e; ++e) env.emplace_back(*e);
     env.push_back("KV_QMP=" + qmp_path());

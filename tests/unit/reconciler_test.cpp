@@ -51,9 +51,7 @@ struct World {
   std::vector<VmSpec> in_force;
 
   World()
-      : fake(new FakeBackend()),
-        writer(std::unique_ptr<MapBackend>(fake)),
-        rec(writer, [this](const std::string& n) {
+      : fake(new FakeBackend()), writer(std::unique_ptr<MapBackend>(fake)), rec(writer, [this](const std::string& n) {
           auto it = links.find(n);
           return it == links.end() ? 0u : it->second;
         }) {
@@ -112,7 +110,8 @@ TEST(Reconciler, NewcomerConflictingWithEnforcedVmIsRefusedAndItsInterfaceDropsE
   ASSERT_TRUE(rb);
   EXPECT_FALSE(rb->kept_last_good);
   ASSERT_FALSE(rb->errors.empty());
-  EXPECT_EQ(rb->errors[0].str(), "vms.d/a-b.json: addresses[0]: 10.0.0.1/32 overlaps 10.0.0.1/32 of a (vms.d/z-a.json)");
+  EXPECT_EQ(rb->errors[0].str(),
+            "vms.d/a-b.json: addresses[0]: 10.0.0.1/32 overlaps 10.0.0.1/32 of a (vms.d/z-a.json)");
   EXPECT_EQ(w.owner("10.0.0.1"), name_id("a"));
   auto blocked = w.vm_entry(11);
   ASSERT_TRUE(blocked);
@@ -220,8 +219,10 @@ void expect_move_keeps_one_owner(bool swap, bool reversed_files) {
     EXPECT_TRUE(owner("10.0.0.2")) << "10.0.0.2 unowned after operation " << checks;
   };
   // 10.0.0.1 moves from a to b (and with swap, 10.0.0.2 from b to a).
-  files.vms = {vm_file("vms.d/a.json", 2, vm_json("a", "tap-a", 1, swap ? "[\"10.0.0.2/32\", \"10.0.0.3/32\"]" : "[\"10.0.0.3/32\"]")),
-               vm_file("vms.d/b.json", 2, vm_json("b", "tap-b", 2, swap ? "[\"10.0.0.1/32\"]" : "[\"10.0.0.1/32\", \"10.0.0.2/32\"]"))};
+  files.vms = {vm_file("vms.d/a.json", 2,
+                       vm_json("a", "tap-a", 1, swap ? "[\"10.0.0.2/32\", \"10.0.0.3/32\"]" : "[\"10.0.0.3/32\"]")),
+               vm_file("vms.d/b.json", 2,
+                       vm_json("b", "tap-b", 2, swap ? "[\"10.0.0.1/32\"]" : "[\"10.0.0.1/32\", \"10.0.0.2/32\"]"))};
   if (reversed_files) std::swap(files.vms[0], files.vms[1]);
   auto r2 = rec.reconcile(files, r1.in_force);
   fake->after = nullptr;
@@ -320,8 +321,8 @@ TEST(Reconciler, NewcomerWhoseInstallFailsIsRefusedAndBlockedWithoutLeftovers) {
   ASSERT_TRUE(w.vm_entry(10));
   EXPECT_TRUE(w.vm_entry(10)->flags & VMFENCE_VM_F_NO_POLICY);
   // Fixed: the next reconcile installs it and lifts the block.
-  auto r2 = w.apply({vm_file("vms.d/a.json", 2,
-                             vm_json("a", "tap-a", 1, "[\"10.0.0.1/32\"]", ", \"egress\": [{\"to\": \"0.0.0.0/0\"}]"))});
+  auto r2 = w.apply({vm_file(
+      "vms.d/a.json", 2, vm_json("a", "tap-a", 1, "[\"10.0.0.1/32\"]", ", \"egress\": [{\"to\": \"0.0.0.0/0\"}]"))});
   EXPECT_TRUE(r2.rejected.empty());
   EXPECT_FALSE(w.vm_entry(10)->flags & VMFENCE_VM_F_NO_POLICY);
   EXPECT_FALSE(w.writer.is_blocked(10));

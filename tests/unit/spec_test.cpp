@@ -793,8 +793,8 @@ TEST_F(LoadSpec, ConflictsAreBlamedOnTheLaterFile) {
 
 TEST_F(LoadSpec, FileNameOrderNeverDecides) {
   write("host.json", "{}");
-  write("vms.d/a.json", vm_json({{"name", R"("late")"}, {"interface", R"("tap-late")"},
-                                 {"mac", R"("02:00:00:00:09:09")"}}));
+  write("vms.d/a.json",
+        vm_json({{"name", R"("late")"}, {"interface", R"("tap-late")"}, {"mac", R"("02:00:00:00:09:09")"}}));
   write("vms.d/z.json", vm_json({{"name", R"("early")"}}));
   set_mtime(path("vms.d/z.json"), 1000000);
   set_mtime(path("vms.d/a.json"), 2000000);
