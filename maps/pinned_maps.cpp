@@ -56,18 +56,10 @@ struct Named {
   Fd MapSet::*member;
 };
 constexpr Named kMaps[] = {
-    {VMFENCE_MAP_VMS, &MapSet::vms},
-    {VMFENCE_MAP_OWNERS, &MapSet::owners},
-    {VMFENCE_MAP_OWNER_NETS, &MapSet::owner_nets},
-    {VMFENCE_MAP_EGRESS, &MapSet::egress},
-    {VMFENCE_MAP_INGRESS, &MapSet::ingress},
-    {VMFENCE_MAP_GATEWAYS, &MapSet::gateways},
-    {VMFENCE_MAP_FLOWS, &MapSet::flows},
-    {VMFENCE_MAP_FRAGS, &MapSet::frags},
-    {VMFENCE_MAP_COUNTERS, &MapSet::counters},
-    {VMFENCE_MAP_STATE, &MapSet::state},
-    {VMFENCE_MAP_CONFIG, &MapSet::config},
-    {VMFENCE_MAP_EVENTS, &MapSet::events},
+// Every map of the ABI list (include/vmfence_abi.h): pin name, member.
+#define VMFENCE_NAMED_MAP(ID, name) {VMFENCE_MAP_NAME(ID, name), &MapSet::name},
+    VMFENCE_MAPS(VMFENCE_NAMED_MAP)
+#undef VMFENCE_NAMED_MAP
 };
 }  // namespace
 

@@ -260,18 +260,10 @@ Status Datapath::load(const std::string& dir, std::unique_ptr<Datapath>& out) {
     Fd* out;
   };
   const Dup dups[] = {
-      {m.vmfence_vms_v1, &dp->maps_.vms},
-      {m.vmfence_owners_v1, &dp->maps_.owners},
-      {m.vmfence_owner_nets_v1, &dp->maps_.owner_nets},
-      {m.vmfence_egress_v1, &dp->maps_.egress},
-      {m.vmfence_ingress_v1, &dp->maps_.ingress},
-      {m.vmfence_gateways_v1, &dp->maps_.gateways},
-      {m.vmfence_flows_v2, &dp->maps_.flows},
-      {m.vmfence_frags_v2, &dp->maps_.frags},
-      {m.vmfence_counters_v2, &dp->maps_.counters},
-      {m.vmfence_state_v1, &dp->maps_.state},
-      {m.vmfence_config_v2, &dp->maps_.config},
-      {m.vmfence_events_v1, &dp->maps_.events},
+// Every map of the ABI list, skeleton field to MapSet member.
+#define VMFENCE_SKEL_MAP(ID, name) {m.VMFENCE_MAP_ID(ID, name), &dp->maps_.name},
+      VMFENCE_MAPS(VMFENCE_SKEL_MAP)
+#undef VMFENCE_SKEL_MAP
   };
   for (const auto& d : dups) {
     int fd = bpf_map__fd(d.map);

@@ -205,11 +205,21 @@ log_count() { _log_since_mark | grep -Ec -- "$1"; }
 # "opened_by=N generation=N") for that UDP/TCP 5-tuple side of a VM; nothing
 # when the flow is not cached.
 flow_cached() {
-	nsx hv bpftool -j map dump pinned "$PIN/vmfence_flows_v1" 2>/dev/null | "$PY" -c '
+	# Each VM's flow table is an inner map of vmfence_flows_v2 (not pinned):
+	# dump every vmfence_vm_flow map by id.
+	local id
+	for id in $(nsx hv bpftool -j map show 2>/dev/null | "$PY" -c '
+import json, sys
+print(" ".join(str(m["id"]) for m in json.load(sys.stdin) if m.get("name", "").startswith("vmfence_vm_flow")))'); do
+		nsx hv bpftool -j map dump id "$id" 2>/dev/null
+	done | "$PY" -c '
 import json, socket, struct, sys
 ip, vport, pport = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 want = list(b"\0" * 10 + b"\xff\xff" + socket.inet_aton(ip))
-for e in json.loads(sys.stdin.read() or "[]"):
+entries = []
+for doc in sys.stdin.read().replace("][", "]\n[").splitlines():
+    entries += json.loads(doc or "[]")
+for e in entries:
     k, v = e.get("formatted", {}).get("key"), e.get("formatted", {}).get("value")
     if not k:
         continue
