@@ -7,15 +7,13 @@
 
 #include "agent/nft/ruleset.h"
 #include "agent/spec/spec.h"
+#include "maps/status.h"
 
 namespace vmfence::nft {
 
-// errno-style result: err is a positive errno (0 = success), message says what failed.
-struct Result {
-  int err = 0;
-  std::string message;
-  explicit operator bool() const { return err == 0; }
-};
+// errno-style result: err is a positive errno (0 = success), message says what
+// failed. The one error convention at the OS boundary (maps/status.h).
+using Result = Status;
 
 // The libnftnl expressions of one rule, one "[ expr ... ]" per line, as
 // nftnl_expr_snprintf prints them (the same text as `nft --debug=netlink`).
