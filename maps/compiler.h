@@ -31,8 +31,12 @@ struct VmPlan {
 // the middle): registered as the VM's own, so no other VM may claim it.
 vmfence_addr eui64_link_local(const std::array<uint8_t, 6>& mac);
 
+// The Plan of a Spec: what the maps hold (per VM) and the datapath's global
+// knobs. The nftables side is built from the same Spec by agent/nft
+// (build_ruleset), which owns the libnftnl representation.
 struct Plan {
   std::vector<VmPlan> vms;        // in spec order (sorted by name)
+  vmfence_config config{};        // the datapath's global knobs
   std::vector<SpecError> errors;  // limits the spec cannot express (port rules per prefix)
   bool ok() const { return errors.empty(); }
 };
@@ -49,6 +53,10 @@ std::vector<Cidr> vm_address_space(const std::vector<VmSpec>& vms);
 VmPlan compile_vm(const VmSpec& vm, const HostSpec& host, const std::vector<Cidr>& vm_nets,
                   std::vector<SpecError>& errors);
 Plan compile(const Spec& spec);
+
+// The datapath's global knobs for a set of VMs (flow timeouts, the event
+// budget; OWNER_NETS when a VM owns a prefix).
+vmfence_config datapath_config(const HostSpec& host, const std::vector<VmSpec>& vms);
 
 // 16-byte IPv4-mapped form of a Cidr's address, masked to its prefix.
 std::array<uint8_t, 16> masked_addr(const Cidr& c);

@@ -41,19 +41,6 @@ struct Item {
 
 }  // namespace
 
-vmfence_config datapath_config(const HostSpec& host, const std::vector<VmSpec>& vms) {
-  vmfence_config cfg{};
-  cfg.event_budget = VMFENCE_DEFAULT_EVENT_BUDGET;
-  cfg.budget_window_ns = VMFENCE_DEFAULT_BUDGET_WINDOW_NS;
-  cfg.tcp_timeout_s = host.flow_timeouts.tcp_s;
-  cfg.udp_timeout_s = host.flow_timeouts.udp_s;
-  cfg.icmp_timeout_s = host.flow_timeouts.icmp_s;
-  for (const auto& vm : vms)
-    for (const auto& a : vm.addresses)
-      if (a.mapped_prefix_len() < 128) cfg.flags |= VMFENCE_CFG_F_OWNER_NETS;
-  return cfg;
-}
-
 ReconcileResult Reconciler::reconcile(const SpecFiles& files, const std::vector<VmSpec>& incumbents,
                                       const std::set<std::string>& enforced) {
   ReconcileResult r;

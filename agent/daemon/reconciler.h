@@ -25,9 +25,6 @@
 
 namespace vmfence {
 
-// The datapath's global knobs for a set of VMs.
-vmfence_config datapath_config(const HostSpec& host, const std::vector<VmSpec>& vms);
-
 struct ReconcileResult {
   std::vector<VmSpec> in_force;        // sorted by name
   std::vector<RejectedFile> rejected;  // refused files, install failures included
