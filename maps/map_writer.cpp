@@ -161,10 +161,21 @@ Status MapWriter::stage(const VmPlan& plan, uint32_t ifindex, VmChange& c) {
   } else {
     bool fresh = false;
     c.next.slot = alloc_slot(plan.vm.vm_id, fresh);
-    c.new_slot = true;
+    c.new_slot = fresh;  // an adopted slot is not ours to free on abort
   }
   if (c.next.slot == 0) return Status::error(ENOSPC, "no free VM slot (max " + std::to_string(VMFENCE_MAX_VMS) + ")");
-  if (auto s = backend_->ensure_tables(c.next.slot, plan.flow_limit); !s) {
+  // Another VM's slot on this very interface (a renamed VM, or one removed
+  // and replaced): the instance's state carries over to the new slot.
+  if (!c.old && !c.same_instance && ifindex) {
+    if (b != blocked_.end() && b->second && b->second != c.next.slot) c.predecessor = b->second;
+    for (const auto& [name, vm] : vms_)
+      if (vm.ifindex == ifindex && vm.slot != c.next.slot) c.predecessor = vm.slot;
+  }
+  // A changed limit of a running VM swaps its flow table at release (a
+  // refused change must not touch it); a new slot needs its tables now.
+  if (c.old && c.old->plan.flow_limit != plan.flow_limit) {
+    c.resize_tables = true;
+  } else if (auto s = backend_->ensure_tables(c.next.slot, plan.flow_limit); !s) {
     abort(c);
     return s;
   }
@@ -213,6 +224,16 @@ Status MapWriter::commit(VmChange& c) {
 void MapWriter::release(VmChange& c) {
   uint32_t ifindex = c.next.ifindex;
   uint32_t vm_id = c.next.plan.vm.vm_id;
+  if (c.resize_tables)
+    if (auto s = backend_->ensure_tables(c.next.slot, c.next.plan.flow_limit); !s)
+      c.warnings.push_back("flow table keeps its old size: " + s.message);
+  // Before the predecessor's slot is freed: its instance state is this VM's.
+  bool inherited = false;
+  if (c.predecessor) {
+    Bytes st;
+    if (backend_->lookup(MapId::state, to_bytes(*c.predecessor), st))
+      inherited = static_cast<bool>(backend_->update(MapId::state, to_bytes(c.next.slot), st));
+  }
   // The interface this VM now has: a blocked entry there is replaced.
   if (auto b = blocked_.find(ifindex); ifindex && b != blocked_.end()) {
     if (b->second != c.next.slot) free_slot(b->second);
@@ -223,11 +244,17 @@ void MapWriter::release(VmChange& c) {
   // of a TAP the previous run did not know): clear quarantine and windows.
   std::optional<uint32_t> before = c.old ? std::optional(c.old->ifindex) : adopted_ifindex(vm_id);
   if (c.same_instance) before = ifindex;
-  if (ifindex && (!before || *before != ifindex)) reset_instance(c.next.slot);
+  if (ifindex && (!before || *before != ifindex) && !inherited) reset_instance(c.next.slot);
   adopted_.erase(vm_id);
   if (!c.old) return;
   const InstalledVm& old = *c.old;
-  if (old.ifindex && old.ifindex != ifindex) erase_counted(MapId::vms, to_bytes(old.ifindex));
+  // Its old interface, unless another VM took it in the same reload.
+  if (old.ifindex && old.ifindex != ifindex) {
+    Bytes cur;
+    if (backend_->lookup(MapId::vms, to_bytes(old.ifindex), cur) && from_bytes<vmfence_vm>(cur).vm_id == vm_id &&
+        from_bytes<vmfence_vm>(cur).slot == old.slot)
+      erase_counted(MapId::vms, to_bytes(old.ifindex));
+  }
   if (old.policy_id == c.next.policy_id) return;  // a rebind: same generation
   for (const auto& e : old.plan.egress) erase_counted(MapId::egress, policy_key(e, old.policy_id));
   for (const auto& e : old.plan.ingress) erase_counted(MapId::ingress, policy_key(e, old.policy_id));
@@ -306,8 +333,14 @@ Status MapWriter::remove(const std::string& name) {
     vm.policy_id = 0;
     vm.flags |= VMFENCE_VM_F_NO_POLICY;
     VmChange c;
-    if (auto s = put(c, MapId::vms, to_bytes(old.ifindex), to_bytes(vm), true); !s)
-      return Status::error(s.err, "block removed VM " + name);
+    if (auto s = put(c, MapId::vms, to_bytes(old.ifindex), to_bytes(vm), true); !s) {
+      // No entry at all drops everything too (unknown_ifindex): never leave
+      // the old generation enforcing a removed VM.
+      erase_counted(MapId::vms, to_bytes(old.ifindex));
+      Bytes left;
+      if (backend_->lookup(MapId::vms, to_bytes(old.ifindex), left))
+        return Status::error(s.err, "block removed VM " + name);
+    }
     blocked_[old.ifindex] = old.slot;
     blocked_vm_[old.ifindex] = old.plan.vm.vm_id;
   }
@@ -336,6 +369,15 @@ Status MapWriter::block(uint32_t ifindex, uint32_t vm_id) {
   vm.flags = VMFENCE_VM_F_NO_POLICY;
   auto b = blocked_.find(ifindex);
   vm.slot = b != blocked_.end() ? b->second : 0;
+  // A previous run's VM on this interface: its slot (counters, quarantine)
+  // stays with the interface.
+  for (auto a = adopted_.begin(); !vm.slot && a != adopted_.end(); ++a)
+    if (a->second.second == ifindex) {
+      vm.slot = a->second.first;
+      blocked_vm_[ifindex] = a->first;
+      adopted_.erase(a);
+      break;
+    }
   VmChange c;
   if (auto s = put(c, MapId::vms, to_bytes(ifindex), to_bytes(vm), true); !s)
     return Status::error(s.err, "block interface " + std::to_string(ifindex));

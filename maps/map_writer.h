@@ -44,7 +44,10 @@ struct VmChange {
   InstalledVm next;
   std::optional<InstalledVm> old;
   bool new_slot = false;
-  bool same_instance = false;  // re-added on the interface it was removed from
+  bool same_instance = false;           // re-added on the interface it was removed from
+  bool resize_tables = false;           // a changed limits.flows: new flow table at release
+  std::optional<uint32_t> predecessor;  // slot of the VM this interface had before
+  std::vector<std::string> warnings;    // non-fatal problems of release()
   bool committed = false;
   std::vector<Undo> undo;  // in write order
 };

@@ -337,8 +337,12 @@ int cmd_wait(const std::string& vm, double timeout_s) {
   uint32_t id = name_id(vm);
   auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
   for (;;) {
+    // The kernel first (below): a refusal only counts for a VM the agent
+    // does not enforce (a second file naming an enforced VM is not it).
     State st = read_state(run_dir());
-    if (const StateRejected* r = refused(st, vm)) {
+    bool in_force = std::any_of(st.vms.begin(), st.vms.end(), [&](const StateVm& v) { return v.name == vm; });
+    const StateRejected* r = in_force ? nullptr : refused(st, vm);
+    if (r) {
       std::fprintf(stderr, "vmfence wait: %s is refused by the running agent:\n", vm.c_str());
       for (const auto& e : r->errors) std::fprintf(stderr, "%s\n", e.c_str());
       return 1;

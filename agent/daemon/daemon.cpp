@@ -203,6 +203,8 @@ void Daemon::apply(const ReconcileResult& r) {
     actions_.rearm(name);
     removed_.erase(name_id(name));
   }
+  // A removed VM's name is kept only while its interface drops in no_policy.
+  std::erase_if(removed_, [&](const auto& kv) { return vm_on(kv.second.interface) != nullptr; });
   for (const auto& vm : in_force_) {
     auto inst = writer_->installed().find(vm.name);
     if (inst == writer_->installed().end()) continue;

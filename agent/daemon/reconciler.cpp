@@ -39,6 +39,31 @@ struct Item {
   std::string why;
 };
 
+// A VM whose change failed keeps what it had: its old addresses and its old
+// interface. A change that claims one of them must not go in either: undone
+// (latest first), which may keep another VM at its old state, and so on.
+void cascade(MapWriter& writer, std::vector<Item>& items, const std::map<std::string, const VmSpec*>& incumbent) {
+  for (bool again = true; again;) {
+    again = false;
+    for (const auto& f : items) {
+      auto old = incumbent.find(f.vm->name);
+      if (!f.failed || old == incumbent.end()) continue;
+      for (auto it = items.rbegin(); it != items.rend(); ++it) {
+        if (!(it->staged || it->committed) || it->vm->name == f.vm->name) continue;
+        bool address = addresses_overlap(*it->vm, *old->second);
+        bool interface = it->vm->interface == old->second->interface;
+        if (!address && !interface) continue;
+        writer.abort(it->change);
+        it->staged = it->committed = false;
+        it->failed = true;
+        it->why = std::string(address ? "an address" : "its interface") + " is still held by " + f.vm->name +
+                  ", whose change failed";
+        again = true;
+      }
+    }
+  }
+}
+
 }  // namespace
 
 ReconcileResult Reconciler::reconcile(const SpecFiles& files, const std::vector<VmSpec>& incumbents,
@@ -102,23 +127,7 @@ ReconcileResult Reconciler::reconcile(const SpecFiles& files, const std::vector<
       it.staged = true;
     }
   }
-  // A VM whose change failed keeps its old addresses: a change that claims
-  // one of them must not go in either (undone, latest first).
-  for (bool again = true; again;) {
-    again = false;
-    for (const auto& f : items) {
-      auto old = incumbent.find(f.vm->name);
-      if (!f.failed || old == incumbent.end()) continue;
-      for (auto it = items.rbegin(); it != items.rend(); ++it) {
-        if (!it->staged || it->vm->name == f.vm->name || !addresses_overlap(*it->vm, *old->second)) continue;
-        writer_.abort(it->change);
-        it->staged = false;
-        it->failed = true;
-        it->why = "an address is still held by " + f.vm->name + ", whose change failed";
-        again = true;
-      }
-    }
-  }
+  cascade(writer_, items, incumbent);
   // 2. VMs no longer in force: their interfaces drop everything; addresses
   // are freed unless a staged VM took them over.
   std::set<std::string> keep;
@@ -133,17 +142,20 @@ ReconcileResult Reconciler::reconcile(const SpecFiles& files, const std::vector<
   // 3. The switches.
   for (auto& it : items) {
     if (!it.staged) continue;
-    if (auto s = writer_.commit(it.change); !s) {
+    if (auto s = writer_.commit(it.change); !s) {  // commit() undid this change
+      it.staged = false;
       it.failed = true;
       it.why = s.message;
       continue;
     }
     it.committed = true;
   }
+  cascade(writer_, items, incumbent);
   // 4. Old generations and given-up addresses.
   for (auto& it : items)
     if (it.committed) {
       writer_.release(it.change);
+      for (const auto& w : it.change.warnings) spdlog::warn("vm {}: {}", it.vm->name, w);
       r.changed.push_back(it.vm->name);
     }
 
@@ -178,7 +190,10 @@ ReconcileResult Reconciler::reconcile(const SpecFiles& files, const std::vector<
     if (rf.interface.empty() || used.count(rf.interface)) continue;
     uint32_t ifindex = ifindex_of_(rf.interface);
     if (!ifindex) continue;  // blocked when it appears
-    if (auto s = writer_.block(ifindex, name_id(rf.name.empty() ? rf.file : rf.name)); !s)
+    // Named after the file when its name is an enforced VM's (events and
+    // status must not show another VM's name on this interface).
+    bool taken = std::any_of(r.in_force.begin(), r.in_force.end(), [&](const VmSpec& v) { return v.name == rf.name; });
+    if (auto s = writer_.block(ifindex, name_id(rf.name.empty() || taken ? rf.file : rf.name)); !s)
       spdlog::error("{}: no_policy on {}: {}", rf.file, rf.interface, s.message);
     else
       r.blocked.push_back(ifindex);

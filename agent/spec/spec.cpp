@@ -1029,10 +1029,10 @@ Admission admit(const SpecFiles& files, const std::vector<VmSpec>& incumbents, c
   // is weighed; a refused change adds one and starts over (each incumbent
   // at most once).
   std::set<std::string> kept;
-  std::set<std::string> named;  // names some valid file defines
-  for (const auto& c : candidates) named.insert(c.file->vm->name);
+  // Its own file broken: kept, whatever another file says it is (a second
+  // file naming it is then refused on the name).
   for (const auto& vm : incumbents)
-    if (!named.count(vm.name) && errors.count(vm.file)) kept.insert(vm.name);
+    if (errors.count(vm.file)) kept.insert(vm.name);
 
   std::vector<const VmSpec*> accepted;
   std::map<std::string, std::vector<SpecError>> refused;   // by file

@@ -383,6 +383,102 @@ TEST(Reconciler, SameInstanceAfterRestartStaysQuarantined) {
   EXPECT_EQ(now.quarantined, 1u);
 }
 
+// a moves to another TAP and b takes a's old TAP in the same reload: b's
+// entry must survive a's release.
+TEST(Reconciler, InterfaceHandedOverInOneReloadStaysWithItsNewVm) {
+  World w;
+  w.links = {{"tap-x", 10}, {"tap-y", 11}};
+  w.apply({vm_file("vms.d/a.json", 1, vm_json("a", "tap-x", 1, "[\"10.0.0.1/32\"]"))});
+  auto r = w.apply({vm_file("vms.d/a.json", 2, vm_json("a", "tap-y", 1, "[\"10.0.0.1/32\"]")),
+                    vm_file("vms.d/b.json", 2, vm_json("b", "tap-x", 2, "[\"10.0.0.2/32\"]"))});
+  EXPECT_TRUE(r.rejected.empty());
+  ASSERT_TRUE(w.vm_entry(10));
+  EXPECT_EQ(w.vm_entry(10)->vm_id, name_id("b"));
+  ASSERT_TRUE(w.vm_entry(11));
+  EXPECT_EQ(w.vm_entry(11)->vm_id, name_id("a"));
+}
+
+// Two VMs swap addresses; whichever write of the reload fails, every address
+// stays with exactly the VM that the maps and the in-force set agree on.
+TEST(Reconciler, FailedSwapLeavesEachAddressWithOneVm) {
+  const auto a1 = vm_json("a", "tap-a", 1, "[\"10.0.0.5/32\"]"), b1 = vm_json("b", "tap-b", 2, "[\"10.0.0.6/32\"]");
+  const auto a2 = vm_json("a", "tap-a", 1, "[\"10.0.0.6/32\"]"), b2 = vm_json("b", "tap-b", 2, "[\"10.0.0.5/32\"]");
+  for (uint64_t n = 1; n <= 12; ++n) {
+    World w;
+    w.links = {{"tap-a", 10}, {"tap-b", 11}};
+    w.apply({vm_file("vms.d/a.json", 1, a1), vm_file("vms.d/b.json", 1, b1)});
+    w.fake->fail_update(n);
+    auto r = w.apply({vm_file("vms.d/a.json", 2, a2), vm_file("vms.d/b.json", 2, b2)});
+    w.fake->fail_update(std::nullopt);
+    std::map<std::string, std::string> holder;  // address -> VM, per the in-force set
+    for (const auto& vm : r.in_force)
+      for (const auto& c : vm.addresses) {
+        EXPECT_FALSE(holder.count(c.str())) << "write " << n << ": " << c.str() << " held by two VMs";
+        holder[c.str()] = vm.name;
+      }
+    for (const char* ip : {"10.0.0.5", "10.0.0.6"}) {
+      std::string key = std::string(ip) + "/32";
+      ASSERT_TRUE(holder.count(key)) << "write " << n << ": " << ip << " held by none";
+      EXPECT_EQ(w.owner(ip), name_id(holder[key])) << "write " << n << ": maps and in-force set disagree on " << ip;
+    }
+  }
+}
+
+// A second file naming an enforced VM cannot take it over while the VM's own
+// file is broken.
+TEST(Reconciler, SecondFileCannotTakeOverAVmWhoseFileIsBroken) {
+  World w;
+  w.links = {{"tap-a", 10}};
+  w.apply({vm_file("vms.d/vm1.json", 1, vm_json("vm1", "tap-a", 1, "[\"10.0.0.1/32\"]"))});
+  uint32_t gen = w.writer.installed().at("vm1").policy_id;
+  auto r =
+      w.apply({vm_file("vms.d/vm1.json", 2, "{\"name\": \"vm1\", "),
+               vm_file("vms.d/evil.json", 2,
+                       vm_json("vm1", "tap-a", 1, "[\"10.0.0.1/32\"]", ", \"egress\": [{\"to\": \"0.0.0.0/0\"}]"))});
+  EXPECT_EQ(w.writer.installed().at("vm1").policy_id, gen);
+  ASSERT_EQ(r.in_force.size(), 1u);
+  EXPECT_EQ(r.in_force[0].file, "vms.d/vm1.json");
+  EXPECT_TRUE(find_rejected(r, "vms.d/evil.json"));
+  EXPECT_TRUE(find_rejected(r, "vms.d/vm1.json")->kept_last_good);
+}
+
+// Renaming the VM of a quarantined TAP does not let it out of quarantine.
+TEST(Reconciler, RenameOnTheSameTapKeepsItsQuarantine) {
+  World w;
+  w.links = {{"tap-a", 10}};
+  w.apply({vm_file("vms.d/a.json", 1, vm_json("a", "tap-a", 1, "[\"10.0.0.1/32\"]"))});
+  uint32_t slot = w.writer.installed().at("a").slot;
+  vmfence_state st{};
+  st.quarantined = 1;
+  ASSERT_TRUE(w.fake->update(MapId::state, to_bytes(slot), to_bytes(st)));
+  w.apply({vm_file("vms.d/a.json", 2, vm_json("a2", "tap-a", 1, "[\"10.0.0.1/32\"]"))});
+  uint32_t now = w.writer.installed().at("a2").slot;
+  Bytes v;
+  ASSERT_TRUE(w.fake->lookup(MapId::state, to_bytes(now), v));
+  vmfence_state after;
+  std::memcpy(&after, v.data(), sizeof after);
+  EXPECT_EQ(after.quarantined, 1u);
+}
+
+// A refused change leaves the VM's flow table as it was (size included).
+TEST(Reconciler, RefusedChangeKeepsTheFlowTable) {
+  World w;
+  w.links = {{"tap-a", 10}};
+  w.apply({vm_file("vms.d/a.json", 1, vm_json("a", "tap-a", 1, "[\"10.0.0.1/32\"]"))});
+  uint32_t slot = w.writer.installed().at("a").slot;
+  uint32_t before = w.fake->snapshot().tables.at(slot).flow_limit;
+  w.fake->fail_map(MapId::owners, true);
+  auto r = w.apply(
+      {vm_file("vms.d/a.json", 2,
+               vm_json("a", "tap-a", 1, "[\"10.0.0.1/32\", \"10.0.0.7/32\"]", ", \"limits\": {\"flows\": 10}"))});
+  w.fake->fail_map(MapId::owners, false);
+  ASSERT_TRUE(find_rejected(r, "vms.d/a.json"));
+  EXPECT_EQ(w.fake->snapshot().tables.at(slot).flow_limit, before);
+  // Accepted later: the new size is in place.
+  w.apply({vm_file("vms.d/a.json", 3, vm_json("a", "tap-a", 1, "[\"10.0.0.1/32\"]", ", \"limits\": {\"flows\": 10}"))});
+  EXPECT_EQ(w.fake->snapshot().tables.at(slot).flow_limit, 10u);
+}
+
 TEST(TrustBoundary, VmFileMayNotSayHowToTerminate) {
   for (const char* field : {"\"command\": [\"/bin/sh\", \"-c\", \"id\"]", "\"systemd_unit\": \"x.service\"",
                             "\"qmp_socket\": \"/tmp/q\""}) {
