@@ -319,6 +319,12 @@ int cmd_status(bool json) {
 // A refused file for `vm` (by name, or by file name when the file names
 // nothing readable) that is still as the daemon saw it: wait fails at once.
 static const StateRejected* refused(const State& st, const std::string& vm) {
+  // vms.d changed (a file added, removed, renamed) after the agent's last
+  // scan: the refusal may be stale; let the agent look first.
+  struct stat dir {};
+  if (::stat((st.config_dir + "/vms.d").c_str(), &dir) == 0 &&
+      int64_t{dir.st_mtim.tv_sec} * 1000000000 + dir.st_mtim.tv_nsec > st.scanned_ns)
+    return nullptr;
   for (const auto& r : st.rejected) {
     if (r.kept_last_good) continue;  // the VM is enforced at its last good policy
     bool named = r.name == vm || (r.name.empty() && fs::path(r.file).stem() == vm);

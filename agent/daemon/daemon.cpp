@@ -43,6 +43,12 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+int64_t realtime_ns() {
+  timespec ts{};
+  clock_gettime(CLOCK_REALTIME, &ts);  // comparable with file mtimes
+  return int64_t{ts.tv_sec} * 1000000000 + ts.tv_nsec;
+}
+
 uint32_t ifindex_of(const std::string& name) { return name.empty() ? 0 : if_nametoindex(name.c_str()); }
 
 // An interface whose programs could not be attached: retried with backoff.
@@ -102,6 +108,7 @@ class Daemon {
   std::map<uint32_t, AttachRetry> unattached_;                  // ifindex -> retry
   std::map<uint32_t, std::pair<uint64_t, uint64_t>> reported_;  // vm_id -> suppressed, lost (in-force VMs only)
   std::map<uint32_t, MapBackend::TableUse> flow_use_;           // slot -> flows, from the last sweep
+  int64_t scanned_ns_ = 0;                                      // when vms.d was last read (for `wait`)
   bool reload_pending_ = false;
   Clock::time_point reload_at_{};
   bool running_ = true;
@@ -240,6 +247,7 @@ void Daemon::apply_nft() {
 void Daemon::publish_state() {
   State st;
   st.config_dir = config_dir_;
+  st.scanned_ns = scanned_ns_;
   for (const auto& vm : in_force_) {
     StateVm s;
     s.name = vm.name;
@@ -304,6 +312,7 @@ bool Daemon::start() {
     return false;
   }
 
+  scanned_ns_ = realtime_ns();
   SpecFiles files = read_spec_files(config_dir_);
   if (!files.host_errors.empty()) {
     for (const auto& e : files.host_errors) std::fprintf(stderr, "%s\n", e.str().c_str());
@@ -416,6 +425,7 @@ void Daemon::links_resynced(const std::vector<LinkMonitor::Link>& links) {
 }
 
 void Daemon::reload(const char* why) {
+  scanned_ns_ = realtime_ns();
   SpecFiles files = read_spec_files(config_dir_);
   if (!files.host_errors.empty()) {
     for (const auto& e : files.host_errors) std::fprintf(stderr, "%s\n", e.str().c_str());

@@ -18,6 +18,8 @@ Status write_state_file(const std::string& dir, const State& state) {
   w.String(state.config_dir.c_str());
   w.Key("pid");
   w.Int(state.pid ? state.pid : getpid());
+  w.Key("scanned_ns");
+  w.Int64(state.scanned_ns);
   w.Key("vms");
   w.StartArray();
   for (const auto& v : state.vms) {
@@ -92,6 +94,7 @@ State read_state(const std::string& dir) {
   auto flag = [](const rj::Value& v, const char* k) { return v.HasMember(k) && v[k].IsBool() && v[k].GetBool(); };
   out.config_dir = str(d, "config");
   out.pid = d.HasMember("pid") && d["pid"].IsInt() ? d["pid"].GetInt() : 0;
+  out.scanned_ns = d.HasMember("scanned_ns") && d["scanned_ns"].IsInt64() ? d["scanned_ns"].GetInt64() : 0;
   if (d.HasMember("vms") && d["vms"].IsArray())
     for (const auto& v : d["vms"].GetArray()) {
       if (!v.IsObject()) continue;

@@ -27,6 +27,7 @@ struct StateRejected {
 struct State {
   std::string config_dir;
   int pid = 0;
+  int64_t scanned_ns = 0;  // CLOCK_REALTIME when the agent last read vms.d
   std::vector<StateVm> vms;
   std::vector<StateRejected> rejected;
 };
