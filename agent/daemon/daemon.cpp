@@ -89,6 +89,7 @@ class Daemon {
   const VmSpec* vm_by_id(uint32_t id) const;
   const VmSpec* vm_on(const std::string& ifname) const;
   const RejectedFile* rejected_on(const std::string& ifname) const;
+  std::vector<VmSpec> previous_claims(const SpecFiles& files) const;
 
   std::string config_dir_;
   HostSpec host_;
@@ -96,6 +97,7 @@ class Daemon {
   std::map<uint32_t, size_t> by_id_;    // vm_id -> index in in_force_
   std::vector<RejectedFile> rejected_;  // refused files (reported in the state file, `wait`)
   std::map<uint32_t, VmSpec> removed_;  // vm_id -> spec of a removed VM whose interface still drops
+  std::vector<VmSpec> reserved_;        // claims of a previous run's VMs whose file is invalid now
   Journal journal_;
   ActionRunner actions_;
   EventConsumer events_;
@@ -278,6 +280,67 @@ void Daemon::publish_state() {
   if (auto s = write_state_file(run_dir(), st); !s) spdlog::warn("{}", s.message);
 }
 
+// Some file names `name` (by its name, or by its file name when unreadable)
+// and every such file is invalid.
+bool only_broken_files_name(const SpecFiles& files, const std::string& name) {
+  bool broken = false, valid = false;
+  for (const auto& f : files.vms) {
+    bool names_it = f.vm ? f.vm->name == name : f.name == name || std::filesystem::path(f.path).stem() == name;
+    if (names_it) (f.vm ? valid : broken) = true;
+  }
+  return broken && !valid;
+}
+
+// Claims of VMs the previous run enforced (pinned maps, and the names from
+// its state file) whose file is now broken: their name, interface and
+// addresses as the kernel holds them.
+std::vector<VmSpec> Daemon::previous_claims(const SpecFiles& files) const {
+  static const uint8_t kMappedPrefix[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+  std::vector<VmSpec> out;
+  State before = read_state(run_dir());
+  for (const auto& prev : before.vms) {
+    if (!writer_->adopted_ifindex(prev.vm_id)) continue;
+    if (!only_broken_files_name(files, prev.name)) continue;
+    VmSpec vm;
+    vm.name = prev.name;
+    vm.group = prev.name;
+    vm.interface = prev.interface;
+    vm.file = "(enforced before the agent restarted; its file is invalid)";
+    const MapSet& maps = dp_->maps();
+    vmfence_addr a{}, next{};
+    vmfence_owner o{};
+    for (void* key = nullptr; bpf_map_get_next_key(maps.owners.get(), key, &next) == 0; key = &a) {
+      a = next;
+      if (bpf_map_lookup_elem(maps.owners.get(), &a, &o) != 0 || o.vm_id != prev.vm_id) continue;
+      Cidr c;
+      std::memcpy(c.addr.data(), a.addr, 16);
+      bool v4 = std::memcmp(a.addr, kMappedPrefix, 12) == 0;
+      c.family = v4 ? 4 : 6;
+      c.prefix_len = v4 ? 32 : 128;
+      bool link_local = !v4 && a.addr[0] == 0xfe && (a.addr[1] & 0xc0) == 0x80;  // its EUI-64, not a spec address
+      if (!link_local) vm.addresses.push_back(c);
+    }
+    vmfence_addr_key k{}, nk{};
+    for (void* key = nullptr; bpf_map_get_next_key(maps.owner_nets.get(), key, &nk) == 0; key = &k) {
+      k = nk;
+      if (bpf_map_lookup_elem(maps.owner_nets.get(), &k, &o) != 0 || o.vm_id != prev.vm_id) continue;
+      Cidr c;
+      std::memcpy(c.addr.data(), k.addr, 16);
+      uint32_t bits = std::min<uint32_t>(k.prefixlen, 128);  // in the IPv4-mapped space
+      bool v4 = bits >= 96 && std::memcmp(k.addr, kMappedPrefix, 12) == 0;
+      c.family = v4 ? 4 : 6;
+      c.prefix_len = static_cast<uint8_t>(v4 ? bits - 96 : bits);
+      vm.addresses.push_back(c);
+    }
+    spdlog::warn(
+        "vm {}: enforced before the restart, its file is invalid now: its interface drops everything and "
+        "its claims ({} addresses, {}) stay reserved",
+        vm.name, vm.addresses.size(), vm.interface);
+    out.push_back(std::move(vm));
+  }
+  return out;
+}
+
 bool Daemon::start() {
   // One agent per pin dir: a second one would fight over the same maps.
   std::error_code ec;
@@ -329,11 +392,14 @@ bool Daemon::start() {
   writer_ = std::make_unique<MapWriter>(dp_->maps());
   if (auto s = writer_->adopt(); !s) spdlog::warn("adopt previous state: {}", s.message);
   reconciler_ = std::make_unique<Reconciler>(*writer_, ifindex_of);
-  // VMs a previous run enforced win conflicts against newcomers.
+  // VMs a previous run enforced win conflicts against newcomers; one whose
+  // file is broken now keeps its claims (no newcomer takes its interface or
+  // addresses) although it is not enforced.
   std::set<std::string> enforced;
   for (const auto& f : files.vms)
     if (f.vm && writer_->adopted_ifindex(name_id(f.vm->name))) enforced.insert(f.vm->name);
-  ReconcileResult r = reconciler_->reconcile(files, {}, enforced);
+  reserved_ = previous_claims(files);
+  ReconcileResult r = reconciler_->reconcile(files, {}, enforced, reserved_);
   if (auto s = writer_->collect_garbage(); !s) spdlog::warn("garbage collection: {}", s.message);
   apply(r);
   Datapath::remove_stale_pins(dp_->dir());
@@ -433,7 +499,9 @@ void Daemon::reload(const char* why) {
     return;
   }
   host_ = files.host;
-  ReconcileResult r = reconciler_->reconcile(files, in_force_);
+  // A reserved claim lasts while only invalid files name its VM.
+  std::erase_if(reserved_, [&](const VmSpec& vm) { return !only_broken_files_name(files, vm.name); });
+  ReconcileResult r = reconciler_->reconcile(files, in_force_, {}, reserved_);
   apply(r);
   apply_nft();
   publish_state();

@@ -67,7 +67,7 @@ void cascade(MapWriter& writer, std::vector<Item>& items, const std::map<std::st
 }  // namespace
 
 ReconcileResult Reconciler::reconcile(const SpecFiles& files, const std::vector<VmSpec>& incumbents,
-                                      const std::set<std::string>& enforced) {
+                                      const std::set<std::string>& enforced, const std::vector<VmSpec>& reserved) {
   ReconcileResult r;
   if (!files.host_errors.empty()) {
     r.host_ok = false;
@@ -89,7 +89,7 @@ ReconcileResult Reconciler::reconcile(const SpecFiles& files, const std::vector<
     compile_vm(vm, host, all_nets, errs);
     return errs;
   };
-  Admission a = admit(files, incumbents, enforced, compiles);
+  Admission a = admit(files, incumbents, enforced, compiles, reserved);
   r.rejected = std::move(a.rejected);
   std::vector<VmSpec> in_force = std::move(a.in_force);
 

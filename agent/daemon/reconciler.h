@@ -42,8 +42,9 @@ class Reconciler {
   // Make the maps match `files`, given the VMs enforced now (`incumbents`,
   // their last good specs). `enforced` names VMs a previous run left in the
   // kernel (first reconcile after a restart).
+  // `reserved`: see admit().
   ReconcileResult reconcile(const SpecFiles& files, const std::vector<VmSpec>& incumbents,
-                            const std::set<std::string>& enforced = {});
+                            const std::set<std::string>& enforced = {}, const std::vector<VmSpec>& reserved = {});
 
  private:
   MapWriter& writer_;

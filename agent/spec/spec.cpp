@@ -882,8 +882,8 @@ class ClaimSet {
   // `vm` must outlive the set.
   void add(const VmSpec& vm) {
     names_.emplace(vm.name, &vm);
-    interfaces_.emplace(vm.interface, &vm);
-    macs_.emplace(vm.mac, &vm);
+    if (!vm.interface.empty()) interfaces_.emplace(vm.interface, &vm);
+    if (vm.mac != std::array<uint8_t, 6>{}) macs_.emplace(vm.mac, &vm);  // a reserved claim has none
     ids_.emplace(name_id(vm.name), std::pair{vm.name, &vm});
     if (vm.group != vm.name) ids_.emplace(name_id(vm.group), std::pair{vm.group, &vm});
     for (size_t i = 0; i < vm.addresses.size(); ++i) {
@@ -997,7 +997,7 @@ SpecFiles read_spec_files(const std::filesystem::path& dir) {
 }
 
 Admission admit(const SpecFiles& files, const std::vector<VmSpec>& incumbents, const std::set<std::string>& enforced,
-                const VmCheck& check) {
+                const VmCheck& check, const std::vector<VmSpec>& reserved) {
   Admission out;
   std::map<std::string, const VmSpec*> incumbent;  // by name
   for (const auto& vm : incumbents) incumbent[vm.name] = &vm;
@@ -1042,6 +1042,7 @@ Admission admit(const SpecFiles& files, const std::vector<VmSpec>& incumbents, c
     std::set<std::string> names;
     accepted.clear();
     refused.clear();
+    for (const auto& vm : reserved) claims.add(vm);
     for (const auto& name : kept) {
       claims.add(*incumbent[name]);
       accepted.push_back(incumbent[name]);

@@ -162,8 +162,12 @@ using VmCheck = std::function<std::vector<SpecError>(const VmSpec&)>;
 // keeps its name, interface, MAC and addresses; between newcomers the older
 // file (mtime) wins; file names never decide. An incumbent whose file is
 // broken, or whose change is refused, keeps its last good spec.
+// `reserved`: claims (name, interface, addresses) of VMs that are not in
+// force but whose claims no newcomer may take (a VM the previous run enforced
+// whose file is broken now).
 Admission admit(const SpecFiles& files, const std::vector<VmSpec>& incumbents,
-                const std::set<std::string>& enforced = {}, const VmCheck& check = {});
+                const std::set<std::string>& enforced = {}, const VmCheck& check = {},
+                const std::vector<VmSpec>& reserved = {});
 
 // Parse and validate DIR/host.json and DIR/vms.d/*.json (files starting with '.'
 // or not ending in .json are ignored: writers use rename from a temp file).

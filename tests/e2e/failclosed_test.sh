@@ -174,5 +174,21 @@ else
 	expect_blocked "vm1 -> gateway (quarantined)" ping_probe vm1 "$GW"
 fi
 
+section "after a restart, a VM whose file broke meanwhile keeps its claims"
+if enforced; then
+	stop_daemon TERM
+	# While the agent is down: vm5's file breaks, and a newcomer claims vm5's address.
+	write_vm vm5 '{ "name": "vm5", "interface": "fc5", '
+	write_vm vm7 "$(spec vm7 fc7 02:00:00:00:70:07 10.70.0.5/32)"
+	nsenter --net="/run/netns/$HV" -- env VMFENCE_PIN_DIR="$PIN" VMFENCE_RUN_DIR="$RUNDIR" \
+		"$VMFENCE" run --config "$CONF" >>"$DLOG" 2>&1 &
+	DAEMON_PID=$!
+	expect_ok "the agent is back (vm6 enforced)" vmf wait --vm vm6 --timeout 20
+	expect_fail "wait --vm vm7 fails: vm5's address stays vm5's" vmf wait --vm vm7 --timeout 10
+	expect_ok "... with the reason" grep -q "vm7.json: addresses\[0\]: 10.70.0.5/32 overlaps 10.70.0.5/32 of vm5" \
+		<(vmf wait --vm vm7 --timeout 1 2>&1)
+fi
+expect_blocked "vm5 -> gateway (its file broke while the agent was down: no_policy)" ping_probe vm5 "$GW"
+
 expect_ok "the daemon is still running" test "$ENFORCE" != 1 -o -n "$(kill -0 "${DAEMON_PID:-0}" 2>/dev/null && echo y)"
 e2e_finish

@@ -479,6 +479,30 @@ TEST(Reconciler, RefusedChangeKeepsTheFlowTable) {
   EXPECT_EQ(w.fake->snapshot().tables.at(slot).flow_limit, 10u);
 }
 
+// Reserved claims (a previous run's VM whose file is broken now) hold their
+// name, interface and addresses against newcomers, and are never in force.
+TEST(Reconciler, ReservedClaimsHoldAgainstNewcomers) {
+  World w;
+  w.links = {{"tap-a", 10}, {"tap-n", 11}};
+  VmSpec held;
+  held.name = "a";
+  held.group = "a";
+  held.interface = "tap-a";
+  held.file = "(previous run)";
+  held.addresses = {*parse_cidr("10.0.0.1/32")};
+  SpecFiles files;
+  files.host.file = "host.json";
+  files.vms = {vm_file("vms.d/n.json", 1, vm_json("n", "tap-n", 2, "[\"10.0.0.0/30\"]")),
+               vm_file("vms.d/m.json", 1, vm_json("m", "tap-a", 3, "[\"10.0.0.9/32\"]"))};
+  auto r = w.rec.reconcile(files, {}, {}, {held});
+  EXPECT_TRUE(r.in_force.empty());
+  ASSERT_TRUE(find_rejected(r, "vms.d/n.json"));
+  EXPECT_EQ(find_rejected(r, "vms.d/n.json")->errors[0].str(),
+            "vms.d/n.json: addresses[0]: 10.0.0.0/30 overlaps 10.0.0.1/32 of a ((previous run))");
+  ASSERT_TRUE(find_rejected(r, "vms.d/m.json"));
+  EXPECT_EQ(w.owner("10.0.0.1"), 0u);
+}
+
 TEST(TrustBoundary, VmFileMayNotSayHowToTerminate) {
   for (const char* field : {"\"command\": [\"/bin/sh\", \"-c\", \"id\"]", "\"systemd_unit\": \"x.service\"",
                             "\"qmp_socket\": \"/tmp/q\""}) {
