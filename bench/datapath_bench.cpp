@@ -123,7 +123,7 @@ class Setup {
     std::error_code ec;
     std::filesystem::remove_all(dir_, ec);
     if (auto s = Datapath::load(dir_, dp_); !s) die(s.message);
-    writer_ = std::make_unique<MapWriter>(dp_->maps());
+    writer_ = std::make_unique<MapWriter>(dp_->maps(), dp_->dir());
     writer_->adopt();
     vmfence_config cfg{};
     cfg.event_budget = VMFENCE_DEFAULT_EVENT_BUDGET;
@@ -137,8 +137,11 @@ class Setup {
     ref_.reset(vmfence_ref__open_and_load());
     if (!ref_) die("load bench/reference.bpf.c");
     copy_map(dp_->maps().vms.get(), bpf_map__fd(ref_->maps.ref_vms), sizeof(uint32_t), sizeof(vmfence_vm));
-    copy_map(dp_->maps().egress.get(), bpf_map__fd(ref_->maps.ref_egress), sizeof(vmfence_policy_key),
-             sizeof(vmfence_policy_value));
+    // The reference's one trie: the VM under test's own prefixes.
+    const InstalledVm& vm = writer_->installed().at("bench0");
+    Fd trie = inner_map(dp_->maps().egress.get(), vmfence_policy_index(vm.slot, vm.policy_id));
+    if (!trie.valid()) die("the VM under test has no egress trie");
+    copy_map(trie.get(), bpf_map__fd(ref_->maps.ref_egress), sizeof(vmfence_addr_key), sizeof(vmfence_policy_value));
   }
   ~Setup() {
     ref_.reset();

@@ -36,24 +36,34 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } VMFENCE_MAP_ID(OWNER_NETS, owner_nets) SEC(".maps");
 
-/* (policy generation, destination prefix) -> port rules the VM may open. */
-struct {
+/* Per-VM policy tries: VMFENCE_POLICY_INDEX(slot, policy_id) -> an LPM trie
+ * of peer prefixes -> the port rules of that direction. The agent creates
+ * each inner trie (with this template's key and value BTF) and pins it as
+ * policy/<vm>_egress, policy/<vm>_ingress. */
+struct vmfence_policy_trie {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, VMFENCE_MAX_POLICY_PREFIXES);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct vmfence_policy_key);
+	__type(key, struct vmfence_addr_key);
 	__type(value, struct vmfence_policy_value);
+};
+
+/* The VM's egress rules: destination prefix -> port rules it may open. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, VMFENCE_MAX_POLICIES);
+	__type(key, __u32);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__array(values, struct vmfence_policy_trie);
 } VMFENCE_MAP_ID(EGRESS, egress) SEC(".maps");
 
-/* (policy generation, source prefix) -> port rules peers may open to the VM. */
+/* The VM's ingress rules: source prefix -> port rules peers may open. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, VMFENCE_MAX_POLICY_PREFIXES);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct vmfence_policy_key);
-	__type(value, struct vmfence_policy_value);
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, VMFENCE_MAX_POLICIES);
+	__type(key, __u32);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__array(values, struct vmfence_policy_trie);
 } VMFENCE_MAP_ID(INGRESS, ingress) SEC(".maps");
 
 /* (vm, address) the VM may resolve with ARP/ND. */

@@ -29,6 +29,10 @@ struct vmfence_event vmfence_event_btf_anchor __attribute__((unused));
 struct vmfence_flow_key vmfence_flow_key_btf_anchor __attribute__((unused));
 struct vmfence_flow vmfence_flow_btf_anchor __attribute__((unused));
 struct vmfence_frag_key vmfence_frag_key_btf_anchor __attribute__((unused));
+/* The policy tries' key and value: the agent also creates each VM's trie
+ * with them, so bpftool prints its rules by field. */
+struct vmfence_addr_key vmfence_addr_key_btf_anchor __attribute__((unused));
+struct vmfence_policy_value vmfence_policy_value_btf_anchor __attribute__((unused));
 
 static __always_inline struct vmfence_config *vmfence_cfg(void)
 {
@@ -221,13 +225,18 @@ static __always_inline __u8 resolve_target_reason(const struct vmfence_vm *vm, c
 
 /* --- policy ------------------------------------------------------------------ */
 
-static __always_inline struct vmfence_policy_value *policy_lookup(void *map, __u32 policy_id,
+/* The longest prefix of the VM's own trie (egress or ingress) covering peer. */
+static __always_inline struct vmfence_policy_value *policy_lookup(void *map, const struct vmfence_vm *vm,
 								 const union addr16 *peer)
 {
-	struct vmfence_policy_key k = { .prefixlen = 32 + 128, .policy_id = policy_id };
+	__u32 index = vmfence_policy_index(vm->slot, vm->policy_id);
+	struct vmfence_addr_key k = { .prefixlen = 128 };
+	void *trie = bpf_map_lookup_elem(map, &index);
 
+	if (!trie)
+		return NULL;
 	__builtin_memcpy(k.addr, peer->b, 16);
-	return bpf_map_lookup_elem(map, &k);
+	return bpf_map_lookup_elem(trie, &k);
 }
 
 /* Do the port rules of a policy entry allow proto/port? 0 or the drop reason. */
@@ -254,10 +263,10 @@ static __always_inline __u8 rules_check(const struct vmfence_policy_value *v, __
 
 /* Does the VM's egress (ingress) policy allow proto/port to (from) peer?
  * Returns 0 (allowed) or the drop reason. */
-static __always_inline __u8 policy_check(void *map, __u32 policy_id, const union addr16 *peer,
+static __always_inline __u8 policy_check(void *map, const struct vmfence_vm *vm, const union addr16 *peer,
 					 __u8 proto, __u16 port_be, __u8 deny_reason)
 {
-	return rules_check(policy_lookup(map, policy_id, peer), proto, port_be, deny_reason);
+	return rules_check(policy_lookup(map, vm, peer), proto, port_be, deny_reason);
 }
 
 /* Isolation: 0 when no VM owns addr, 1 when a VM of the same group does,
@@ -375,10 +384,10 @@ static __always_inline int flow_allowed(const struct vmfence_vm *vm, struct vmfe
 	if (f->policy_id != vm->policy_id) {
 		__builtin_memcpy(peer.b, k->peer_addr, 16);
 		if (f->opened_by == VMFENCE_FLOW_OPENED_BY_VM)
-			r = policy_check(&vmfence_egress_v1, vm->policy_id, &peer, k->proto, k->peer_port,
+			r = policy_check(&vmfence_egress_v2, vm, &peer, k->proto, k->peer_port,
 					 VMFENCE_REASON_EGRESS_DENIED);
 		else
-			r = policy_check(&vmfence_ingress_v1, vm->policy_id, &peer, k->proto, k->vm_port,
+			r = policy_check(&vmfence_ingress_v2, vm, &peer, k->proto, k->vm_port,
 					 VMFENCE_REASON_INGRESS_DENIED);
 		if (r) {
 			if (!dry_run)
@@ -1008,7 +1017,7 @@ int vmfence_from_vm(struct __sk_buff *skb)
 	flow_key_from_vm(&fk, vm, &p);
 	if (vm->mode == VMFENCE_MODE_CONNTRACK && flow_allowed(vm, &fk, 0, p.tcp_flags, 1, 0))
 		goto allowed;
-	v = policy_lookup(&vmfence_egress_v1, vm->policy_id, &p.daddr);
+	v = policy_lookup(&vmfence_egress_v2, vm, &p.daddr);
 	if (!v || (v->flags & VMFENCE_POLICY_F_VM_NET)) {
 		g = group_of_owner(vm, &p.daddr);
 		if (g < 0)
@@ -1032,7 +1041,7 @@ int vmfence_from_vm(struct __sk_buff *skb)
 		 * open) to a flow the table does not hold: expired, or the answer
 		 * to a stray packet. Dropped, but not the VM's violation. */
 		if ((p.proto == IPPROTO_TCP && (p.tcp_flags & TCP_FLAG_RST)) ||
-		    !policy_check(&vmfence_ingress_v1, vm->policy_id, &p.daddr, p.proto, p.sport,
+		    !policy_check(&vmfence_ingress_v2, vm, &p.daddr, p.proto, p.sport,
 				  VMFENCE_REASON_INGRESS_DENIED))
 			r = VMFENCE_REASON_STALE_REPLY;
 		/* Multicast and broadcast no rule allows (mDNS, LLMNR, SSDP,
@@ -1216,7 +1225,7 @@ int vmfence_to_vm(struct __sk_buff *skb)
 		goto allowed;
 	if (is_icmp_error(&p) && icmp_error_for_flow(skb, vm, &p, 0))
 		return TC_ACT_UNSPEC;
-	r = policy_check(&vmfence_ingress_v1, vm->policy_id, &p.saddr, p.proto, p.dport,
+	r = policy_check(&vmfence_ingress_v2, vm, &p.saddr, p.proto, p.dport,
 			 VMFENCE_REASON_INGRESS_DENIED);
 	if (r == VMFENCE_REASON_IMDS_DENIED)
 		r = VMFENCE_REASON_INGRESS_DENIED;

@@ -43,8 +43,8 @@
 #define VMFENCE_MAP_VMS_VERSION        1
 #define VMFENCE_MAP_OWNERS_VERSION     1
 #define VMFENCE_MAP_OWNER_NETS_VERSION 1
-#define VMFENCE_MAP_EGRESS_VERSION     1
-#define VMFENCE_MAP_INGRESS_VERSION    1
+#define VMFENCE_MAP_EGRESS_VERSION     2
+#define VMFENCE_MAP_INGRESS_VERSION    2
 #define VMFENCE_MAP_GATEWAYS_VERSION   1
 #define VMFENCE_MAP_FLOWS_VERSION      2
 #define VMFENCE_MAP_FRAGS_VERSION      2
@@ -65,8 +65,8 @@
 	X(VMS,        vms)        /* ifindex -> vm          */                                  \
 	X(OWNERS,     owners)     /* host addr -> owning vm */                                  \
 	X(OWNER_NETS, owner_nets) /* addr LPM -> owning vm  */                                  \
-	X(EGRESS,     egress)     /* (policy, dst) LPM      */                                  \
-	X(INGRESS,    ingress)    /* (policy, src) LPM      */                                  \
+	X(EGRESS,     egress)     /* policy -> VM's dst LPM */                                  \
+	X(INGRESS,    ingress)    /* policy -> VM's src LPM */                                  \
 	X(GATEWAYS,   gateways)   /* (vm, addr) -> 1        */                                  \
 	X(FLOWS,      flows)      /* slot -> VM flow table  */                                  \
 	X(FRAGS,      frags)      /* slot -> VM frag table  */                                  \
@@ -104,7 +104,10 @@
 #define VMFENCE_MAX_VMS             16384
 #define VMFENCE_MAX_OWNERS          65536 /* VM host addresses (/32, /128) */
 #define VMFENCE_MAX_OWNER_NETS      4096  /* VM addresses that are prefixes */
-#define VMFENCE_MAX_POLICY_PREFIXES 262144
+#define VMFENCE_MAX_POLICY_PREFIXES 65536 /* per VM and direction */
+/* Two policy tries per VM and direction (the live generation and the one a
+ * change fills): VMFENCE_MAP_EGRESS / _INGRESS hold this many. */
+#define VMFENCE_MAX_POLICIES        (2 * VMFENCE_MAX_VMS)
 #define VMFENCE_MAX_GATEWAYS        65536
 /* Flow and fragment state is per VM (one inner map per slot), so one VM's
  * flood never evicts another VM's flows. */
@@ -236,7 +239,7 @@ enum vmfence_direction {
 struct vmfence_vm {
 	__u32 vm_id;            /* FNV-1a of the VM name                   */
 	__u32 group_id;         /* FNV-1a of the group name                */
-	__u32 policy_id;        /* generation; keys its egress/ingress LPM  */
+	__u32 policy_id;        /* generation; its parity picks the trie   */
 	__u32 slot;             /* index into counters / state arrays      */
 	__u32 sample_threshold; /* sampled: check when prandom < this       */
 	__u32 window_ms;        /* on_violation.window_ms                  */
@@ -326,15 +329,17 @@ static inline __u32 vmfence_flow_timeout_s(__u8 proto, __u8 flow_flags, __u32 t_
 	return s;
 }
 
-/* VMFENCE_MAP_EGRESS / _INGRESS key: (policy_id, peer prefix). prefixlen =
- * 32 (policy_id, always fully matched) + bits of addr. Longest prefix wins;
- * the value already holds the rules of every covering prefix, so the longest
- * match alone decides. */
-struct vmfence_policy_key {
-	__u32 prefixlen;
-	__u32 policy_id;        /* host order; only ever matched whole */
-	__u8  addr[16];         /* network order, IPv4-mapped          */
-};
+/* VMFENCE_MAP_EGRESS / _INGRESS: arrays of per-VM LPM tries (key struct
+ * vmfence_addr_key: peer prefix, IPv4-mapped; value struct
+ * vmfence_policy_value), so one VM's lookup never walks another VM's
+ * prefixes. A VM's generations alternate between its two entries (the parity
+ * of policy_id): a change fills the idle trie and the switch stays the one
+ * update of the VM's vms entry. Longest prefix wins; the value already holds
+ * the rules of every covering prefix, so the longest match alone decides. */
+static inline __u32 vmfence_policy_index(__u32 slot, __u32 policy_id)
+{
+	return 2 * slot + (policy_id & 1);
+}
 
 #define VMFENCE_PROTO_ANY 0
 

@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <set>
+#include <string>
 #include <vector>
 
 #include "maps/status.h"
@@ -18,11 +20,19 @@ namespace vmfence {
 struct MapSet;
 
 // The maps the writer changes (the flow and fragment tables are per slot and
-// handled by ensure_tables / drop_tables).
+// handled by ensure_tables / drop_tables). egress and ingress are arrays of
+// per-VM tries; the writer addresses their entries with a PolicyKey.
 enum class MapId : uint8_t { vms, owners, owner_nets, egress, ingress, gateways, state };
 const char* map_id_name(MapId id);
 
 using Bytes = std::vector<uint8_t>;
+
+// A policy entry's key as the writer sees it: which VM trie
+// (vmfence_policy_index of the VM's slot and generation) and the key in it.
+struct PolicyKey {
+  uint32_t index;
+  vmfence_addr_key prefix;
+};
 
 template <typename T>
 Bytes to_bytes(const T& x) {
@@ -54,9 +64,22 @@ class MapBackend {
   virtual size_t sweep_flows(const std::vector<uint32_t>& slots, const vmfence_config& cfg,
                              std::map<uint32_t, TableUse>* left) = 0;
   virtual Status write_config(const vmfence_config& cfg) = 0;
+
+  // Per-VM policy tries (MapId::egress / ingress, keyed by PolicyKey):
+  // an update creates the trie at its index when there is none.
+  // Remove both tries at `index` (the whole generation at once).
+  virtual void drop_policy(uint32_t index) = 0;
+  // Publish the tries at `index` as the VM's (pins policy/<vm>_egress and
+  // _ingress, replacing the previous generation's), creating empty ones.
+  virtual Status name_policy(uint32_t index, const std::string& vm) = 0;
+  virtual void unname_policy(const std::string& vm) = 0;
+  // Drop every trie whose index is not live and every name not live.
+  virtual void prune_policies(const std::set<uint32_t>& live_indexes, const std::set<std::string>& live_names) = 0;
 };
 
-// The real maps (fds borrowed from `maps`, which must outlive the backend).
-std::unique_ptr<MapBackend> pinned_backend(MapSet& maps);
+// The real maps (fds borrowed from `maps`, which must outlive the backend);
+// the VMs' policy tries are pinned by VM name under policy_dir (none when
+// empty).
+std::unique_ptr<MapBackend> pinned_backend(MapSet& maps, std::string policy_dir);
 
 }  // namespace vmfence

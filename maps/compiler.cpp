@@ -151,7 +151,7 @@ std::vector<PolicyEntry> compile_rules(const std::vector<Rule>& rules, const VmS
       continue;
     }
     PolicyEntry e;
-    e.key.prefixlen = 32 + p.bits;
+    e.key.prefixlen = p.bits;
     std::memcpy(e.key.addr, p.addr.data(), 16);
     e.value.count = static_cast<uint16_t>(all.size());
     e.value.flags = flags;
@@ -162,6 +162,10 @@ std::vector<PolicyEntry> compile_rules(const std::vector<Rule>& rules, const VmS
     }
     out.push_back(e);
   }
+  if (out.size() > VMFENCE_MAX_POLICY_PREFIXES)
+    errors.push_back({vm.file, field,
+                      std::to_string(out.size()) + " distinct prefixes; a VM's trie holds at most " +
+                          std::to_string(VMFENCE_MAX_POLICY_PREFIXES) + " per direction"});
   return out;
 }
 

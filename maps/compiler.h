@@ -10,7 +10,7 @@
 namespace vmfence {
 
 struct PolicyEntry {
-  vmfence_policy_key key{};  // policy_id left 0: the applier sets the generation
+  vmfence_addr_key key{};  // the peer prefix in the VM's trie
   vmfence_policy_value value{};
 };
 

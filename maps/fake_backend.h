@@ -3,6 +3,8 @@
 // map) to prove that a failed change leaves nothing behind.
 #pragma once
 
+#include <algorithm>
+#include <cstring>
 #include <map>
 #include <optional>
 #include <set>
@@ -62,6 +64,20 @@ class FakeBackend : public MapBackend {
     return 0;
   }
   Status write_config(const vmfence_config&) override { return {}; }
+  void drop_policy(uint32_t index) override {
+    for (MapId m : {MapId::egress, MapId::ingress})
+      std::erase_if(state_.maps[m], [&](const auto& kv) { return index_of(kv.first) == index; });
+  }
+  Status name_policy(uint32_t index, const std::string& vm) override {
+    names_[vm] = index;
+    return {};
+  }
+  void unname_policy(const std::string& vm) override { names_.erase(vm); }
+  void prune_policies(const std::set<uint32_t>& live, const std::set<std::string>& live_names) override {
+    for (MapId m : {MapId::egress, MapId::ingress})
+      std::erase_if(state_.maps[m], [&](const auto& kv) { return !live.count(index_of(kv.first)); });
+    std::erase_if(names_, [&](const auto& kv) { return !live_names.count(kv.first); });
+  }
 
   // Fail the nth update from now (1 = the next one); nullopt = never.
   void fail_update(std::optional<uint64_t> nth) { fail_at_ = nth ? std::optional(updates_ + *nth) : std::nullopt; }
@@ -74,13 +90,22 @@ class FakeBackend : public MapBackend {
     std::erase_if(s.maps, [](const auto& kv) { return kv.second.empty(); });
     return s;
   }
+  // VM name -> the policy index pinned under it.
+  const std::map<std::string, uint32_t>& policy_names() const { return names_; }
   size_t size(MapId map) const {
     auto it = state_.maps.find(map);
     return it == state_.maps.end() ? 0 : it->second.size();
   }
 
  private:
+  static uint32_t index_of(const Bytes& policy_key) {
+    PolicyKey k{};
+    std::memcpy(&k, policy_key.data(), std::min(policy_key.size(), sizeof(k)));
+    return k.index;
+  }
+
   Snapshot state_;
+  std::map<std::string, uint32_t> names_;
   uint64_t updates_ = 0, resets_ = 0;
   std::optional<uint64_t> fail_at_;
   std::set<MapId> failing_maps_;

@@ -36,11 +36,9 @@ T from_bytes(const Bytes& b) {
   return x;
 }
 
-Bytes policy_key(const PolicyEntry& e, uint32_t policy_id) {
-  vmfence_policy_key k = e.key;
-  k.policy_id = policy_id;
-  return to_bytes(k);
-}
+uint32_t policy_index(const InstalledVm& vm) { return vmfence_policy_index(vm.slot, vm.policy_id); }
+
+Bytes policy_key(const PolicyEntry& e, uint32_t index) { return to_bytes(PolicyKey{index, e.key}); }
 
 template <typename T>
 bool contains_bytes(const std::vector<T>& list, const T& x) {
@@ -54,7 +52,8 @@ constexpr MapId kCounted[] = {MapId::vms,    MapId::owners,  MapId::owner_nets,
 
 }  // namespace
 
-MapWriter::MapWriter(MapSet& maps) : backend_(pinned_backend(maps)) {}
+MapWriter::MapWriter(MapSet& maps, const std::string& pin_dir)
+    : backend_(pinned_backend(maps, pin_dir.empty() ? "" : pin_dir + "/policy")) {}
 MapWriter::MapWriter(std::unique_ptr<MapBackend> backend) : backend_(std::move(backend)) {}
 MapWriter::~MapWriter() = default;
 
@@ -70,7 +69,7 @@ size_t MapWriter::entries(MapId map) const {
 std::optional<uint32_t> MapWriter::adopted_ifindex(uint32_t vm_id) const {
   auto it = adopted_.find(vm_id);
   if (it == adopted_.end()) return std::nullopt;
-  return it->second.second;
+  return it->second.ifindex;
 }
 
 Status MapWriter::adopt() {
@@ -81,20 +80,18 @@ Status MapWriter::adopt() {
     auto ifindex = from_bytes<uint32_t>(k);
     auto vm = from_bytes<vmfence_vm>(v);
     if (vm.flags & VMFENCE_VM_F_NO_POLICY) continue;  // blocked: re-derived from the specs
-    adopted_[vm.vm_id] = {vm.slot, ifindex};
+    adopted_[vm.vm_id] = {vm.slot, ifindex, vm.policy_id};
     used_slots_.insert(vm.slot);
+    // Generations only grow: a flow cached under an old one is re-checked.
     next_policy_id_ = std::max(next_policy_id_, vm.policy_id + 1);
   }
-  for (MapId m : {MapId::egress, MapId::ingress})
-    for (const Bytes& k : backend_->keys(m))
-      next_policy_id_ = std::max(next_policy_id_, from_bytes<vmfence_policy_key>(k).policy_id + 1);
   recount();
   return {};
 }
 
 uint32_t MapWriter::alloc_slot(uint32_t vm_id, bool& fresh) {
   fresh = false;
-  if (auto it = adopted_.find(vm_id); it != adopted_.end()) return it->second.first;
+  if (auto it = adopted_.find(vm_id); it != adopted_.end()) return it->second.slot;
   // Lowest free slot at or after the hint: linear overall, not per VM.
   for (uint32_t tries = 0; tries < VMFENCE_MAX_VMS; ++tries) {
     uint32_t s = next_free_slot_;
@@ -115,7 +112,7 @@ void MapWriter::free_slot(uint32_t slot) {
   // The next VM in this slot starts with empty tables.
   backend_->drop_tables(slot);
   for (auto it = adopted_.begin(); it != adopted_.end();)
-    it = it->second.first == slot ? adopted_.erase(it) : std::next(it);
+    it = it->second.slot == slot ? adopted_.erase(it) : std::next(it);
 }
 
 // Quarantine, the violation window and the event budget belong to the
@@ -123,6 +120,13 @@ void MapWriter::free_slot(uint32_t slot) {
 void MapWriter::reset_instance(uint32_t slot) {
   vmfence_state st{};
   (void)backend_->update(MapId::state, to_bytes(slot), to_bytes(st));
+}
+
+void MapWriter::drop_generation(const InstalledVm& vm) {
+  for (auto [m, n] :
+       {std::pair{MapId::egress, vm.plan.egress.size()}, std::pair{MapId::ingress, vm.plan.ingress.size()}})
+    counts_[m] -= std::min(counts_[m], n);
+  backend_->drop_policy(policy_index(vm));
 }
 
 void MapWriter::erase_counted(MapId map, const Bytes& key) {
@@ -179,7 +183,16 @@ Status MapWriter::stage(const VmPlan& plan, uint32_t ifindex, VmChange& c) {
     abort(c);
     return s;
   }
+  // The new generation goes to the slot's idle trie: the other parity than
+  // the generation the kernel uses now (this run's, or the previous run's).
+  std::optional<uint32_t> live;
+  if (c.old && c.old->slot == c.next.slot) live = c.old->policy_id;
+  if (auto a = adopted_.find(plan.vm.vm_id); !live && a != adopted_.end() && a->second.slot == c.next.slot)
+    live = a->second.policy_id;
   c.next.policy_id = next_policy_id_++;
+  if (live && (*live & 1) == (c.next.policy_id & 1)) c.next.policy_id = next_policy_id_++;
+  uint32_t index = policy_index(c.next);
+  backend_->drop_policy(index);  // whatever an earlier run left there
 
   auto fail = [&](const Status& s, const char* what) {
     abort(c);
@@ -188,10 +201,10 @@ Status MapWriter::stage(const VmPlan& plan, uint32_t ifindex, VmChange& c) {
   };
   // 1. The new generation, invisible until the VM entry points at it.
   for (const auto& e : plan.egress)
-    if (auto s = put(c, MapId::egress, policy_key(e, c.next.policy_id), to_bytes(e.value), false); !s)
+    if (auto s = put(c, MapId::egress, policy_key(e, index), to_bytes(e.value), false); !s)
       return fail(s, "write egress policy entry");
   for (const auto& e : plan.ingress)
-    if (auto s = put(c, MapId::ingress, policy_key(e, c.next.policy_id), to_bytes(e.value), false); !s)
+    if (auto s = put(c, MapId::ingress, policy_key(e, index), to_bytes(e.value), false); !s)
       return fail(s, "write ingress policy entry");
   // 2. Addresses (overwriting a previous owner in one update) and gateways.
   Bytes owner = to_bytes(owner_of(plan));
@@ -246,6 +259,10 @@ void MapWriter::release(VmChange& c) {
   if (c.same_instance) before = ifindex;
   if (ifindex && (!before || *before != ifindex) && !inherited) reset_instance(c.next.slot);
   adopted_.erase(vm_id);
+  if (c.old && c.old->plan.name != c.next.plan.name) backend_->unname_policy(c.old->plan.name);
+  if (!c.old || c.old->policy_id != c.next.policy_id)
+    if (auto s = backend_->name_policy(policy_index(c.next), c.next.plan.name); !s)
+      c.warnings.push_back("policy tries not pinned: " + s.message);
   if (!c.old) return;
   const InstalledVm& old = *c.old;
   // Its old interface, unless another VM took it in the same reload.
@@ -256,8 +273,7 @@ void MapWriter::release(VmChange& c) {
       erase_counted(MapId::vms, to_bytes(old.ifindex));
   }
   if (old.policy_id == c.next.policy_id) return;  // a rebind: same generation
-  for (const auto& e : old.plan.egress) erase_counted(MapId::egress, policy_key(e, old.policy_id));
-  for (const auto& e : old.plan.ingress) erase_counted(MapId::ingress, policy_key(e, old.policy_id));
+  drop_generation(old);
   // Give up addresses only while they are still ours.
   Bytes mine = to_bytes(owner_of(old.plan));
   auto give_up = [&](MapId m, const Bytes& key) {
@@ -282,6 +298,9 @@ void MapWriter::abort(VmChange& c) {
     }
   }
   c.undo.clear();
+  // The staged generation's tries (empty now); never the live one: the
+  // other parity, or another slot.
+  if (c.next.policy_id) backend_->drop_policy(policy_index(c.next));
   if (c.committed) {
     if (c.old)
       vms_[c.old->plan.name] = *c.old;
@@ -344,8 +363,8 @@ Status MapWriter::remove(const std::string& name) {
     blocked_[old.ifindex] = old.slot;
     blocked_vm_[old.ifindex] = old.plan.vm.vm_id;
   }
-  for (const auto& e : old.plan.egress) erase_counted(MapId::egress, policy_key(e, old.policy_id));
-  for (const auto& e : old.plan.ingress) erase_counted(MapId::ingress, policy_key(e, old.policy_id));
+  drop_generation(old);
+  backend_->unname_policy(name);
   Bytes mine = to_bytes(owner_of(old.plan));
   auto give_up = [&](MapId m, const Bytes& key) {
     Bytes cur;
@@ -372,8 +391,8 @@ Status MapWriter::block(uint32_t ifindex, uint32_t vm_id) {
   // A previous run's VM on this interface: its slot (counters, quarantine)
   // stays with the interface.
   for (auto a = adopted_.begin(); !vm.slot && a != adopted_.end(); ++a)
-    if (a->second.second == ifindex) {
-      vm.slot = a->second.first;
+    if (a->second.ifindex == ifindex) {
+      vm.slot = a->second.slot;
       blocked_vm_[ifindex] = a->first;
       adopted_.erase(a);
       break;
@@ -396,18 +415,18 @@ void MapWriter::forget_blocked(uint32_t ifindex) {
 
 Status MapWriter::collect_garbage() {
   std::set<uint32_t> live_policies, live_ifindexes;
+  std::set<std::string> live_names;
   for (const auto& [ifindex, slot] : blocked_) live_ifindexes.insert(ifindex);
   std::set<Bytes> live_hosts, live_nets, live_gws;
   for (const auto& [name, vm] : vms_) {
-    live_policies.insert(vm.policy_id);
+    live_policies.insert(policy_index(vm));
+    live_names.insert(name);
     if (vm.ifindex) live_ifindexes.insert(vm.ifindex);
     for (const auto& a : vm.plan.host_addresses) live_hosts.insert(to_bytes(a));
     for (const auto& a : vm.plan.net_addresses) live_nets.insert(to_bytes(a));
     for (const auto& g : vm.plan.gateways) live_gws.insert(to_bytes(g));
   }
-  for (MapId m : {MapId::egress, MapId::ingress})
-    for (const Bytes& k : backend_->keys(m))
-      if (!live_policies.count(from_bytes<vmfence_policy_key>(k).policy_id)) (void)backend_->erase(m, k);
+  backend_->prune_policies(live_policies, live_names);
   auto prune = [&](MapId m, const std::set<Bytes>& live) {
     for (const Bytes& k : backend_->keys(m))
       if (!live.count(k)) (void)backend_->erase(m, k);
@@ -424,7 +443,7 @@ Status MapWriter::collect_garbage() {
     if (!live_slots.count(slot)) backend_->drop_tables(slot);
   // Slots of a previous run that no VM claimed are free again.
   for (auto it = adopted_.begin(); it != adopted_.end();) {
-    if (!live_slots.count(it->second.first)) used_slots_.erase(it->second.first);
+    if (!live_slots.count(it->second.slot)) used_slots_.erase(it->second.slot);
     it = adopted_.erase(it);
   }
   recount();

@@ -3,11 +3,13 @@
 // A VM's change has three steps, so a reload can order the changes of many
 // VMs (every VM stages before any commits; every VM commits before any
 // releases):
-//   stage    the new generation's policy entries (invisible until the switch),
+//   stage    the new generation's policy entries in the VM's idle tries
+//            (invisible until the switch),
 //            the VM's addresses and gateways (an address moving between VMs
 //            is overwritten in one update: never unowned, never owned twice);
 //   commit   the switch: one update of the VM's vms entry;
-//   release  the old generation's entries, and addresses the VM gave up
+//   release  the old generation's tries (the new ones are pinned under the
+//            VM's name), and addresses the VM gave up
 //            (only while it still owns them: never an entry another VM now
 //            owns).
 // A failed stage or commit is undone write by write (previous values
@@ -54,7 +56,8 @@ struct VmChange {
 
 class MapWriter {
  public:
-  explicit MapWriter(MapSet& maps);  // the pinned maps
+  // The pinned maps under pin_dir (the VMs' tries go to pin_dir/policy).
+  MapWriter(MapSet& maps, const std::string& pin_dir);
   explicit MapWriter(std::unique_ptr<MapBackend> backend);
   ~MapWriter();
   MapWriter(const MapWriter&) = delete;
@@ -106,11 +109,16 @@ class MapWriter {
   void free_slot(uint32_t slot);
   void reset_instance(uint32_t slot);
   void erase_counted(MapId map, const Bytes& key);
+  // Free a generation's policy tries (the old one after a switch).
+  void drop_generation(const InstalledVm& vm);
   void recount();
 
   std::unique_ptr<MapBackend> backend_;
   std::map<std::string, InstalledVm> vms_;
-  std::map<uint32_t, std::pair<uint32_t, uint32_t>> adopted_;  // vm_id -> (slot, ifindex) of a previous run
+  struct Adopted {
+    uint32_t slot = 0, ifindex = 0, policy_id = 0;
+  };
+  std::map<uint32_t, Adopted> adopted_;  // vm_id -> what a previous run had enforced
   std::set<uint32_t> used_slots_;
   std::map<uint32_t, uint32_t> blocked_;     // ifindex -> slot (0: a rejected file's interface)
   std::map<uint32_t, uint32_t> blocked_vm_;  // ifindex -> vm_id of a removed VM still blocked there

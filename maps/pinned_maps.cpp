@@ -1,6 +1,7 @@
 #include "maps/pinned_maps.h"
 
 #include <bpf/bpf.h>
+#include <bpf/btf.h>
 #include <bpf/libbpf.h>
 #include <errno.h>
 #include <linux/magic.h>
@@ -11,6 +12,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -157,6 +159,27 @@ Fd inner_map(int outer_fd, uint32_t slot) {
   return Fd(fd);
 }
 
+namespace {
+PolicyRules rules_of(int trie) {
+  PolicyRules out;
+  for (const auto& k : keys_of<vmfence_addr_key>(trie)) {
+    vmfence_policy_value v{};
+    if (bpf_map_lookup_elem(trie, &k, &v) == 0) out.emplace_back(k, v);
+  }
+  return out;
+}
+}  // namespace
+
+PolicyRules read_policy(const MapSet& maps, bool egress, uint32_t slot, uint32_t policy_id) {
+  Fd t = inner_map((egress ? maps.egress : maps.ingress).get(), vmfence_policy_index(slot, policy_id));
+  return t.valid() ? rules_of(t.get()) : PolicyRules{};
+}
+
+PolicyRules read_policy(const std::string& path) {
+  Fd t(bpf_obj_get(path.c_str()));
+  return t.valid() ? rules_of(t.get()) : PolicyRules{};
+}
+
 size_t count_flows(const MapSet& maps) {
   size_t n = 0;
   for (uint32_t slot = 0; slot < VMFENCE_MAX_VMS; ++slot) {
@@ -201,25 +224,105 @@ std::vector<std::pair<vmfence_flow_key, vmfence_flow>> flows_of(int fd) {
   return out;
 }
 
+// The BTF ids of a policy trie's key and value in the datapath object's BTF
+// (found through a map of the object that carries it: libbpf creates arrays
+// of maps without BTF), so bpftool prints a VM's rules by field.
+struct TrieBtf {
+  Fd btf;
+  uint32_t key_type = 0, value_type = 0;
+};
+
+TrieBtf trie_btf(int map_with_btf) {
+  TrieBtf out;
+  bpf_map_info info{};
+  uint32_t len = sizeof(info);
+  if (bpf_obj_get_info_by_fd(map_with_btf, &info, &len) != 0 || !info.btf_id) return out;
+  struct btf* btf = btf__load_from_kernel_by_id(info.btf_id);
+  if (!btf) return out;
+  int key = btf__find_by_name_kind(btf, "vmfence_addr_key", BTF_KIND_STRUCT);
+  int value = btf__find_by_name_kind(btf, "vmfence_policy_value", BTF_KIND_STRUCT);
+  btf__free(btf);
+  if (key <= 0 || value <= 0) return out;
+  out.btf.reset(bpf_btf_get_fd_by_id(info.btf_id));
+  if (out.btf.valid()) out.key_type = static_cast<uint32_t>(key), out.value_type = static_cast<uint32_t>(value);
+  return out;
+}
+
+// Atomic replace of a pin: pin under a temporary name, rename over the old
+// (bpffs refuses '.' in names, so the suffix is "_tmp").
+Status repin(int fd, const std::string& path) {
+  std::string tmp = path + "_tmp";
+  ::unlink(tmp.c_str());
+  if (bpf_obj_pin(fd, tmp.c_str()) != 0) return Status::error(errno, "pin " + tmp);
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    int e = errno;
+    ::unlink(tmp.c_str());
+    return Status::error(e, "pin " + path);
+  }
+  return {};
+}
+
+}  // namespace
+
+std::string policy_pin_name(const std::string& vm) {
+  std::string out = vm;
+  std::replace(out.begin(), out.end(), '.', ':');
+  return out;
+}
+
+namespace {
+
+bool is_policy(MapId map) { return map == MapId::egress || map == MapId::ingress; }
+
 class PinnedBackend : public MapBackend {
  public:
-  explicit PinnedBackend(MapSet& maps) : maps_(maps) {}
+  PinnedBackend(MapSet& maps, std::string policy_dir) : maps_(maps), policy_dir_(std::move(policy_dir)) {}
 
   Status update(MapId map, const Bytes& key, const Bytes& value) override {
+    if (is_policy(map)) {
+      PolicyKey k = policy_key(key);
+      int t = trie(map, k.index, true);
+      if (t < 0) return Status::error(errno, std::string("create a policy trie in ") + map_id_name(map));
+      if (bpf_map_update_elem(t, &k.prefix, value.data(), BPF_ANY) != 0)
+        return Status::error(errno, std::string("update ") + map_id_name(map));
+      return {};
+    }
     if (bpf_map_update_elem(fd(map), key.data(), value.data(), BPF_ANY) != 0)
       return Status::error(errno, std::string("update ") + map_id_name(map));
     return {};
   }
   Status erase(MapId map, const Bytes& key) override {
+    if (is_policy(map)) {
+      PolicyKey k = policy_key(key);
+      int t = trie(map, k.index, false);
+      if (t >= 0 && bpf_map_delete_elem(t, &k.prefix) != 0 && errno != ENOENT)
+        return Status::error(errno, std::string("delete from ") + map_id_name(map));
+      return {};
+    }
     if (bpf_map_delete_elem(fd(map), key.data()) != 0 && errno != ENOENT)
       return Status::error(errno, std::string("delete from ") + map_id_name(map));
     return {};
   }
   bool lookup(MapId map, const Bytes& key, Bytes& value) override {
+    if (is_policy(map)) {
+      PolicyKey k = policy_key(key);
+      int t = trie(map, k.index, false);
+      value.assign(sizeof(vmfence_policy_value), 0);
+      return t >= 0 && bpf_map_lookup_elem(t, &k.prefix, value.data()) == 0;
+    }
     value.assign(info(map).value_size, 0);
     return bpf_map_lookup_elem(fd(map), key.data(), value.data()) == 0;
   }
   std::vector<Bytes> keys(MapId map) override {
+    if (is_policy(map)) {
+      std::vector<Bytes> out;
+      for (uint32_t index = 0; index < VMFENCE_MAX_POLICIES; ++index) {
+        Fd t = inner_map(fd(map), index);
+        if (!t.valid()) continue;
+        for (const auto& prefix : keys_of<vmfence_addr_key>(t.get())) out.push_back(to_bytes(PolicyKey{index, prefix}));
+      }
+      return out;
+    }
     size_t ks = info(map).key_size;
     std::vector<Bytes> out;
     Bytes key(ks), next(ks);
@@ -300,8 +403,75 @@ class PinnedBackend : public MapBackend {
     if (bpf_map_update_elem(maps_.config.get(), &zero, &cfg, BPF_ANY) != 0) return Status::error(errno, "write config");
     return {};
   }
+  void drop_policy(uint32_t index) override {
+    for (MapId m : {MapId::egress, MapId::ingress}) (void)bpf_map_delete_elem(fd(m), &index);  // ENOENT: none
+    if (cached_index_ == index) cached_ = Fd();
+  }
+  Status name_policy(uint32_t index, const std::string& vm) override {
+    if (policy_dir_.empty()) return {};
+    std::error_code ec;
+    std::filesystem::create_directories(policy_dir_, ec);
+    for (MapId m : {MapId::egress, MapId::ingress}) {
+      int t = trie(m, index, true);
+      if (t < 0) return Status::error(errno, std::string("create a policy trie in ") + map_id_name(m));
+      if (auto s = repin(t, pin_path(vm, m)); !s) return s;
+    }
+    return {};
+  }
+  void unname_policy(const std::string& vm) override {
+    if (policy_dir_.empty()) return;
+    for (MapId m : {MapId::egress, MapId::ingress}) ::unlink(pin_path(vm, m).c_str());
+  }
+  void prune_policies(const std::set<uint32_t>& live, const std::set<std::string>& live_names) override {
+    for (uint32_t index = 0; index < VMFENCE_MAX_POLICIES; ++index)
+      if (!live.count(index)) drop_policy(index);
+    if (policy_dir_.empty()) return;
+    std::set<std::string> live_pins;
+    for (const auto& n : live_names) live_pins.insert(policy_pin_name(n));
+    std::error_code ec;
+    for (const auto& e : std::filesystem::directory_iterator(policy_dir_, ec)) {
+      std::string n = e.path().filename();
+      auto us = n.rfind('_');
+      std::string vm = us == std::string::npos ? n : n.substr(0, us);
+      std::string dir = us == std::string::npos ? "" : n.substr(us + 1);
+      if (!live_pins.count(vm) || (dir != "egress" && dir != "ingress")) ::unlink(e.path().c_str());
+    }
+  }
 
  private:
+  static PolicyKey policy_key(const Bytes& key) {
+    PolicyKey k{};
+    std::memcpy(&k, key.data(), std::min(key.size(), sizeof(k)));
+    return k;
+  }
+  std::string pin_path(const std::string& vm, MapId m) const {
+    return policy_dir_ + "/" + policy_pin_name(vm) + (m == MapId::egress ? "_egress" : "_ingress");
+  }
+  // The trie at `index` of an outer policy map (created when `create` and
+  // absent), or -1. The last one used stays open: a VM's entries are
+  // written one after the other.
+  int trie(MapId map, uint32_t index, bool create) {
+    if (cached_.valid() && cached_map_ == map && cached_index_ == index) return cached_.get();
+    Fd t = inner_map(fd(map), index);
+    if (!t.valid()) {
+      if (!create) return -1;
+      if (!btf_loaded_) btf_ = trie_btf(maps_.owner_nets.get()), btf_loaded_ = true;
+      LIBBPF_OPTS(bpf_map_create_opts, opts, .btf_fd = static_cast<__u32>(btf_.btf.valid() ? btf_.btf.get() : 0),
+                  .btf_key_type_id = btf_.key_type, .btf_value_type_id = btf_.value_type,
+                  .map_flags = BPF_F_NO_PREALLOC);
+      t.reset(bpf_map_create(BPF_MAP_TYPE_LPM_TRIE, map == MapId::egress ? "vmfence_vm_egr" : "vmfence_vm_ingr",
+                             sizeof(vmfence_addr_key), sizeof(vmfence_policy_value), VMFENCE_MAX_POLICY_PREFIXES,
+                             &opts));
+      if (!t.valid()) return -1;
+      int tfd = t.get();
+      if (bpf_map_update_elem(fd(map), &index, &tfd, BPF_ANY) != 0) return -1;
+    }
+    cached_ = std::move(t);
+    cached_map_ = map;
+    cached_index_ = index;
+    return cached_.get();
+  }
+
   int fd(MapId map) const {
     switch (map) {
       case MapId::vms:
@@ -330,11 +500,19 @@ class PinnedBackend : public MapBackend {
     return i;
   }
   MapSet& maps_;
+  std::string policy_dir_;
   bpf_map_info infos_[8]{};
+  TrieBtf btf_;
+  bool btf_loaded_ = false;
+  Fd cached_;
+  MapId cached_map_ = MapId::egress;
+  uint32_t cached_index_ = 0;
 };
 
 }  // namespace
 
-std::unique_ptr<MapBackend> pinned_backend(MapSet& maps) { return std::make_unique<PinnedBackend>(maps); }
+std::unique_ptr<MapBackend> pinned_backend(MapSet& maps, std::string policy_dir) {
+  return std::make_unique<PinnedBackend>(maps, std::move(policy_dir));
+}
 
 }  // namespace vmfence

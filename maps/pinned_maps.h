@@ -50,6 +50,15 @@ struct TableFill {
   uint32_t max_entries = 0;
 };
 TableFill flow_table_fill(const MapSet& maps, uint32_t slot);
+// One VM's policy trie (egress or ingress) in force for the generation
+// policy_id at slot: every (prefix, rules) entry, in key order.
+using PolicyRules = std::vector<std::pair<vmfence_addr_key, vmfence_policy_value>>;
+PolicyRules read_policy(const MapSet& maps, bool egress, uint32_t slot, uint32_t policy_id);
+// The file name a VM's tries are pinned under (policy/<name>_egress): the VM
+// name with '.' (refused by bpffs) written as ':' (never in a VM name).
+std::string policy_pin_name(const std::string& vm);
+// The same from a trie pinned at path (policy/<vm>_egress); empty when absent.
+PolicyRules read_policy(const std::string& path);
 
 }  // namespace vmfence
 

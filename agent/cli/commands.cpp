@@ -106,7 +106,70 @@ static uint32_t map_max_entries(int fd, uint32_t* type = nullptr) {
 
 static bool attached(const std::string& dir, uint32_t ifindex) { return ifindex && Datapath::attached(dir, ifindex); }
 
-int cmd_status(bool json) {
+namespace {
+
+// A trie key as the operator wrote it: IPv4 for IPv4-mapped prefixes.
+std::string prefix_text(const vmfence_addr_key& k) {
+  static const uint8_t mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+  Cidr c;
+  std::memcpy(c.addr.data(), k.addr, 16);
+  bool v4 = k.prefixlen >= 96 && std::memcmp(k.addr, mapped, 12) == 0;
+  c.family = v4 ? 4 : 6;
+  c.prefix_len = static_cast<uint8_t>(v4 ? k.prefixlen - 96 : k.prefixlen);
+  return c.str();
+}
+
+std::string port_rule_text(const vmfence_port_rule& r) {
+  std::string proto = proto_name(static_cast<Proto>(r.proto));
+  if (r.port_lo == 0 && r.port_hi == 65535) return proto;
+  if (r.port_lo == r.port_hi) return fmt::format("{} {}", proto, r.port_lo);
+  return fmt::format("{} {}-{}", proto, r.port_lo, r.port_hi);
+}
+
+// A VM's rules as the kernel holds them: from its live generation when its
+// interface is bound, else from the pinned tries of its last generation.
+PolicyRules vm_rules(const MapSet& maps, const std::string& dir, const std::string& name, bool egress,
+                     const vmfence_vm* vm) {
+  if (vm) return read_policy(maps, egress, vm->slot, vm->policy_id);
+  return read_policy(dir + "/policy/" + policy_pin_name(name) + (egress ? "_egress" : "_ingress"));
+}
+
+void rules_json(rj::PrettyWriter<rj::StringBuffer>& w, const PolicyRules& rules) {
+  w.StartArray();
+  for (const auto& [k, v] : rules) {
+    w.StartObject();
+    w.Key("prefix");
+    w.String(prefix_text(k).c_str());
+    w.Key("allow");
+    w.StartArray();
+    for (int i = 0; i < v.count && i < VMFENCE_MAX_PORT_RULES; ++i) w.String(port_rule_text(v.rules[i]).c_str());
+    w.EndArray();
+    w.Key("vm_address_space");
+    w.Bool(v.flags & VMFENCE_POLICY_F_VM_NET);
+    w.Key("imds");
+    w.Bool(v.flags & VMFENCE_POLICY_F_IMDS);
+    w.EndObject();
+  }
+  w.EndArray();
+}
+
+std::string rules_text(const char* dir, const PolicyRules& rules) {
+  std::string out = fmt::format("  {} rules ({} prefixes, longest match wins):\n", dir, rules.size());
+  for (const auto& [k, v] : rules) {
+    std::string allow;
+    for (int i = 0; i < v.count && i < VMFENCE_MAX_PORT_RULES; ++i)
+      allow += (allow.empty() ? "" : ", ") + port_rule_text(v.rules[i]);
+    out += fmt::format("    {:<24} {}{}{}\n", prefix_text(k), allow.empty() ? "deny" : allow,
+                       v.flags & VMFENCE_POLICY_F_VM_NET ? "  [VM address space: group decides]" : "",
+                       v.flags & VMFENCE_POLICY_F_IMDS ? "  [IMDS]" : "");
+  }
+  return out;
+}
+
+}  // namespace
+
+int cmd_status(const StatusOptions& opt) {
+  bool json = opt.json;
   std::string dir = pin_dir();
   MapSet maps;
   if (auto s = MapSet::open_pinned(dir, maps); !s) {
@@ -122,6 +185,7 @@ int cmd_status(bool json) {
   rj::StringBuffer buf;
   rj::PrettyWriter<rj::StringBuffer> w(buf);
   std::string out;
+  size_t shown = 0;  // VMs and refused files matching --vm
   if (json) {
     w.StartObject();
     w.Key("pin_dir");
@@ -138,7 +202,10 @@ int cmd_status(bool json) {
     (void)read_counters(maps, vm.slot, c);  // a slot without counters reads as zeros
     (void)read_state(maps, vm.slot, vs);
     std::string name = n ? n->name : fmt::format("vm#{:08x}", vm.vm_id);
+    if (!opt.vm.empty() && name != opt.vm) continue;
+    ++shown;
     bool no_policy = vm.flags & VMFENCE_VM_F_NO_POLICY;
+    bool with_rules = opt.rules && !no_policy;
     bool is_attached = attached(dir, ifindex);
     // Enforced: programs on the interface and the policy installed (a VM
     // the agent reports as not yet attached is not).
@@ -197,6 +264,15 @@ int cmd_status(bool json) {
         w.Uint64(c.drops[r]);
       }
       w.EndObject();
+      if (with_rules) {
+        w.Key("rules");
+        w.StartObject();
+        w.Key("egress");
+        rules_json(w, vm_rules(maps, dir, name, true, &vm));
+        w.Key("ingress");
+        rules_json(w, vm_rules(maps, dir, name, false, &vm));
+        w.EndObject();
+      }
       w.EndObject();
     } else {
       out += fmt::format("{} on {} (ifindex {}, {}) mode {} generation {}{}{}\n", name, ifname, ifindex,
@@ -215,11 +291,16 @@ int cmd_status(bool json) {
       if (c.events_suppressed || c.events_lost)
         out += fmt::format("  events: {} suppressed (budget), {} lost (ring buffer full)\n", c.events_suppressed,
                            c.events_lost);
+      if (with_rules)
+        out += rules_text("egress", vm_rules(maps, dir, name, true, &vm)) +
+               rules_text("ingress", vm_rules(maps, dir, name, false, &vm));
     }
   }
   // VMs the agent knows whose interface is not there.
   for (const auto& n : st.vms) {
     if (n.ifindex) continue;
+    if (!opt.vm.empty() && n.name != opt.vm) continue;
+    ++shown;
     if (json) {
       w.StartObject();
       w.Key("name");
@@ -238,10 +319,22 @@ int cmd_status(bool json) {
       w.String(n.group.c_str());
       w.Key("policy_generation");
       w.Uint(n.policy_id);
+      if (opt.rules) {
+        w.Key("rules");
+        w.StartObject();
+        w.Key("egress");
+        rules_json(w, vm_rules(maps, dir, n.name, true, nullptr));
+        w.Key("ingress");
+        rules_json(w, vm_rules(maps, dir, n.name, false, nullptr));
+        w.EndObject();
+      }
       w.EndObject();
     } else {
       out += fmt::format("{} on {}: interface not present (policy generation {} ready)\n", n.name, n.interface,
                          n.policy_id);
+      if (opt.rules)
+        out += rules_text("egress", vm_rules(maps, dir, n.name, true, nullptr)) +
+               rules_text("ingress", vm_rules(maps, dir, n.name, false, nullptr));
     }
   }
   if (json) {
@@ -252,6 +345,8 @@ int cmd_status(bool json) {
     out += "refused files:\n";
   }
   for (const auto& r : st.rejected) {
+    if (!opt.vm.empty() && r.name != opt.vm) continue;
+    ++shown;
     if (json) {
       w.StartObject();
       w.Key("file");
@@ -282,7 +377,12 @@ int cmd_status(bool json) {
   } else {
     out += "maps:\n";
   }
+  if (!opt.vm.empty() && !shown) {
+    std::fprintf(stderr, "vmfence status: no VM named %s (neither enforced nor refused)\n", opt.vm.c_str());
+    return 1;
+  }
   maps.for_each([&](const char* name, int fd) {
+    if (!opt.vm.empty()) return;  // one VM: its own lines only
     uint32_t type = 0;
     uint32_t max = map_max_entries(fd, &type);
     // Arrays are always full; the per-VM flow tables are shown with each VM.

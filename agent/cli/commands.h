@@ -10,7 +10,12 @@ namespace vmfence {
 
 int cmd_check(const std::string& config_dir);
 int cmd_down(const std::string& config_dir);
-int cmd_status(bool json);
+struct StatusOptions {
+  bool json = false;
+  std::string vm;      // only this VM ("" = all)
+  bool rules = false;  // each VM's egress and ingress tries as the kernel holds them
+};
+int cmd_status(const StatusOptions& opt);
 int cmd_wait(const std::string& vm, double timeout_s);
 int cmd_explain(const std::string& config_dir, const std::string& vm, const std::string& to);
 

@@ -18,7 +18,8 @@ constexpr const char* kUsage =
     "  run     --config DIR          apply DIR/host.json + DIR/vms.d/*.json and enforce (daemon)\n"
     "  check   --config DIR          validate the configuration; exit 0 or print every error\n"
     "  down    --config DIR          remove everything vmfence installed (programs, maps, nft table)\n"
-    "  status  [--json]              attached interfaces, each VM's mode and counters\n"
+    "  status  [--vm NAME] [--rules] [--json]   attached interfaces, each VM's mode and counters\n"
+    "                                (--rules: the VM's egress/ingress rules as the kernel holds them)\n"
     "  explain --config DIR --vm NAME --to IP[:PORT/PROTO]   the verdict and the rule\n"
     "  wait    --vm NAME [--timeout S]   block until NAME's enforcement is live\n";
 
@@ -26,6 +27,7 @@ struct Args {
   std::string config, vm, to;
   double timeout = 30;
   bool json = false;
+  bool rules = false;
 };
 
 bool parse(int argc, char** argv, Args& a, std::string& err) {
@@ -58,6 +60,8 @@ bool parse(int argc, char** argv, Args& a, std::string& err) {
       }
     } else if (k == "--json") {
       a.json = true;
+    } else if (k == "--rules") {
+      a.rules = true;
     } else {
       err = "unknown option '" + k + "'";
       return false;
@@ -93,7 +97,7 @@ int main(int argc, char** argv) {
   if (cmd == "run") return need(a.config, "--config") ? vmfence::run_daemon(a.config) : 2;
   if (cmd == "check") return need(a.config, "--config") ? vmfence::cmd_check(a.config) : 2;
   if (cmd == "down") return need(a.config, "--config") ? vmfence::cmd_down(a.config) : 2;
-  if (cmd == "status") return vmfence::cmd_status(a.json);
+  if (cmd == "status") return vmfence::cmd_status({a.json, a.vm, a.rules});
   if (cmd == "wait") return need(a.vm, "--vm") ? vmfence::cmd_wait(a.vm, a.timeout) : 2;
   if (cmd == "explain")
     return need(a.config, "--config") && need(a.vm, "--vm") && need(a.to, "--to")

@@ -389,7 +389,7 @@ bool Daemon::start() {
     spdlog::error("{}", s.message);
     return false;
   }
-  writer_ = std::make_unique<MapWriter>(dp_->maps());
+  writer_ = std::make_unique<MapWriter>(dp_->maps(), dp_->dir());
   if (auto s = writer_->adopt(); !s) spdlog::warn("adopt previous state: {}", s.message);
   reconciler_ = std::make_unique<Reconciler>(*writer_, ifindex_of);
   // VMs a previous run enforced win conflicts against newcomers; one whose
@@ -586,8 +586,6 @@ void Daemon::check_fill_levels() {
   const std::pair<MapId, int> maps[] = {{MapId::vms, dp_->maps().vms.get()},
                                         {MapId::owners, dp_->maps().owners.get()},
                                         {MapId::owner_nets, dp_->maps().owner_nets.get()},
-                                        {MapId::egress, dp_->maps().egress.get()},
-                                        {MapId::ingress, dp_->maps().ingress.get()},
                                         {MapId::gateways, dp_->maps().gateways.get()}};
   for (const auto& [id, fd] : maps) {
     bpf_map_info info{};

@@ -181,7 +181,7 @@ class World {
       error = s.message;
       return nullptr;
     }
-    w->writer_ = std::make_unique<MapWriter>(w->dp_->maps());
+    w->writer_ = std::make_unique<MapWriter>(w->dp_->maps(), w->dp_->dir());
     w->writer_->adopt();
     vmfence_config cfg{};
     cfg.event_budget = VMFENCE_DEFAULT_EVENT_BUDGET;

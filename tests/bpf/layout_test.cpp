@@ -64,10 +64,7 @@ const std::vector<Layout>& abi_structs() {
         VMF_FIELD(vmfence_config, budget_window_ns), VMF_FIELD(vmfence_config, tcp_timeout_s),
         VMF_FIELD(vmfence_config, udp_timeout_s), VMF_FIELD(vmfence_config, icmp_timeout_s),
         VMF_FIELD(vmfence_config, pad)}},
-      {"vmfence_policy_key",
-       sizeof(vmfence_policy_key),
-       {VMF_FIELD(vmfence_policy_key, prefixlen), VMF_FIELD(vmfence_policy_key, policy_id),
-        VMF_FIELD(vmfence_policy_key, addr)}},
+
       {"vmfence_port_rule",
        sizeof(vmfence_port_rule),
        {VMF_FIELD(vmfence_port_rule, port_lo), VMF_FIELD(vmfence_port_rule, port_hi),
@@ -132,10 +129,10 @@ const std::vector<MapDef>& abi_maps() {
        sizeof(vmfence_owner)},
       {VMFENCE_MAP_OWNER_NETS, BPF_MAP_TYPE_LPM_TRIE, VMFENCE_MAX_OWNER_NETS, "vmfence_addr_key",
        sizeof(vmfence_addr_key), "vmfence_owner", sizeof(vmfence_owner)},
-      {VMFENCE_MAP_EGRESS, BPF_MAP_TYPE_LPM_TRIE, VMFENCE_MAX_POLICY_PREFIXES, "vmfence_policy_key",
-       sizeof(vmfence_policy_key), "vmfence_policy_value", sizeof(vmfence_policy_value)},
-      {VMFENCE_MAP_INGRESS, BPF_MAP_TYPE_LPM_TRIE, VMFENCE_MAX_POLICY_PREFIXES, "vmfence_policy_key",
-       sizeof(vmfence_policy_key), "vmfence_policy_value", sizeof(vmfence_policy_value)},
+      // Arrays of per-VM tries (key vmfence_addr_key, value vmfence_policy_value:
+      // PolicyTriesCarryBtf checks the agent creates them so).
+      {VMFENCE_MAP_EGRESS, BPF_MAP_TYPE_ARRAY_OF_MAPS, VMFENCE_MAX_POLICIES, "__u32", 4, "", 4},
+      {VMFENCE_MAP_INGRESS, BPF_MAP_TYPE_ARRAY_OF_MAPS, VMFENCE_MAX_POLICIES, "__u32", 4, "", 4},
       {VMFENCE_MAP_GATEWAYS, BPF_MAP_TYPE_HASH, VMFENCE_MAX_GATEWAYS, "vmfence_gateway_key",
        sizeof(vmfence_gateway_key), "__u8", 1},
       // Arrays of per-VM maps: the value is an inner map's fd/id (no BTF type).

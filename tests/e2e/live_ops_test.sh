@@ -131,6 +131,29 @@ expect_ok "each of the 10 rewrites of vm2 gave it a new policy generation" test 
 expect_ok "10 reloads logged with 1 VM changed" \
 	test "$(_log_since_mark | grep -Ec 'reload \(spec files changed\): 1 VMs changed, 0 removed')" -ge 10
 expect_ok "vm1's policy generation untouched by vm2's reloads ($G1_0)" test "$(vm_status vm1 policy_generation)" = "$G1_0"
+# Per-VM policy tries (issue 10): each VM's own trie, pinned by name with BTF,
+# holds the last generation only; status --rules reads what the kernel holds.
+trie_ports() { bpftool -j map dump pinned "$PIN/policy/$1_$2" 2>/dev/null | "$PY" -c '
+import json, sys
+print(" ".join(sorted(set("%s/%d" % ({6: "tcp", 17: "udp"}.get(r["proto"], r["proto"]), r["port_lo"])
+    for e in json.load(sys.stdin) for r in e["formatted"]["value"]["rules"][:e["formatted"]["value"]["count"]]))))'; }
+say "pinned tries: $(ls "$PIN/policy" | tr '\n' ' ')"
+expect_ok "bpftool prints vm2's egress trie by field: its last rules only (tcp/8443 udp/20010)" \
+	test "$(trie_ports vm2 egress)" = "tcp/8443 udp/20010"
+expect_ok "vm1's trie holds none of vm2's rules ($(trie_ports vm1 egress))" \
+	test "$(trie_ports vm1 egress)" = "tcp/8443 udp/7001"
+expect_ok "one egress and one ingress trie pinned per VM (6), none left from the 10 reloads" \
+	test "$(ls "$PIN/policy" | wc -l)" = 6
+expect_ok "status --vm vm2 --rules shows the rule in force (udp 20010, not udp 20009)" \
+	"$PY" -c '
+import json, sys
+st = json.loads(sys.argv[1])
+(v,) = st["vms"]
+allow = [a for e in v["rules"]["egress"] for a in e["allow"]]
+sys.exit(0 if v["name"] == "vm2" and "udp 20010" in allow and "udp 20009" not in allow else 1)' "$(vmf status --vm vm2 --rules --json)"
+ST_TXT=$(vmf status --vm vm2 --rules)
+expect_ok "status --vm vm2 --rules (text) lists the egress rules" test -n "$(grep 'udp 20010' <<<"$ST_TXT")"
+expect_fail "status --vm for an unknown VM exits non-zero" vmf status --vm nosuchvm
 
 IFX1=$(ipn hv -o link show dev vm1 | awk -F: '{print $1}')
 # pinned_link DIR: "LINK_ID PROG_ID" of vm1's pinned tcx link (from_vm|to_vm).

@@ -29,7 +29,7 @@ const PolicyEntry* find(const std::vector<PolicyEntry>& es, const std::string& c
   auto c = parse_cidr(cidr);
   auto addr = masked_addr(*c);
   for (const auto& e : es)
-    if (e.key.prefixlen == 32u + c->mapped_prefix_len() && std::memcmp(e.key.addr, addr.data(), 16) == 0) return &e;
+    if (e.key.prefixlen == c->mapped_prefix_len() && std::memcmp(e.key.addr, addr.data(), 16) == 0) return &e;
   return nullptr;
 }
 

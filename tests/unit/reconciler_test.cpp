@@ -533,3 +533,80 @@ TEST(TrustBoundary, VmFileMayNotSayHowToTerminate) {
 }
 
 }  // namespace
+
+// Per-VM policy tries: a change fills the VM's idle trie (the other parity of
+// the generation), the old trie goes whole, the pin name follows the VM.
+namespace {
+size_t entries_at(FakeBackend& fake, MapId m, uint32_t index) {
+  size_t n = 0;
+  for (const Bytes& k : fake.keys(m)) {
+    PolicyKey pk{};
+    std::memcpy(&pk, k.data(), sizeof pk);
+    n += pk.index == index;
+  }
+  return n;
+}
+}  // namespace
+
+TEST(PolicyTries, ChangeFillsTheIdleTrieAndDropsTheOldOne) {
+  World w;
+  w.links = {{"tap-a", 10}};
+  auto rules = [](int port) {
+    return ", \"egress\": [{\"to\": \"192.0.2.0/24\", \"proto\": \"tcp\", \"ports\": [\"" + std::to_string(port) +
+           "\"]}, {\"to\": \"198.51.100.0/24\"}]";
+  };
+  w.apply({vm_file("vms.d/a.json", 1, vm_json("a", "tap-a", 1, "[\"10.0.0.1/32\"]", rules(80)))});
+  for (int i = 0; i < 4; ++i) {
+    const InstalledVm before = w.writer.installed().at("a");
+    w.apply({vm_file("vms.d/a.json", 2 + i, vm_json("a", "tap-a", 1, "[\"10.0.0.1/32\"]", rules(81 + i)))});
+    const InstalledVm& after = w.writer.installed().at("a");
+    uint32_t old_index = vmfence_policy_index(before.slot, before.policy_id);
+    uint32_t new_index = vmfence_policy_index(after.slot, after.policy_id);
+    EXPECT_GT(after.policy_id, before.policy_id) << "generations only grow";
+    EXPECT_NE(new_index, old_index) << "change " << i << " wrote into the live trie";
+    EXPECT_EQ(w.vm_entry(10)->policy_id, after.policy_id);
+    EXPECT_EQ(entries_at(*w.fake, MapId::egress, new_index), after.plan.egress.size());
+    EXPECT_EQ(entries_at(*w.fake, MapId::egress, old_index), 0u) << "the old generation's trie is dropped";
+    EXPECT_EQ(w.fake->size(MapId::egress), after.plan.egress.size());
+    EXPECT_EQ(w.writer.entries(MapId::egress), after.plan.egress.size());
+    EXPECT_EQ(w.fake->policy_names().at("a"), new_index) << "the pin names the trie in force";
+  }
+  // Renamed: the old name's pin goes, the new name's points at the new trie.
+  w.apply({vm_file("vms.d/a.json", 9, vm_json("b", "tap-a", 1, "[\"10.0.0.1/32\"]", rules(90)))});
+  EXPECT_EQ(w.fake->policy_names().count("a"), 0u);
+  const InstalledVm& b = w.writer.installed().at("b");
+  EXPECT_EQ(w.fake->policy_names().at("b"), vmfence_policy_index(b.slot, b.policy_id));
+  // Removed: no trie, no name.
+  w.apply({});
+  EXPECT_EQ(w.fake->size(MapId::egress), 0u);
+  EXPECT_TRUE(w.fake->policy_names().empty());
+}
+
+// After a restart the kernel still uses the previous run's trie: the first
+// change goes to the other one.
+TEST(PolicyTries, FirstChangeAfterRestartAvoidsThePreviousRunsTrie) {
+  for (uint32_t old_policy : {6u, 7u}) {
+    auto* fake = new FakeBackend();
+    vmfence_vm old{};
+    old.vm_id = name_id("a");
+    old.slot = 3;
+    old.policy_id = old_policy;
+    ASSERT_TRUE(fake->update(MapId::vms, to_bytes(uint32_t{10}), to_bytes(old)));
+    PolicyKey live{vmfence_policy_index(3, old_policy), {}};
+    live.prefix.prefixlen = 96;
+    live.prefix.addr[10] = live.prefix.addr[11] = 0xff;
+    vmfence_policy_value allow_all{};
+    ASSERT_TRUE(fake->update(MapId::egress, to_bytes(live), to_bytes(allow_all)));
+    MapWriter writer{std::unique_ptr<MapBackend>(fake)};
+    ASSERT_TRUE(writer.adopt());
+    Reconciler rec(writer, [](const std::string&) { return 10u; });
+    SpecFiles files;
+    files.host.file = "host.json";
+    files.vms = {vm_file("vms.d/a.json", 1, vm_json("a", "tap-a", 1, "[\"10.0.0.1/32\"]"))};
+    rec.reconcile(files, {}, {"a"});
+    const InstalledVm& now = writer.installed().at("a");
+    EXPECT_EQ(now.slot, 3u);
+    EXPECT_GT(now.policy_id, old_policy);
+    EXPECT_NE(now.policy_id & 1, old_policy & 1) << "previous generation " << old_policy;
+  }
+}

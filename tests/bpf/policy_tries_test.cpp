@@ -1,0 +1,127 @@
+// Per-VM policy tries (issue 10): each VM's rules are a trie of its own,
+// created by the agent with the datapath's key/value BTF (bpftool prints
+// named fields), pinned as policy/<vm>_egress and _ingress; a change fills
+// the VM's idle trie, the switch is the vms entry, and the old trie goes.
+//
+// Needs root (see harness.h).
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+
+#include "tests/bpf/harness.h"
+
+using namespace vmfence;
+using namespace vmfence::test;
+
+namespace {
+
+const char* kVmA = R"({ "name": "tra", "interface": "vpt-a", "mac": "02:00:00:00:0a:02",
+  "addresses": ["10.9.0.2/32"], "group": "a",
+  "egress": [ { "to": "198.51.100.0/24", "proto": "tcp", "ports": ["443"] },
+              { "to": "203.0.113.0/24", "proto": "udp", "ports": ["53"] } ],
+  "ingress": [ { "from": "100.64.0.0/10", "proto": "tcp", "ports": ["22"] } ] })";
+const char* kVmB = R"({ "name": "tr.b", "interface": "vpt-b", "mac": "02:00:00:00:0b:02",
+  "addresses": ["10.9.1.2/32"], "group": "b",
+  "egress": [ { "to": "192.0.2.0/24", "proto": "tcp", "ports": ["80"] } ] })";
+// tra after a change: one rule left.
+const char* kVmA2 = R"({ "name": "tra", "interface": "vpt-a", "mac": "02:00:00:00:0a:02",
+  "addresses": ["10.9.0.2/32"], "group": "a",
+  "egress": [ { "to": "203.0.113.0/24", "proto": "udp", "ports": ["53"] } ] })";
+
+class PolicyTries : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const std::string& why = TestNet::get().unavailable();
+    if (!why.empty()) {
+      if (in_ci()) FAIL() << "kernel tier unavailable in CI: " << why;
+      GTEST_SKIP() << why;
+    }
+    std::string err;
+    w_ = World::create("{}", {kVmA, kVmB}, err);
+    ASSERT_TRUE(w_) << err;
+  }
+  // bpffs refuses '.' in names: tr.b is pinned as tr:b.
+  std::string pin(const std::string& vm, const char* dir) const {
+    return w_->dir() + "/policy/" + policy_pin_name(vm) + "_" + dir;
+  }
+  // Prefixes ("a.b.c.d/len" of the IPv4-mapped key) in a pinned trie.
+  std::set<std::string> prefixes(const std::string& path) const {
+    std::set<std::string> out;
+    for (const auto& [k, v] : read_policy(path))
+      out.insert(std::to_string(k.addr[12]) + "." + std::to_string(k.addr[13]) + "." + std::to_string(k.addr[14]) +
+                 "." + std::to_string(k.addr[15]) + "/" + std::to_string(k.prefixlen - 96));
+    return out;
+  }
+  // Tries present in an outer policy map.
+  size_t tries(int outer) const {
+    size_t n = 0;
+    for (uint32_t i = 0; i < VMFENCE_MAX_POLICIES; ++i) n += inner_map(outer, i).valid();
+    return n;
+  }
+  std::unique_ptr<World> w_;
+};
+
+TEST_F(PolicyTries, EachVmHasItsOwnPinnedTrieWithBtf) {
+  for (const char* vm : {"tra", "tr.b"})
+    for (const char* dir : {"egress", "ingress"}) {
+      SCOPED_TRACE(std::string(vm) + "_" + dir);
+      Fd t(bpf_obj_get(pin(vm, dir).c_str()));
+      ASSERT_TRUE(t.valid()) << "pinned trie " << pin(vm, dir);
+      bpf_map_info info{};
+      uint32_t len = sizeof(info);
+      ASSERT_EQ(bpf_obj_get_info_by_fd(t.get(), &info, &len), 0);
+      EXPECT_EQ(info.type, BPF_MAP_TYPE_LPM_TRIE);
+      EXPECT_EQ(info.key_size, sizeof(vmfence_addr_key));
+      EXPECT_EQ(info.value_size, sizeof(vmfence_policy_value));
+      // BTF: bpftool map dump prints named fields.
+      EXPECT_NE(info.btf_id, 0u);
+      EXPECT_NE(info.btf_key_type_id, 0u);
+      EXPECT_NE(info.btf_value_type_id, 0u);
+    }
+  // One VM's trie holds its own prefixes only.
+  EXPECT_EQ(prefixes(pin("tra", "egress")), (std::set<std::string>{"198.51.100.0/24", "203.0.113.0/24"}));
+  EXPECT_EQ(prefixes(pin("tr.b", "egress")), (std::set<std::string>{"192.0.2.0/24"}));
+  EXPECT_EQ(prefixes(pin("tra", "ingress")), (std::set<std::string>{"100.64.0.0/10"}));
+  EXPECT_TRUE(prefixes(pin("tr.b", "ingress")).empty());
+  // The pin is the trie the datapath uses (the vms entry's generation).
+  const InstalledVm& a = w_->vm("tra");
+  EXPECT_EQ(read_policy(w_->maps(), true, a.slot, a.policy_id).size(), 2u);
+  EXPECT_EQ(tries(w_->maps().egress.get()), 2u);
+  EXPECT_EQ(tries(w_->maps().ingress.get()), 2u);
+}
+
+TEST_F(PolicyTries, ChangeSwitchesToTheIdleTrieAndDropsTheOld) {
+  const InstalledVm before = w_->vm("tra");
+  ASSERT_TRUE(w_->reinstall(kVmA2));
+  const InstalledVm& after = w_->vm("tra");
+  EXPECT_EQ(after.slot, before.slot);
+  EXPECT_NE(after.policy_id & 1, before.policy_id & 1) << "the new generation fills the other trie";
+  auto entry = w_->vm_entry(after.ifindex);
+  ASSERT_TRUE(entry);
+  EXPECT_EQ(entry->policy_id, after.policy_id);
+  // The pin follows the switch; the old trie is gone (one per VM).
+  EXPECT_EQ(prefixes(pin("tra", "egress")), (std::set<std::string>{"203.0.113.0/24"}));
+  EXPECT_TRUE(prefixes(pin("tra", "ingress")).empty());
+  EXPECT_TRUE(read_policy(w_->maps(), true, before.slot, before.policy_id).empty());
+  EXPECT_EQ(tries(w_->maps().egress.get()), 2u);
+  EXPECT_EQ(tries(w_->maps().ingress.get()), 2u);
+  // And the datapath enforces the new rules: tcp/443 to 198.51.100.7 is no
+  // longer allowed, udp/53 to 203.0.113.9 still is.
+  auto out = [&](const char* dst, bool udp, uint16_t port) {
+    Packet p = Packet().eth(mac("02:00:00:00:0a:02"), mac("02:00:00:00:00:01")).ipv4(ip("10.9.0.2"), ip(dst));
+    Frame f = (udp ? p.udp(40000, port).payload(8) : p.tcp(40000, port, SYN)).build();
+    return w_->run(true, after.ifindex, f).retval;
+  };
+  EXPECT_EQ(out("198.51.100.7", false, 443), kDrop);
+  EXPECT_EQ(out("203.0.113.9", true, 53), kPass);
+}
+
+TEST_F(PolicyTries, RemovedVmLeavesNoTrieAndNoPin) {
+  ASSERT_TRUE(w_->writer().remove("tr.b"));
+  struct stat st {};
+  EXPECT_NE(::stat(pin("tr.b", "egress").c_str(), &st), 0);
+  EXPECT_NE(::stat(pin("tr.b", "ingress").c_str(), &st), 0);
+  EXPECT_EQ(tries(w_->maps().egress.get()), 1u);
+  EXPECT_EQ(tries(w_->maps().ingress.get()), 1u);
+}
+
+}  // namespace
