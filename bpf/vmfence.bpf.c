@@ -1014,9 +1014,13 @@ int vmfence_from_vm(struct __sk_buff *skb)
 		return pass_from_vm(skb);
 	}
 
-	flow_key_from_vm(&fk, vm, &p);
-	if (vm->mode == VMFENCE_MODE_CONNTRACK && flow_allowed(vm, &fk, 0, p.tcp_flags, 1, 0))
-		goto allowed;
+	/* The flow key only where a flow is looked up or recorded: not for the
+	 * common packet the policy allows without a write. */
+	if (vm->mode == VMFENCE_MODE_CONNTRACK) {
+		flow_key_from_vm(&fk, vm, &p);
+		if (flow_allowed(vm, &fk, 0, p.tcp_flags, 1, 0))
+			goto allowed;
+	}
 	v = policy_lookup(&vmfence_egress_v2, vm, &p.daddr);
 	if (!v || (v->flags & VMFENCE_POLICY_F_VM_NET)) {
 		g = group_of_owner(vm, &p.daddr);
@@ -1028,6 +1032,8 @@ int vmfence_from_vm(struct __sk_buff *skb)
 		}
 	}
 	r = rules_check(v, p.proto, p.dport, VMFENCE_REASON_EGRESS_DENIED);
+	if (r && vm->mode != VMFENCE_MODE_CONNTRACK)
+		flow_key_from_vm(&fk, vm, &p);
 	if (r) {
 		/* A reply in a flow a peer opened under an ingress rule. Only
 		 * flows a peer opened: a flow the VM opened is what the egress
@@ -1054,6 +1060,8 @@ int vmfence_from_vm(struct __sk_buff *skb)
 	 * segments need no write. */
 	if (p.proto != IPPROTO_TCP || (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST)) ||
 	    vm->mode == VMFENCE_MODE_CONNTRACK) {
+		if (vm->mode != VMFENCE_MODE_CONNTRACK)
+			flow_key_from_vm(&fk, vm, &p);
 		if (flow_record(vm, &fk, VMFENCE_FLOW_OPENED_BY_VM, p.tcp_flags, 1))
 			return drop(skb, vm, &p, VMFENCE_REASON_FLOW_LIMIT, VMFENCE_DIR_FROM_VM);
 	}

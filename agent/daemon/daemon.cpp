@@ -385,6 +385,9 @@ bool Daemon::start() {
   host_ = files.host;
 
   route_libbpf_log();
+  // Maps a previous run pinned may hold its leftovers; fresh ones hold
+  // nothing to collect (the collection visits every slot: ~100k syscalls).
+  bool fresh_maps = !std::filesystem::exists(pin_dir() + "/" VMFENCE_MAP_VMS, ec);
   if (auto s = Datapath::load(pin_dir(), dp_); !s) {
     spdlog::error("{}", s.message);
     return false;
@@ -400,7 +403,8 @@ bool Daemon::start() {
     if (f.vm && writer_->adopted_ifindex(name_id(f.vm->name))) enforced.insert(f.vm->name);
   reserved_ = previous_claims(files);
   ReconcileResult r = reconciler_->reconcile(files, {}, enforced, reserved_);
-  if (auto s = writer_->collect_garbage(); !s) spdlog::warn("garbage collection: {}", s.message);
+  if (!fresh_maps)
+    if (auto s = writer_->collect_garbage(); !s) spdlog::warn("garbage collection: {}", s.message);
   apply(r);
   Datapath::remove_stale_pins(dp_->dir());
 

@@ -15,6 +15,8 @@
 struct mnl_socket;   // libmnl
 struct nftnl_chain;  // libnftnl
 struct nftnl_rule;
+struct nftnl_set;
+struct nftnl_set_elem;
 struct nftnl_table;
 
 namespace vmfence::nft::internal {
@@ -51,6 +53,10 @@ struct ChainFree {
 struct TableFree {
   void operator()(nftnl_table* t) const;
 };
+struct SetFree {
+  void operator()(nftnl_set* s) const;
+};
+using SetPtr = std::unique_ptr<nftnl_set, SetFree>;
 using RulePtr = std::unique_ptr<nftnl_rule, RuleFree>;
 using ChainPtr = std::unique_ptr<nftnl_chain, ChainFree>;
 using TablePtr = std::unique_ptr<nftnl_table, TableFree>;
@@ -58,16 +64,27 @@ using TablePtr = std::unique_ptr<nftnl_table, TableFree>;
 RulePtr alloc_rule();
 ChainPtr alloc_chain();
 TablePtr alloc_table();
+SetPtr alloc_set();
 
 // The objects apply() sends. Throw BuildError or std::bad_alloc.
 RulePtr make_rule(const RuleDesc& d);
 ChainPtr make_chain(const ChainDesc& c);
 TablePtr make_table(const std::string& comment);  // "" = no comment
 int hook_number(const std::string& hook);         // NF_INET_*; -1 when unknown
+// The set itself (no elements), and the set carrying elems[first, first + count) for
+// one NEWSETELEM message (interval sets without concatenation take each range as a
+// start element and an end element).
+SetPtr make_set(const SetDesc& s);
+SetPtr make_set_elems(const SetDesc& s, size_t first, size_t count);
+// A set as verify() compares it (name, flags, key type and lengths), and one element
+// (key, key end, flags, comment) of a dumped set / of the ones make_set_elems builds.
+std::string set_canon(const nftnl_set* s);
+std::string elem_canon(nftnl_set_elem* e);  // libnftnl 1.2.4 getters take it non-const
 
 // The table comment apply() stores (it names the ruleset's fingerprint), and the one
 // a table read back from the kernel holds ("" when none).
 std::string table_comment(const Ruleset& rs);
+std::string table_comment(uint64_t fingerprint);
 std::string table_comment(const nftnl_table* t);
 // A rule as verify() compares it: its expressions as text (counters without their
 // values) and its comment. Throws BuildError or std::bad_alloc.

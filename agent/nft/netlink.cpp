@@ -9,6 +9,7 @@
 #include <libnftnl/chain.h>
 #include <libnftnl/common.h>
 #include <libnftnl/rule.h>
+#include <libnftnl/set.h>
 #include <libnftnl/table.h>
 #include <linux/netfilter.h>
 #include <linux/netfilter/nf_tables.h>
@@ -19,10 +20,12 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
 #include <deque>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -99,19 +102,28 @@ using internal::alloc_table;
 using internal::BuildError;
 using internal::ChainPtr;
 using internal::check;
+using internal::elem_canon;
 using internal::errno_result;
 using internal::hex64;
 using internal::hook_number;
 using internal::make_chain;
 using internal::make_rule;
+using internal::make_set;
+using internal::make_set_elems;
 using internal::make_table;
 using internal::open_socket;
 using internal::rule_canon;
 using internal::RulePtr;
 using internal::set_buffer;
+using internal::set_canon;
+using internal::SetPtr;
 using internal::SocketPtr;
 using internal::table_comment;
 using internal::TablePtr;
+
+// Elements per NEWSETELEM message: each takes well under 200 bytes (IPv6 concatenated
+// key and key end, comment), far below the batch's per-message room.
+constexpr size_t kElemsPerMsg = 64;
 
 // Result of a failed build, for apply()/verify().
 Result build_failed(const BuildError& e) { return Result{e.err, e.what()}; }
@@ -417,6 +429,70 @@ Result read_rules(std::map<std::string, std::vector<std::string>>& out) {
       });
 }
 
+// set name -> canonical text of the set
+Result read_sets(std::map<std::string, std::string>& out) {
+  return dump(
+      NFT_MSG_GETSET, "sets",
+      [](nlmsghdr* nlh) {
+        SetPtr s = internal::alloc_set();
+        check(nftnl_set_set_str(s.get(), NFTNL_SET_TABLE, kTableName), "set dump: table");
+        nftnl_set_nlmsg_build_payload(nlh, s.get());
+      },
+      [&](const nlmsghdr* m) -> Result {
+        SetPtr s = internal::alloc_set();
+        if (nftnl_set_nlmsg_parse(m, s.get()) < 0) return unparsable("set");
+        const char* table = nftnl_set_get_str(s.get(), NFTNL_SET_TABLE);
+        if (!table || std::strcmp(table, kTableName) != 0) return {};
+        if (nftnl_set_get_u32(s.get(), NFTNL_SET_FAMILY) != NFPROTO_INET) return {};
+        const char* name = nftnl_set_get_str(s.get(), NFTNL_SET_NAME);
+        if (!name) return Result{EPROTO, "table inet vmfence holds a set without a name"};
+        out[name] = set_canon(s.get());
+        return {};
+      });
+}
+
+// The canonical text of every element of set `name`, sorted.
+Result read_elems(const std::string& name, std::vector<std::string>& out) {
+  Result r = dump(
+      NFT_MSG_GETSETELEM, "set elements",
+      [&](nlmsghdr* nlh) {
+        SetPtr s = internal::alloc_set();
+        nftnl_set_set_u32(s.get(), NFTNL_SET_FAMILY, NFPROTO_INET);
+        check(nftnl_set_set_str(s.get(), NFTNL_SET_TABLE, kTableName), "element dump: table");
+        check(nftnl_set_set_str(s.get(), NFTNL_SET_NAME, name.c_str()), "element dump: set");
+        nftnl_set_elems_nlmsg_build_payload(nlh, s.get());
+      },
+      [&](const nlmsghdr* m) -> Result {
+        SetPtr s = internal::alloc_set();
+        if (nftnl_set_elems_nlmsg_parse(m, s.get()) < 0) return unparsable("set element");
+        nftnl_set_elem_foreach(
+            s.get(),
+            [](nftnl_set_elem* e, void* data) -> int {
+              static_cast<std::vector<std::string>*>(data)->push_back(elem_canon(e));
+              return 0;
+            },
+            &out);
+        return {};
+      });
+  std::sort(out.begin(), out.end());
+  return r;
+}
+
+// What make_set_elems sends for every element of `set`, canonical and sorted.
+std::vector<std::string> expected_elems(const SetDesc& set) {
+  std::vector<std::string> out;
+  SetPtr s = make_set_elems(set, 0, set.elems.size());
+  nftnl_set_elem_foreach(
+      s.get(),
+      [](nftnl_set_elem* e, void* data) -> int {
+        static_cast<std::vector<std::string>*>(data)->push_back(elem_canon(e));
+        return 0;
+      },
+      &out);
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------
@@ -426,15 +502,32 @@ Result read_rules(std::map<std::string, std::vector<std::string>>& out) {
 Result apply(const Spec& spec) { return apply(build_ruleset(spec)); }
 
 Result apply(const Ruleset& rs) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const uint64_t fp = rs.fingerprint();  // the whole table's text: once
   Batch b;
   try {
     add_replace_prefix(b);
-    add_table_msg(b, NFT_MSG_NEWTABLE, NLM_F_CREATE | NLM_F_EXCL, table_comment(rs), "add table inet vmfence");
+    add_table_msg(b, NFT_MSG_NEWTABLE, NLM_F_CREATE | NLM_F_EXCL, table_comment(fp), "add table inet vmfence");
     for (const auto& c : rs.chains) {
       ChainPtr ch = make_chain(c);
       nlmsghdr* nlh = b.add(NFT_MSG_NEWCHAIN, NLM_F_CREATE | NLM_F_EXCL, "add chain inet vmfence " + c.name);
       nftnl_chain_nlmsg_build_payload(nlh, ch.get());
       b.done(nlh);
+    }
+    for (const auto& set : rs.sets) {
+      SetPtr st = make_set(set);
+      nlmsghdr* nlh = b.add(NFT_MSG_NEWSET, NLM_F_CREATE | NLM_F_EXCL, "add set inet vmfence " + set.name);
+      nftnl_set_nlmsg_build_payload(nlh, st.get());
+      b.done(nlh);
+    }
+    for (const auto& set : rs.sets) {
+      for (size_t i = 0; i < set.elems.size(); i += kElemsPerMsg) {
+        SetPtr st = make_set_elems(set, i, kElemsPerMsg);
+        nlmsghdr* nlh = b.add(NFT_MSG_NEWSETELEM, NLM_F_CREATE | NLM_F_EXCL,
+                              "add element inet vmfence " + set.name + " { " + set.elem_text(set.elems[i]) + ", ... }");
+        nftnl_set_elems_nlmsg_build_payload(nlh, st.get());
+        b.done(nlh);
+      }
     }
     for (const auto& r : rs.rules) {
       RulePtr rule = make_rule(r);
@@ -454,8 +547,10 @@ Result apply(const Ruleset& rs) {
     std::lock_guard lock(g_mu);
     g_applied = rs;
   }
-  spdlog::info("nftables: table inet vmfence applied ({} chains, {} rules, ruleset {})", rs.chains.size(),
-               rs.rules.size(), hex64(rs.fingerprint()));
+  const auto ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  spdlog::info(
+      "nftables: table inet vmfence applied ({} chains, {} rules, {} sets with {} elements, ruleset {}) in {:.1f} ms",
+      rs.chains.size(), rs.rules.size(), rs.sets.size(), rs.elements(), hex64(fp), ms);
   return res;
 }
 
@@ -477,6 +572,35 @@ Result remove() {
 }
 
 namespace {
+
+Result verify_sets(const Ruleset& rs) {
+  std::map<std::string, std::string> live;
+  if (Result r = read_sets(live); !r) return r;
+  if (live.size() != rs.sets.size())
+    return Result{EPROTO, "table inet vmfence has " + std::to_string(live.size()) + " sets, expected " +
+                              std::to_string(rs.sets.size())};
+  for (const auto& set : rs.sets) {
+    auto it = live.find(set.name);
+    if (it == live.end()) return Result{EPROTO, "set " + set.name + " is missing"};
+    SetPtr want = make_set(set);
+    if (it->second != set_canon(want.get()))
+      return Result{EPROTO, "set " + set.name + " is `" + it->second + "`, expected `" + set_canon(want.get()) + "`"};
+    std::vector<std::string> got;
+    if (Result r = read_elems(set.name, got); !r) return r;
+    const std::vector<std::string> exp = expected_elems(set);
+    if (got != exp) {
+      std::vector<std::string> missing, extra;
+      std::set_difference(exp.begin(), exp.end(), got.begin(), got.end(), std::back_inserter(missing));
+      std::set_difference(got.begin(), got.end(), exp.begin(), exp.end(), std::back_inserter(extra));
+      std::string msg = "set " + set.name + " has " + std::to_string(got.size()) + " elements, expected " +
+                        std::to_string(exp.size());
+      if (!missing.empty()) msg += "; missing " + missing.front();
+      if (!extra.empty()) msg += "; unexpected " + extra.front();
+      return Result{EPROTO, msg};
+    }
+  }
+  return {};
+}
 
 Result verify_rules(const Ruleset& rs) {
   std::map<std::string, std::vector<std::string>> live;
@@ -524,6 +648,7 @@ Result verify(const Ruleset& rs) {
   }
 
   try {
+    if (Result r = verify_sets(rs); !r) return r;
     return verify_rules(rs);
   } catch (const BuildError& e) {
     return build_failed(e);

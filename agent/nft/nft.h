@@ -8,12 +8,16 @@
 //                                      to IMDS -> imds_forward; in from a WAN -> wan_to_vm
 //   postrouting (nat, srcnat 100)      masquerade imds:true VMs -> IMDS; nothing else
 //                                      toward IMDS; masquerade nat.masquerade out a WAN
-//   imds_forward                       imds:true VMs may reach imds.address:port; other
-//                                      VM addresses -> IMDS dropped
-//   wan_to_vm                          VM ingress rules accepted; the rest to VMs dropped
+//   imds_forward                       imds:true VMs (@imds_allowed4|6) may reach
+//                                      imds.address:port; other VM addresses
+//                                      (@imds_denied4|6) -> IMDS dropped
+//   wan_to_vm                          VM ingress rules (@ingress_*) accepted; the rest to
+//                                      VMs (@vm_addrs4|6, per-VM counters) dropped
+// Per-VM and per-address matches are elements of named sets (ruleset.h SetDesc): the
+// number of rules does not grow with the VMs.
 //
 // apply() replaces the table in one transaction (add table; delete table; add table,
-// chains, rules): there is never a moment without NAT or with two copies, and a batch
+// chains, sets, elements, rules): there is never a moment without NAT or with two copies, and a batch
 // the kernel rejects leaves the previous table in force. Other tables are never touched.
 //
 // The one header the rest of vmfence includes; the module is three parts:

@@ -5,6 +5,7 @@
 #include <libnftnl/chain.h>
 #include <libnftnl/expr.h>
 #include <libnftnl/rule.h>
+#include <libnftnl/set.h>
 #include <libnftnl/table.h>
 #include <libnftnl/udata.h>
 #include <linux/netfilter.h>
@@ -30,6 +31,7 @@ namespace internal {
 void RuleFree::operator()(nftnl_rule* r) const { nftnl_rule_free(r); }
 void ChainFree::operator()(nftnl_chain* c) const { nftnl_chain_free(c); }
 void TableFree::operator()(nftnl_table* t) const { nftnl_table_free(t); }
+void SetFree::operator()(nftnl_set* s) const { nftnl_set_free(s); }
 
 // libnftnl setters return < 0 when they cannot allocate (errno ENOMEM) or do not know
 // the attribute or refuse its length (a bug here: EINVAL).
@@ -53,13 +55,19 @@ ChainPtr alloc_chain() {
   if (!c) throw std::bad_alloc();
   return c;
 }
+SetPtr alloc_set() {
+  SetPtr s(nftnl_set_alloc());
+  if (!s) throw std::bad_alloc();
+  return s;
+}
 TablePtr alloc_table() {
   TablePtr t(nftnl_table_alloc());
   if (!t) throw std::bad_alloc();
   return t;
 }
 
-std::string table_comment(const Ruleset& rs) { return "managed by vmfence, ruleset " + hex64(rs.fingerprint()); }
+std::string table_comment(const Ruleset& rs) { return table_comment(rs.fingerprint()); }
+std::string table_comment(uint64_t fingerprint) { return "managed by vmfence, ruleset " + hex64(fingerprint); }
 
 int hook_number(const std::string& hook) {
   if (hook == "prerouting") return NF_INET_PRE_ROUTING;
@@ -151,6 +159,53 @@ class Exprs {
     nftnl_expr_set_u32(e, NFTNL_EXPR_IMM_DREG, NFT_REG_VERDICT);
     nftnl_expr_set_u32(e, NFTNL_EXPR_IMM_VERDICT, static_cast<uint32_t>(verdict));
     if (!chain.empty()) check(nftnl_expr_set_str(e, NFTNL_EXPR_IMM_CHAIN, chain.c_str()), "immediate: jump target");
+  }
+  // Loads into a given register (set lookups: a concatenated key spans several).
+  void payload_to(uint32_t base, uint32_t offset, uint32_t len, uint32_t reg) {
+    auto* e = add("payload");
+    nftnl_expr_set_u32(e, NFTNL_EXPR_PAYLOAD_DREG, reg);
+    nftnl_expr_set_u32(e, NFTNL_EXPR_PAYLOAD_BASE, base);
+    nftnl_expr_set_u32(e, NFTNL_EXPR_PAYLOAD_OFFSET, offset);
+    nftnl_expr_set_u32(e, NFTNL_EXPR_PAYLOAD_LEN, len);
+  }
+  void meta_to(uint32_t key, uint32_t reg) {
+    auto* e = add("meta");
+    nftnl_expr_set_u32(e, NFTNL_EXPR_META_KEY, key);
+    nftnl_expr_set_u32(e, NFTNL_EXPR_META_DREG, reg);
+  }
+  void lookup(const std::string& set, uint32_t sreg) {
+    auto* e = add("lookup");
+    nftnl_expr_set_u32(e, NFTNL_EXPR_LOOKUP_SREG, sreg);
+    nftnl_expr_set_u32(e, NFTNL_EXPR_LOOKUP_FLAGS, 0);  // the kernel dumps it: verify compares it
+    check(nftnl_expr_set_str(e, NFTNL_EXPR_LOOKUP_SET, set.c_str()), "lookup: set name");
+  }
+  // `key @set`: each field loaded into the next 4-byte registers (as nft does: a
+  // 16-byte-aligned one is named NFT_REG_1..4, others NFT_REG32_xx), then the lookup.
+  void set_lookup(const std::string& set, const std::vector<KeyField>& key, int family) {
+    uint32_t word = 0;
+    for (KeyField f : key) {
+      const uint32_t reg = word % 4 == 0 ? NFT_REG_1 + word / 4 : NFT_REG32_00 + word;
+      switch (f) {
+        case KeyField::saddr:
+        case KeyField::daddr: {
+          const bool src = f == KeyField::saddr;
+          const uint32_t off = family == 4 ? (src ? 12 : 16) : (src ? 8 : 24);
+          const uint32_t len = family == 4 ? 4 : 16;
+          payload_to(NFT_PAYLOAD_NETWORK_HEADER, off, len, reg);
+          word += len / 4;
+          break;
+        }
+        case KeyField::l4proto:
+          meta_to(NFT_META_L4PROTO, reg);
+          word += 1;
+          break;
+        case KeyField::dport:
+          payload_to(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, reg);
+          word += 1;
+          break;
+      }
+    }
+    lookup(set, NFT_REG_1);
   }
   void counter() { add("counter"); }
   void masq() { add("masq"); }
@@ -347,6 +402,7 @@ RulePtr make_rule(const RuleDesc& d) {
   if (!d.iifname.empty()) x.ifname(NFT_META_IIFNAME, d.iifname);
   if (!d.oifname.empty()) x.ifname(NFT_META_OIFNAME, d.oifname);
   if (const int fam = d.family(); fam != 0) x.nfproto(fam);
+  if (!d.set.empty()) x.set_lookup(d.set, d.set_key, d.family());
   if (d.saddr) x.addr(*d.saddr, true);
   if (d.daddr) x.addr(*d.daddr, false);
   if (d.l4 != Proto::any) {
@@ -407,6 +463,168 @@ TablePtr make_table(const std::string& comment) {
           "table comment");
   }
   return t;
+}
+
+namespace {
+
+// nft's datatype numbers (for `nft list`; the kernel does not look at them) and the
+// concatenation of several: (type << 6) | next.
+constexpr uint32_t kTypeBits = 6;
+uint32_t field_type(KeyField f, int family) {
+  switch (f) {
+    case KeyField::saddr:
+    case KeyField::daddr:
+      return family == 6 ? 8 : 7;  // ipv6_addr, ipv4_addr
+    case KeyField::l4proto:
+      return 12;  // inet_proto
+    case KeyField::dport:
+      return 13;  // inet_service
+  }
+  return 0;
+}
+uint8_t field_bytes(KeyField f, int family) {
+  if (f == KeyField::l4proto) return 1;
+  if (f == KeyField::dport) return 2;
+  return family == 6 ? 16 : 4;
+}
+// A hash unless an element is a range; a concatenation of ranges needs the
+// concatenation flag (the kernel's pipapo set).
+bool concat_ranges(const SetDesc& s) { return s.interval && s.fields.size() > 1; }
+uint32_t set_flags(const SetDesc& s) {
+  return (s.interval ? NFT_SET_INTERVAL : 0) | (concat_ranges(s) ? NFT_SET_CONCAT : 0);
+}
+
+void set_header(nftnl_set* set, const SetDesc& s) {
+  nftnl_set_set_u32(set, NFTNL_SET_FAMILY, NFPROTO_INET);
+  check(nftnl_set_set_str(set, NFTNL_SET_TABLE, kTableName), "set table");
+  check(nftnl_set_set_str(set, NFTNL_SET_NAME, s.name.c_str()), "set name");
+}
+
+// hi + 1 over the whole key (big endian); false when hi is all ones.
+bool next_key(std::vector<uint8_t>& key) {
+  for (size_t i = key.size(); i-- > 0;)
+    if (++key[i] != 0) return true;
+  return false;
+}
+
+nftnl_set_elem* add_elem(nftnl_set* set) {
+  nftnl_set_elem* e = nftnl_set_elem_alloc();
+  if (!e) throw std::bad_alloc();
+  nftnl_set_elem_add(set, e);  // the set's from here on
+  return e;
+}
+
+void set_elem_key(nftnl_set_elem* e, uint16_t attr, const std::vector<uint8_t>& key, const char* what) {
+  if (key.empty() || key.size() > NFT_DATA_VALUE_MAXLEN)
+    throw BuildError(EINVAL, std::string("nftables: ") + what + ": " + std::to_string(key.size()) + " bytes");
+  check(nftnl_set_elem_set(e, attr, key.data(), static_cast<uint32_t>(key.size())), what);
+}
+
+std::string hex(const void* data, uint32_t len) {
+  static const char* d = "0123456789abcdef";
+  const auto* p = static_cast<const uint8_t*>(data);
+  std::string out;
+  for (uint32_t i = 0; i < len; ++i) {
+    out += d[p[i] >> 4];
+    out += d[p[i] & 15];
+  }
+  return out;
+}
+
+}  // namespace
+
+SetPtr make_set(const SetDesc& s) {
+  static uint32_t next_id = 1;
+  SetPtr set = alloc_set();
+  set_header(set.get(), s);
+  nftnl_set_set_u32(set.get(), NFTNL_SET_FLAGS, set_flags(s));
+  uint32_t type = 0;
+  std::vector<uint8_t> lens;
+  for (KeyField f : s.fields) {
+    type = type << kTypeBits | field_type(f, s.family);
+    lens.push_back(field_bytes(f, s.family));
+  }
+  nftnl_set_set_u32(set.get(), NFTNL_SET_KEY_TYPE, type);
+  nftnl_set_set_u32(set.get(), NFTNL_SET_KEY_LEN, s.key_len());
+  nftnl_set_set_u32(set.get(), NFTNL_SET_ID, next_id++);
+  if (concat_ranges(s))
+    check(nftnl_set_set_data(set.get(), NFTNL_SET_DESC_CONCAT, lens.data(), static_cast<uint32_t>(lens.size())),
+          "set concatenation");
+  if (s.counter) {
+    nftnl_expr* e = nftnl_expr_alloc("counter");
+    if (!e) throw std::bad_alloc();
+    nftnl_set_add_expr(set.get(), e);  // the set's from here on
+  }
+  return set;
+}
+
+SetPtr make_set_elems(const SetDesc& s, size_t first, size_t count) {
+  SetPtr set = alloc_set();
+  set_header(set.get(), s);
+  const bool concat = concat_ranges(s);
+  for (size_t i = first; i < std::min(s.elems.size(), first + count); ++i) {
+    const SetElemDesc& d = s.elems[i];
+    nftnl_set_elem* e = add_elem(set.get());
+    set_elem_key(e, NFTNL_SET_ELEM_KEY, d.lo, "set element key");
+    if (concat) set_elem_key(e, NFTNL_SET_ELEM_KEY_END, d.hi, "set element key end");
+    if (!d.comment.empty()) {
+      UdataPtr ud = comment_udata(NFTNL_UDATA_SET_ELEM_COMMENT, d.comment);
+      check(
+          nftnl_set_elem_set(e, NFTNL_SET_ELEM_USERDATA, nftnl_udata_buf_data(ud.get()), nftnl_udata_buf_len(ud.get())),
+          "set element comment");
+    }
+    // One field: the kernel's interval set takes a range as its start and, unless it
+    // runs to the end of the key space, an end element at hi + 1.
+    std::vector<uint8_t> end = d.hi;
+    if (s.interval && !concat && next_key(end)) {
+      nftnl_set_elem* ee = add_elem(set.get());
+      set_elem_key(ee, NFTNL_SET_ELEM_KEY, end, "set element end");
+      nftnl_set_elem_set_u32(ee, NFTNL_SET_ELEM_FLAGS, NFT_SET_ELEM_INTERVAL_END);
+    }
+  }
+  return set;
+}
+
+std::string set_canon(const nftnl_set* s) {
+  std::string out = "set ";
+  const char* name = nftnl_set_get_str(s, NFTNL_SET_NAME);
+  out += name ? name : "?";
+  out += " flags " + std::to_string(nftnl_set_get_u32(s, NFTNL_SET_FLAGS));
+  out += " type " + std::to_string(nftnl_set_get_u32(s, NFTNL_SET_KEY_TYPE));
+  out += " len " + std::to_string(nftnl_set_get_u32(s, NFTNL_SET_KEY_LEN));
+  bool counter = false;
+  nftnl_set_expr_foreach(
+      s,
+      [](nftnl_expr* e, void* data) -> int {
+        const char* n = nftnl_expr_get_str(e, NFTNL_EXPR_NAME);
+        if (n && std::strcmp(n, "counter") == 0) *static_cast<bool*>(data) = true;
+        return 0;
+      },
+      &counter);
+  if (counter) out += " counter";
+  return out;
+}
+
+std::string elem_canon(nftnl_set_elem* e) {
+  std::string out;
+  uint32_t len = 0;
+  if (nftnl_set_elem_is_set(e, NFTNL_SET_ELEM_KEY)) {
+    const void* k = nftnl_set_elem_get(e, NFTNL_SET_ELEM_KEY, &len);
+    out += hex(k, len);
+  }
+  if (nftnl_set_elem_is_set(e, NFTNL_SET_ELEM_KEY_END)) {
+    const void* k = nftnl_set_elem_get(e, NFTNL_SET_ELEM_KEY_END, &len);
+    out += "-" + hex(k, len);
+  }
+  const uint32_t flags =
+      nftnl_set_elem_is_set(e, NFTNL_SET_ELEM_FLAGS) ? nftnl_set_elem_get_u32(e, NFTNL_SET_ELEM_FLAGS) : 0;
+  if (flags & NFT_SET_ELEM_INTERVAL_END) out += " end";
+  if (nftnl_set_elem_is_set(e, NFTNL_SET_ELEM_USERDATA)) {
+    const void* data = nftnl_set_elem_get(e, NFTNL_SET_ELEM_USERDATA, &len);
+    const std::string c = udata_comment(data, len, NFTNL_UDATA_SET_ELEM_COMMENT);
+    if (!c.empty()) out += " comment " + quote(c);
+  }
+  return out;
 }
 
 std::string table_comment(const nftnl_table* t) {

@@ -341,11 +341,16 @@ check "IMDS saw the hypervisor's address" grep -q '^198.51.100.2 GET /latest/met
 check_not "IMDS never saw a VM address" grep -q '^10\.' "$WORK/imds.log"
 # vm2 with the route back of the control (which read IMDS without vmfence).
 # imds_fence_drops: packets of vm2 toward IMDS vmfence dropped (the TAP
-# program's imds_denied counter plus the "vm2: no IMDS" nft rule's counter).
+# program's imds_denied counter plus the counter of vm2's element, "vm2: no IMDS",
+# in the nft set the imds_forward chain drops from).
+# elem_packets SET COMMENT: the packet counter of that set's element with COMMENT.
+elem_packets() {
+  hv_nft -j list set inet vmfence "$1" |
+    jq --arg c "$2" '[.nftables[] | select(.set) | .set.elem[]? | .elem | select(.comment == $c) | .counter.packets] | add // 0'
+}
 imds_fence_drops() {
   local nft dp
-  nft=$(hv_nft -j list chain inet vmfence imds_forward |
-    jq '[.nftables[] | select(.rule.comment == "vm2: no IMDS") | .rule.expr[] | select(.counter) | .counter.packets] | add // 0')
+  nft=$(elem_packets imds_denied4 "vm2: no IMDS")
   dp=$(vmfence status --json 2>/dev/null | jq '[.vms[] | select(.name == "vm2") | .drops.imds_denied // 0] | add // 0')
   echo $((${nft:-0} + ${dp:-0}))
 }
@@ -362,10 +367,7 @@ must wan_route_vm2 del
 # ---------------------------------------------------------------------------
 # WAN -> VM: established only, unless an ingress rule allows it
 # ---------------------------------------------------------------------------
-drops_toward_vm1() {
-  hv_nft -j list chain inet vmfence wan_to_vm |
-    jq '[.nftables[] | select(.rule.comment == "vm1: unsolicited from the WAN") | .rule.expr[] | select(.counter) | .counter.packets] | add // 0'
-}
+drops_toward_vm1() { elem_packets vm_addrs4 "vm1: unsolicited from the WAN"; }
 # Give the wan a route to vm1 for this test only (it has none: that is the point
 # of masquerade), then knock.
 must ip -n "$WAN" route add 10.1.0.0/24 via 198.51.100.2
@@ -389,6 +391,10 @@ RULE_HANDLE=$(hv_nft -j list chain inet vmfence postrouting |
 must hv_nft delete rule inet vmfence postrouting handle "$RULE_HANDLE"
 masquerade_back() { hv_nft list chain inet vmfence postrouting | grep -q 'masquerade 10.0.0.0/8 out wan0'; }
 check "a rule deleted by hand is restored within 5 s" wait_for 5 masquerade_back
+# Per-VM matches are set elements: one deleted by hand is noticed and restored too.
+must hv_nft delete element inet vmfence vm_addrs4 '{ 10.1.0.2 }'
+vm1_element_back() { hv_nft list set inet vmfence vm_addrs4 | grep -q 'vm1: unsolicited from the WAN'; }
+check "a set element deleted by hand is restored within 5 s" wait_for 5 vm1_element_back
 
 # ---------------------------------------------------------------------------
 # restart: one table, not two; stopping leaves enforcement in place

@@ -84,6 +84,17 @@ const nft::RuleDesc* find_rule(const nft::Ruleset& rs, const std::string& text) 
   return nullptr;
 }
 
+// The elements of set `name` as SetDesc::elem_text prints them; {"no set"} when absent.
+std::vector<std::string> elems(const nft::Ruleset& rs, const std::string& name) {
+  for (const auto& set : rs.sets)
+    if (set.name == name) {
+      std::vector<std::string> out;
+      for (const auto& e : set.elems) out.push_back(set.elem_text(e));
+      return out;
+    }
+  return {"no set " + name};
+}
+
 std::string exprs_of(const nft::Ruleset& rs, const std::string& text) {
   const auto* r = find_rule(rs, text);
   EXPECT_NE(r, nullptr) << "no rule `" << text << "` in\n" << rs.text();
@@ -171,11 +182,14 @@ TEST(NftBuild, HostBitsAreCleared) {
   s.host.wan_interfaces = {"wan0"};
   const auto rs = nft::build_ruleset(s);
   EXPECT_EQ(texts(rs, "wan_to_vm"),
-            (std::vector<std::string>{"ip daddr 10.1.0.0/24 counter drop comment \"vm1: unsolicited from the WAN\""}));
-  EXPECT_NE(nft::rule_exprs(*rs.in_chain("wan_to_vm")[0])
-                .find("[ payload load 3b @ network header + 16 => reg 1 ]\n"
-                      "[ cmp eq reg 1 0x0000010a ]\n"),
-            std::string::npos);
+            (std::vector<std::string>{
+                "ip daddr @vm_addrs4 counter drop comment \"unsolicited from the WAN (per-VM counters in the set)\""}));
+  EXPECT_EQ(elems(rs, "vm_addrs4"),
+            (std::vector<std::string>{"10.1.0.0/24 comment \"vm1: unsolicited from the WAN\""}));
+  // The element is the range 10.1.0.0-10.1.0.255.
+  ASSERT_EQ(rs.sets.size(), 1u);
+  EXPECT_EQ(rs.sets[0].elems[0].lo, (std::vector<uint8_t>{10, 1, 0, 0}));
+  EXPECT_EQ(rs.sets[0].elems[0].hi, (std::vector<uint8_t>{10, 1, 0, 255}));
 }
 
 TEST(NftBuild, ImdsOnlyForImdsVms) {
@@ -200,16 +214,20 @@ TEST(NftBuild, ImdsOnlyForImdsVms) {
             "[ bitwise reg 1 = ( reg 1 & 0x0000ff00 ) ^ 0x00000040 ]\n"
             "[ payload write reg 1 => 2b @ network header + 8 csum_type 1 csum_off 10 csum_flags 0x0 ]\n");
 
-  EXPECT_EQ(texts(rs, "imds_forward"), (std::vector<std::string>{
-                                           "ip saddr 10.1.0.2 tcp dport 80 accept comment \"vm1: IMDS\"",
-                                           "ip saddr 10.1.0.2 counter drop comment \"vm1: IMDS, other ports\"",
-                                           "ip saddr 10.2.0.2 counter drop comment \"vm2: no IMDS\"",
-                                       }));
+  EXPECT_EQ(texts(rs, "imds_forward"),
+            (std::vector<std::string>{
+                "ip saddr @imds_allowed4 tcp dport 80 accept comment \"IMDS: VMs with imds true\"",
+                "ip saddr @imds_denied4 counter drop comment \"IMDS: every other VM address (per-VM counters in the "
+                "set)\"",
+            }));
+  EXPECT_EQ(elems(rs, "imds_allowed4"), (std::vector<std::string>{"10.1.0.2 comment \"vm1: IMDS\""}));
+  EXPECT_EQ(elems(rs, "imds_denied4"), (std::vector<std::string>{"10.1.0.2 comment \"vm1: IMDS, other ports\"",
+                                                                 "10.2.0.2 comment \"vm2: no IMDS\""}));
   EXPECT_EQ(nft::rule_exprs(*rs.in_chain("imds_forward")[0]),
             "[ meta load nfproto => reg 1 ]\n"
             "[ cmp eq reg 1 0x00000002 ]\n"
             "[ payload load 4b @ network header + 12 => reg 1 ]\n"
-            "[ cmp eq reg 1 0x0200010a ]\n"
+            "[ lookup reg 1 set imds_allowed4 0x0 ]\n"
             "[ meta load l4proto => reg 1 ]\n"
             "[ cmp eq reg 1 0x00000006 ]\n"
             "[ payload load 2b @ transport header + 2 => reg 1 ]\n"
@@ -219,8 +237,8 @@ TEST(NftBuild, ImdsOnlyForImdsVms) {
   const auto post = texts(rs, "postrouting");
   ASSERT_EQ(post.size(), 4u);
   EXPECT_EQ(post[0],
-            "ip saddr 10.1.0.2 ip daddr 169.254.169.254 tcp dport 80 counter masquerade comment "
-            "\"vm1: IMDS from the hypervisor's address\"");
+            "ip saddr @imds_allowed4 ip daddr 169.254.169.254 tcp dport 80 counter masquerade comment "
+            "\"IMDS from the hypervisor's address\"");
   EXPECT_EQ(post[1], "ip daddr 169.254.169.254 accept comment \"IMDS: no translation for other sources\"");
   EXPECT_EQ(post[2],
             "oifname \"wan0\" ip saddr 10.0.0.0/8 counter masquerade comment \"masquerade 10.0.0.0/8 out wan0\"");
@@ -244,8 +262,12 @@ TEST(NftBuild, ImdsV6Address) {
                       "[ payload write reg 1 => 1b @ network header + 7 csum_type 0 csum_off 0 csum_flags 0x0 ]\n"),
             std::string::npos);
   EXPECT_EQ(texts(rs, "imds_forward"),
-            (std::vector<std::string>{"ip6 saddr fd00:1::2 tcp dport 80 accept comment \"vm1: IMDS\"",
-                                      "ip6 saddr fd00:1::2 counter drop comment \"vm1: IMDS, other ports\""}));
+            (std::vector<std::string>{
+                "ip6 saddr @imds_allowed6 tcp dport 80 accept comment \"IMDS: VMs with imds true\"",
+                "ip6 saddr @imds_denied6 counter drop comment \"IMDS: every other VM address (per-VM counters in the "
+                "set)\""}));
+  EXPECT_EQ(elems(rs, "imds_allowed6"), (std::vector<std::string>{"fd00:1::2 comment \"vm1: IMDS\""}));
+  EXPECT_EQ(elems(rs, "imds_denied6"), (std::vector<std::string>{"fd00:1::2 comment \"vm1: IMDS, other ports\""}));
 }
 
 TEST(NftBuild, NoImdsConfigured) {
@@ -261,8 +283,11 @@ TEST(NftBuild, NoImdsConfigured) {
   const auto rt = nft::build_ruleset(t);
   EXPECT_TRUE(rt.in_chain("prerouting").empty());
   EXPECT_EQ(texts(rt, "imds_forward"),
-            (std::vector<std::string>{"ip saddr 10.1.0.2 counter drop comment \"vm1: no IMDS\"",
-                                      "ip saddr 10.2.0.2 counter drop comment \"vm2: no IMDS\""}));
+            (std::vector<std::string>{"ip saddr @imds_denied4 counter drop comment \"IMDS: every other VM address "
+                                      "(per-VM counters in the set)\""}));
+  EXPECT_EQ(elems(rt, "imds_denied4"),
+            (std::vector<std::string>{"10.1.0.2 comment \"vm1: no IMDS\"", "10.2.0.2 comment \"vm2: no IMDS\""}));
+  EXPECT_EQ(elems(rt, "imds_allowed4"), (std::vector<std::string>{"no set imds_allowed4"}));
 }
 
 TEST(NftBuild, WanToVmEstablishedOnly) {
@@ -284,16 +309,19 @@ TEST(NftBuild, WanToVmEstablishedOnly) {
             "[ meta load iifname => reg 1 ]\n"
             "[ cmp eq reg 1 0x306e6177 0x00000000 0x00000000 0x00000000 ]\n"
             "[ immediate reg 0 jump -> wan_to_vm ]\n");
-  EXPECT_EQ(texts(rs, "wan_to_vm"), (std::vector<std::string>{
-                                        "ip daddr 10.1.0.2 counter drop comment \"vm1: unsolicited from the WAN\"",
-                                        "ip6 daddr fd00:1::2 counter drop comment \"vm1: unsolicited from the WAN\"",
-                                        "ip daddr 10.2.0.2 counter drop comment \"vm2: unsolicited from the WAN\"",
-                                    }));
+  EXPECT_EQ(texts(rs, "wan_to_vm"),
+            (std::vector<std::string>{
+                "ip daddr @vm_addrs4 counter drop comment \"unsolicited from the WAN (per-VM counters in the set)\"",
+                "ip6 daddr @vm_addrs6 counter drop comment \"unsolicited from the WAN (per-VM counters in the set)\"",
+            }));
+  EXPECT_EQ(elems(rs, "vm_addrs4"), (std::vector<std::string>{"10.1.0.2 comment \"vm1: unsolicited from the WAN\"",
+                                                              "10.2.0.2 comment \"vm2: unsolicited from the WAN\""}));
+  EXPECT_EQ(elems(rs, "vm_addrs6"), (std::vector<std::string>{"fd00:1::2 comment \"vm1: unsolicited from the WAN\""}));
   EXPECT_EQ(nft::rule_exprs(*rs.in_chain("wan_to_vm")[1]),
             "[ meta load nfproto => reg 1 ]\n"
             "[ cmp eq reg 1 0x0000000a ]\n"
             "[ payload load 16b @ network header + 24 => reg 1 ]\n"
-            "[ cmp eq reg 1 0x010000fd 0x00000000 0x00000000 0x02000000 ]\n"
+            "[ lookup reg 1 set vm_addrs6 0x0 ]\n"
             "[ counter pkts 0 bytes 0 ]\n"
             "[ immediate reg 0 drop ]\n");
 }
@@ -317,40 +345,129 @@ TEST(NftBuild, IngressRuleExceptions) {
   r5.proto = Proto::udp;
   s.vms[0].ingress = {r1, r2, r3, r4, r5};
   const auto rs = nft::build_ruleset(s);
+  const std::string drop4 =
+      "ip daddr @vm_addrs4 counter drop comment \"unsolicited from the WAN (per-VM counters in the set)\"";
+  const std::string drop6 =
+      "ip6 daddr @vm_addrs6 counter drop comment \"unsolicited from the WAN (per-VM counters in the set)\"";
   EXPECT_EQ(texts(rs, "wan_to_vm"),
             (std::vector<std::string>{
-                "ip saddr 100.64.0.0/10 ip daddr 10.1.0.2 tcp dport 22 accept comment \"vm1: ingress[0]\"",
-                "ip saddr 100.64.0.0/10 ip daddr 10.1.0.2 tcp dport 1000-2000 accept comment \"vm1: ingress[0]\"",
-                "ip daddr 10.1.0.2 meta l4proto icmp accept comment \"vm1: ingress[1]\"",
-                "ip6 saddr 2001:db8::7 ip6 daddr fd00:1::2 accept comment \"vm1: ingress[2]\"",
-                "ip saddr 198.51.100.0/24 ip daddr 10.1.0.2 meta l4proto udp accept comment \"vm1: ingress[4]\"",
-                "ip daddr 10.1.0.2 counter drop comment \"vm1: unsolicited from the WAN\"",
-                "ip6 daddr fd00:1::2 counter drop comment \"vm1: unsolicited from the WAN\"",
-                "ip daddr 10.2.0.2 counter drop comment \"vm2: unsolicited from the WAN\"",
+                "ip saddr . ip daddr . meta l4proto @ingress_proto4 accept comment \"VM ingress rules\"",
+                "ip saddr . ip daddr . meta l4proto . th dport @ingress_ports4 accept comment \"VM ingress rules\"",
+                "ip6 saddr . ip6 daddr @ingress_any6 accept comment \"VM ingress rules\"",
+                drop4,
+                drop6,
             }));
+  EXPECT_EQ(elems(rs, "ingress_ports4"),
+            (std::vector<std::string>{"100.64.0.0/10 . 10.1.0.2 . tcp . 22 comment \"vm1: ingress\"",
+                                      "100.64.0.0/10 . 10.1.0.2 . tcp . 1000-2000 comment \"vm1: ingress\""}));
+  EXPECT_EQ(elems(rs, "ingress_proto4"),
+            (std::vector<std::string>{"0.0.0.0/0 . 10.1.0.2 . icmp comment \"vm1: ingress\"",
+                                      "198.51.100.0/24 . 10.1.0.2 . udp comment \"vm1: ingress\""}));
+  EXPECT_EQ(elems(rs, "ingress_any6"), (std::vector<std::string>{"2001:db8::7 . fd00:1::2 comment \"vm1: ingress\""}));
+  EXPECT_EQ(elems(rs, "ingress_any4"), (std::vector<std::string>{"no set ingress_any4"}));  // none: no rule either
+  // Each field in its own 4-byte registers (reg 1 = reg32 0-3), as nft does.
   EXPECT_EQ(nft::rule_exprs(*rs.in_chain("wan_to_vm")[1]),
             "[ meta load nfproto => reg 1 ]\n"
             "[ cmp eq reg 1 0x00000002 ]\n"
             "[ payload load 4b @ network header + 12 => reg 1 ]\n"
-            "[ bitwise reg 1 = ( reg 1 & 0x0000c0ff ) ^ 0x00000000 ]\n"
-            "[ cmp eq reg 1 0x00004064 ]\n"
-            "[ payload load 4b @ network header + 16 => reg 1 ]\n"
-            "[ cmp eq reg 1 0x0200010a ]\n"
-            "[ meta load l4proto => reg 1 ]\n"
-            "[ cmp eq reg 1 0x00000006 ]\n"
-            "[ payload load 2b @ transport header + 2 => reg 1 ]\n"
-            "[ cmp gte reg 1 0x0000e803 ]\n"
-            "[ cmp lte reg 1 0x0000d007 ]\n"
+            "[ payload load 4b @ network header + 16 => reg 9 ]\n"
+            "[ meta load l4proto => reg 10 ]\n"
+            "[ payload load 2b @ transport header + 2 => reg 11 ]\n"
+            "[ lookup reg 1 set ingress_ports4 0x0 ]\n"
             "[ immediate reg 0 accept ]\n");
-  // 0.0.0.0/0: no address match, only the family
   EXPECT_EQ(nft::rule_exprs(*rs.in_chain("wan_to_vm")[2]),
             "[ meta load nfproto => reg 1 ]\n"
-            "[ cmp eq reg 1 0x00000002 ]\n"
-            "[ payload load 4b @ network header + 16 => reg 1 ]\n"
-            "[ cmp eq reg 1 0x0200010a ]\n"
-            "[ meta load l4proto => reg 1 ]\n"
-            "[ cmp eq reg 1 0x00000001 ]\n"
+            "[ cmp eq reg 1 0x0000000a ]\n"
+            "[ payload load 16b @ network header + 8 => reg 1 ]\n"
+            "[ payload load 16b @ network header + 24 => reg 2 ]\n"
+            "[ lookup reg 1 set ingress_any6 0x0 ]\n"
             "[ immediate reg 0 accept ]\n");
+}
+
+namespace {
+
+// Whether `key` (an IPv4 key: 4-byte fields, as a packet loads them) is inside element
+// e: lo <= key <= hi in every field.
+bool in_elem(const nft::SetElemDesc& e, const std::vector<uint8_t>& key) {
+  for (size_t off = 0; off < key.size(); off += 4) {
+    const auto k = key.begin() + off, lo = e.lo.begin() + off, hi = e.hi.begin() + off;
+    if (std::lexicographical_compare(k, k + 4, lo, lo + 4) || std::lexicographical_compare(hi, hi + 4, k, k + 4))
+      return false;
+  }
+  return true;
+}
+
+std::vector<uint8_t> key4(const char* peer, const char* addr, uint8_t proto, uint16_t port) {
+  std::vector<uint8_t> k(16, 0);
+  inet_pton(AF_INET, peer, k.data());
+  inet_pton(AF_INET, addr, k.data() + 4);
+  k[8] = proto;
+  k[12] = static_cast<uint8_t>(port >> 8);
+  k[13] = static_cast<uint8_t>(port & 0xff);
+  return k;
+}
+
+}  // namespace
+
+// Overlapping ingress rules of one VM (nested peers, overlapping port ranges) become
+// disjoint elements (a concatenated interval set refuses overlaps) whose union is
+// exactly what the rules accept: every port of every probe peer agrees.
+TEST(NftBuild, IngressOverlapsBecomeDisjointElements) {
+  Spec s = sample_spec();
+  auto tcp = [](const char* peer, uint8_t plen, std::vector<PortRange> ports) {
+    Rule r;
+    r.peer = v4(peer, plen);
+    r.proto = Proto::tcp;
+    r.ports = std::move(ports);
+    return r;
+  };
+  s.vms[0].ingress = {tcp("10.0.0.0", 8, {{20, 30}}), tcp("10.1.0.0", 16, {{25, 25}, {29, 35}}),
+                      tcp("192.0.2.0", 24, {{28, 40}, {22, 22}}), tcp("10.1.2.3", 32, {{100, 100}})};
+  Rule any_wide, any_nested;
+  any_wide.peer = v4("0.0.0.0", 0);
+  any_nested.peer = v4("10.0.0.0", 8);
+  s.vms[1].ingress = {any_nested, any_wide};
+  const auto rs = nft::build_ruleset(s);
+  EXPECT_EQ(elems(rs, "ingress_any4"), (std::vector<std::string>{"0.0.0.0/0 . 10.2.0.2 comment \"vm2: ingress\""}));
+  const nft::SetDesc* ports = nullptr;
+  for (const auto& set : rs.sets)
+    if (set.name == "ingress_ports4") ports = &set;
+  ASSERT_NE(ports, nullptr);
+  for (size_t i = 0; i < ports->elems.size(); ++i)
+    for (size_t j = i + 1; j < ports->elems.size(); ++j) {
+      const auto& a = ports->elems[i];
+      const auto& b = ports->elems[j];
+      // Disjoint: in some field one ends before the other starts.
+      bool apart = false;
+      for (size_t off = 0; off < a.lo.size() && !apart; off += 4) {
+        const auto lo_a = a.lo.begin() + off, hi_a = a.hi.begin() + off;
+        const auto lo_b = b.lo.begin() + off, hi_b = b.hi.begin() + off;
+        apart = std::lexicographical_compare(hi_a, hi_a + 4, lo_b, lo_b + 4) ||
+                std::lexicographical_compare(hi_b, hi_b + 4, lo_a, lo_a + 4);
+      }
+      EXPECT_TRUE(apart) << ports->elem_text(a) << " overlaps " << ports->elem_text(b);
+    }
+  struct Probe {
+    const char* peer;
+    std::vector<std::pair<uint16_t, uint16_t>> accepted;  // what the rules say
+  };
+  const Probe probes[] = {{"10.9.9.9", {{20, 30}}},
+                          {"10.1.7.7", {{20, 35}}},
+                          {"10.1.2.3", {{20, 35}, {100, 100}}},
+                          {"192.0.2.9", {{22, 22}, {28, 40}}},
+                          {"198.51.100.1", {}}};
+  for (const auto& p : probes)
+    for (uint32_t port = 0; port < 200; ++port) {
+      bool want = false;
+      for (const auto& [lo, hi] : p.accepted) want = want || (lo <= port && port <= hi);
+      const auto key = key4(p.peer, "10.1.0.2", 6, static_cast<uint16_t>(port));
+      bool got = false;
+      for (const auto& e : ports->elems) got = got || in_elem(e, key);
+      EXPECT_EQ(got, want) << p.peer << " port " << port;
+      EXPECT_FALSE(std::any_of(ports->elems.begin(), ports->elems.end(), [&](const auto& e) {
+        return in_elem(e, key4(p.peer, "10.1.0.3", 6, uint16_t(port)));
+      })) << "another address";
+    }
 }
 
 TEST(NftBuild, FingerprintFollowsContent) {
@@ -360,7 +477,12 @@ TEST(NftBuild, FingerprintFollowsContent) {
   Spec s = sample_spec();
   s.vms[1].imds = true;
   EXPECT_NE(nft::build_ruleset(s).fingerprint(), a.fingerprint());
-  EXPECT_NE(a.text().find("table inet vmfence {\n\tchain prerouting {\n"), std::string::npos);
+  EXPECT_NE(a.text().find("\tchain prerouting {\n"), std::string::npos);
+  EXPECT_EQ(a.text().rfind("table inet vmfence {\n\tset ", 0), 0u) << a.text();
+  // An element is part of the content: a VM's address change changes the fingerprint.
+  Spec t = sample_spec();
+  t.vms[1].addresses = {v4("10.2.0.3")};
+  EXPECT_NE(nft::build_ruleset(t).fingerprint(), a.fingerprint());
 }
 
 // ---------------------------------------------------------------------------
@@ -590,12 +712,16 @@ TEST_F(NftKernel, FailedFirstApplyLeavesNothing) {
   EXPECT_EQ(run("nft list ruleset"), "");
 }
 
-TEST_F(NftKernel, ManyVmsInOneBatch) {
+// VMs in the bench's shape (IPv4 + IPv6 address, ssh from 100.64.0.0/10, every other
+// one with IMDS).
+Spec many_vms(int n) {
   Spec s = sample_spec();
   s.vms.clear();
-  for (int i = 0; i < 2000; ++i) {
-    const std::string a = "10." + std::to_string(i / 250 + 1) + "." + std::to_string(i % 250) + ".2";
-    VmSpec v = vm("vm" + std::to_string(i), {v4(a.c_str())}, i % 2 == 0);
+  for (int i = 1; i <= n; ++i) {
+    const std::string a = "10." + std::to_string(i >> 8) + "." + std::to_string(i & 255) + ".2";
+    char a6[64];
+    snprintf(a6, sizeof a6, "fec0::%x:2", i);
+    VmSpec v = vm("vm" + std::to_string(i), {v4(a.c_str()), v6(a6)}, i % 2 == 0);
     Rule r;
     r.peer = v4("100.64.0.0", 10);
     r.proto = Proto::tcp;
@@ -603,14 +729,113 @@ TEST_F(NftKernel, ManyVmsInOneBatch) {
     v.ingress = {r};
     s.vms.push_back(v);
   }
-  const auto rs = nft::build_ruleset(s);
-  ASSERT_GT(rs.rules.size(), 8000u);
+  return s;
+}
+
+TEST_F(NftKernel, ManyVmsInOneBatch) {
+  const auto rs = nft::build_ruleset(many_vms(2000));
+  EXPECT_LT(rs.rules.size(), 20u);  // per-VM matches are set elements
+  ASSERT_GE(rs.elements(), 8000u);
   const auto t0 = std::chrono::steady_clock::now();
   const auto r = nft::apply(rs);
   ASSERT_TRUE(r) << r.message;
   const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0).count();
-  EXPECT_LT(ms, 10000) << "applying " << rs.rules.size() << " rules took " << ms << " ms";
-  EXPECT_TRUE(nft::verify(rs));
+  EXPECT_LT(ms, 10000) << "applying " << rs.elements() << " elements took " << ms << " ms";
+  const auto v = nft::verify(rs);
+  EXPECT_TRUE(v) << v.message;
   ASSERT_TRUE(nft::apply(rs));
   EXPECT_EQ(count(run("nft list tables"), "vmfence"), 1u);
+}
+
+// The issue's target: the table for 10,000 VMs applied in < 0.5 s (asserted with
+// headroom for a loaded machine; the time is logged).
+TEST_F(NftKernel, TenThousandVmsApplyAndVerify) {
+  const auto rs = nft::build_ruleset(many_vms(10000));
+  // Independent of the VM count: the fixed rules, plus at most 16 shards per
+  // concatenated ingress set kind (3) and family (2).
+  EXPECT_LE(rs.rules.size(), 13u + 6 * 16);
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto r = nft::apply(rs);
+  ASSERT_TRUE(r) << r.message;
+  const auto t1 = std::chrono::steady_clock::now();
+  const auto v = nft::verify(rs);
+  const auto t2 = std::chrono::steady_clock::now();
+  EXPECT_TRUE(v) << v.message;
+  const auto apply_ms = std::chrono::duration_cast<std::chrono::milliseconds>(t1 - t0).count();
+  const auto verify_ms = std::chrono::duration_cast<std::chrono::milliseconds>(t2 - t1).count();
+  std::printf("10,000 VMs: %zu rules, %zu set elements: apply %lld ms, verify %lld ms\n", rs.rules.size(),
+              rs.elements(), static_cast<long long>(apply_ms), static_cast<long long>(verify_ms));
+  EXPECT_LT(apply_ms, 2000);
+}
+
+// A set element deleted (or added) by hand is a difference: verify says which, the
+// monitor restores the table.
+TEST_F(NftKernel, VerifyAndMonitorCatchSetElementEdits) {
+  const Spec spec = sample_spec();
+  const auto rs = nft::build_ruleset(spec);
+  ASSERT_TRUE(nft::apply(rs));
+  ASSERT_TRUE(nft::verify(rs));
+  nft::Monitor mon;
+  ASSERT_TRUE(mon.open());
+  int st = 0;
+  run("nft delete element inet vmfence vm_addrs4 '{ 10.2.0.2 }'", &st);
+  ASSERT_EQ(st, 0);
+  auto v = nft::verify(rs);
+  EXPECT_EQ(v.err, EPROTO);
+  EXPECT_NE(v.message.find("set vm_addrs4 has 1 elements, expected 2"), std::string::npos) << v.message;
+  EXPECT_FALSE(nft::table_intact());
+  ASSERT_TRUE(wait_readable(mon.fd()));
+  EXPECT_TRUE(mon.handle_readable(spec));
+  v = nft::verify(rs);
+  EXPECT_TRUE(v) << v.message;
+  // One more element (an address no VM has): also a difference.
+  run("nft add element inet vmfence imds_denied4 '{ 10.9.0.9 }'", &st);
+  ASSERT_EQ(st, 0);
+  v = nft::verify(rs);
+  EXPECT_EQ(v.err, EPROTO);
+  EXPECT_NE(v.message.find("set imds_denied4"), std::string::npos) << v.message;
+  ASSERT_TRUE(wait_readable(mon.fd()));
+  EXPECT_TRUE(mon.handle_readable(spec));
+  EXPECT_TRUE(nft::table_intact());
+  // A set flushed, and a set deleted with its rule.
+  run("nft flush set inet vmfence ingress_ports4", &st);
+  ASSERT_EQ(st, 0);
+  EXPECT_EQ(nft::verify(rs).err, EPROTO);
+  ASSERT_TRUE(nft::apply(rs));
+  EXPECT_TRUE(nft::table_intact());
+}
+
+// Interval sets: adjacent addresses and prefixes, the whole address space, IPv6
+// prefixes; nft reads back every element.
+TEST_F(NftKernel, IntervalElementsEdgeCases) {
+  Spec s = sample_spec();
+  s.vms = {vm("a", {v4("10.1.0.2"), v6("fd00:1::", 64)}, true), vm("b", {v4("10.1.0.3"), v4("10.1.0.4", 31)}, false),
+           vm("c", {v4("255.255.255.255"), v6("ffff::", 16)}, false)};
+  Rule everything;
+  everything.peer = v4("0.0.0.0", 0);
+  everything.proto = Proto::udp;
+  everything.ports = {{0, 100}, {65000, 65535}};
+  s.vms[2].ingress = {everything};
+  Rule ssh6;  // IPv6 concatenation with ports: a 40-byte key over registers 1, 2, 3, 17
+  ssh6.peer = v6("2001:db8::", 32);
+  ssh6.proto = Proto::tcp;
+  ssh6.ports = {{22, 22}, {2000, 3000}};
+  Rule icmp6;
+  icmp6.peer = v6("::", 0);
+  icmp6.proto = Proto::icmpv6;
+  s.vms[0].ingress = {ssh6, icmp6};
+  const auto rs = nft::build_ruleset(s);
+  EXPECT_EQ(elems(rs, "ingress_ports6"),
+            (std::vector<std::string>{"2001:db8::/32 . fd00:1::/64 . tcp . 22 comment \"a: ingress\"",
+                                      "2001:db8::/32 . fd00:1::/64 . tcp . 2000-3000 comment \"a: ingress\""}));
+  const auto r = nft::apply(rs);
+  ASSERT_TRUE(r) << r.message;
+  const auto v = nft::verify(rs);
+  EXPECT_TRUE(v) << v.message;
+  const std::string listing = run("nft list set inet vmfence vm_addrs4");
+  for (const char* e : {"10.1.0.2", "10.1.0.3", "10.1.0.4/31", "255.255.255.255"})
+    EXPECT_NE(listing.find(e), std::string::npos) << e << "\n" << listing;
+  const std::string l6 = run("nft list set inet vmfence vm_addrs6");
+  EXPECT_NE(l6.find("fd00:1::/64"), std::string::npos) << l6;
+  EXPECT_NE(l6.find("ffff::/16"), std::string::npos) << l6;
 }
