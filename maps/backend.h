@@ -65,16 +65,22 @@ class MapBackend {
                              std::map<uint32_t, TableUse>* left) = 0;
   virtual Status write_config(const vmfence_config& cfg) = 0;
 
-  // Per-VM policy tries (MapId::egress / ingress, keyed by PolicyKey):
-  // an update creates the trie at its index when there is none.
-  // Remove both tries at `index` (the whole generation at once).
+  // Per-VM policy tries (MapId::egress / ingress, keyed by PolicyKey).
+  // Start the tries at `index` afresh, empty (a new generation fills them;
+  // whatever an earlier generation left there is never written to).
+  virtual void reset_policy(uint32_t index) = 0;
+  // Free the tries at `index` (a generation no longer in force).
   virtual void drop_policy(uint32_t index) = 0;
   // Publish the tries at `index` as the VM's (pins policy/<vm>_egress and
-  // _ingress, replacing the previous generation's), creating empty ones.
+  // _ingress, replacing the previous generation's).
   virtual Status name_policy(uint32_t index, const std::string& vm) = 0;
   virtual void unname_policy(const std::string& vm) = 0;
-  // Drop every trie whose index is not live and every name not live.
+  // Free every trie whose index is not live and unpin every name not live.
   virtual void prune_policies(const std::set<uint32_t>& live_indexes, const std::set<std::string>& live_names) = 0;
+  // Put in force what the calls above prepared (new per-VM tries and flow
+  // tables, freed tries): before a VM entry may point at them. Installing
+  // inner maps waits for an RCU grace period, once per call.
+  virtual Status flush() = 0;
 };
 
 // The real maps (fds borrowed from `maps`, which must outlive the backend);

@@ -64,6 +64,8 @@ class FakeBackend : public MapBackend {
     return 0;
   }
   Status write_config(const vmfence_config&) override { return {}; }
+  void reset_policy(uint32_t index) override { drop_policy(index); }
+  Status flush() override { return {}; }
   void drop_policy(uint32_t index) override {
     for (MapId m : {MapId::egress, MapId::ingress})
       std::erase_if(state_.maps[m], [&](const auto& kv) { return index_of(kv.first) == index; });

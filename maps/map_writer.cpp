@@ -192,7 +192,7 @@ Status MapWriter::stage(const VmPlan& plan, uint32_t ifindex, VmChange& c) {
   c.next.policy_id = next_policy_id_++;
   if (live && (*live & 1) == (c.next.policy_id & 1)) c.next.policy_id = next_policy_id_++;
   uint32_t index = policy_index(c.next);
-  backend_->drop_policy(index);  // whatever an earlier run left there
+  backend_->reset_policy(index);  // never what an earlier generation left there
 
   auto fail = [&](const Status& s, const char* what) {
     abort(c);
@@ -219,6 +219,11 @@ Status MapWriter::stage(const VmPlan& plan, uint32_t ifindex, VmChange& c) {
 }
 
 Status MapWriter::commit(VmChange& c) {
+  // The staged tries and tables in force before the VM entry points at them.
+  if (auto s = backend_->flush(); !s) {
+    abort(c);
+    return Status::error(s.err, "install per-VM maps: " + s.message);
+  }
   uint32_t ifindex = c.next.ifindex;
   if (ifindex) {
     vmfence_vm vm = c.next.plan.vm;
@@ -237,9 +242,11 @@ Status MapWriter::commit(VmChange& c) {
 void MapWriter::release(VmChange& c) {
   uint32_t ifindex = c.next.ifindex;
   uint32_t vm_id = c.next.plan.vm.vm_id;
-  if (c.resize_tables)
-    if (auto s = backend_->ensure_tables(c.next.slot, c.next.plan.flow_limit); !s)
-      c.warnings.push_back("flow table keeps its old size: " + s.message);
+  if (c.resize_tables) {
+    Status s = backend_->ensure_tables(c.next.slot, c.next.plan.flow_limit);
+    if (s) s = backend_->flush();
+    if (!s) c.warnings.push_back("flow table keeps its old size: " + s.message);
+  }
   // Before the predecessor's slot is freed: its instance state is this VM's.
   bool inherited = false;
   if (c.predecessor) {
@@ -446,6 +453,7 @@ Status MapWriter::collect_garbage() {
     if (!live_slots.count(it->second.slot)) used_slots_.erase(it->second.slot);
     it = adopted_.erase(it);
   }
+  (void)backend_->flush();  // the freed tries
   recount();
   return {};
 }

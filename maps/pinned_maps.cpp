@@ -281,7 +281,7 @@ class PinnedBackend : public MapBackend {
   Status update(MapId map, const Bytes& key, const Bytes& value) override {
     if (is_policy(map)) {
       PolicyKey k = policy_key(key);
-      int t = trie(map, k.index, true);
+      int t = staged_trie(map, k.index);
       if (t < 0) return Status::error(errno, std::string("create a policy trie in ") + map_id_name(map));
       if (bpf_map_update_elem(t, &k.prefix, value.data(), BPF_ANY) != 0)
         return Status::error(errno, std::string("update ") + map_id_name(map));
@@ -293,8 +293,10 @@ class PinnedBackend : public MapBackend {
   }
   Status erase(MapId map, const Bytes& key) override {
     if (is_policy(map)) {
+      // Only a staged trie is ever written (an undo); tries in force are not.
       PolicyKey k = policy_key(key);
-      int t = trie(map, k.index, false);
+      auto p = pending_.find({fd(map), k.index});
+      int t = p != pending_.end() ? p->second.get() : -1;
       if (t >= 0 && bpf_map_delete_elem(t, &k.prefix) != 0 && errno != ENOENT)
         return Status::error(errno, std::string("delete from ") + map_id_name(map));
       return {};
@@ -306,7 +308,8 @@ class PinnedBackend : public MapBackend {
   bool lookup(MapId map, const Bytes& key, Bytes& value) override {
     if (is_policy(map)) {
       PolicyKey k = policy_key(key);
-      int t = trie(map, k.index, false);
+      Fd held;
+      int t = current(fd(map), k.index, held);
       value.assign(sizeof(vmfence_policy_value), 0);
       return t >= 0 && bpf_map_lookup_elem(t, &k.prefix, value.data()) == 0;
     }
@@ -335,33 +338,33 @@ class PinnedBackend : public MapBackend {
     return out;
   }
   Status ensure_tables(uint32_t slot, uint32_t flow_limit) override {
-    Fd flows = inner_map(maps_.flows.get(), slot);
-    if (!flows.valid() || max_entries_of(flows.get()) != flow_limit) {
+    Fd held;
+    int flows = current(maps_.flows.get(), slot, held);
+    if (flows < 0 || max_entries_of(flows) != flow_limit) {
       // No preallocation: a VM pays for the flows it has, not its limit.
       LIBBPF_OPTS(bpf_map_create_opts, opts, .map_flags = BPF_F_NO_PREALLOC);
       Fd table(bpf_map_create(BPF_MAP_TYPE_HASH, "vmfence_vm_flow", sizeof(vmfence_flow_key), sizeof(vmfence_flow),
                               flow_limit, &opts));
       if (!table.valid()) return Status::error(errno, "create the VM's flow table");
-      if (flows.valid()) {
+      if (flows >= 0) {
         // A changed limit: carry the live flows over (as many as fit).
-        for (const auto& [k, f] : flows_of(flows.get()))
+        for (const auto& [k, f] : flows_of(flows))
           if (bpf_map_update_elem(table.get(), &k, &f, BPF_NOEXIST) != 0 && errno == E2BIG) break;
       }
-      int fd = table.get();
-      if (bpf_map_update_elem(maps_.flows.get(), &slot, &fd, BPF_ANY) != 0)
-        return Status::error(errno, "install the VM's flow table");
+      pending_[{maps_.flows.get(), slot}] = std::move(table);  // installed at flush()
     }
-    if (!inner_map(maps_.frags.get(), slot).valid()) {
+    Fd held_frags;
+    if (current(maps_.frags.get(), slot, held_frags) < 0) {
       Fd table(bpf_map_create(BPF_MAP_TYPE_LRU_HASH, "vmfence_vm_frag", sizeof(vmfence_frag_key), sizeof(uint32_t),
                               VMFENCE_FRAGS_PER_VM, nullptr));
       if (!table.valid()) return Status::error(errno, "create the VM's fragment table");
-      int fd = table.get();
-      if (bpf_map_update_elem(maps_.frags.get(), &slot, &fd, BPF_ANY) != 0)
-        return Status::error(errno, "install the VM's fragment table");
+      pending_[{maps_.frags.get(), slot}] = std::move(table);
     }
     return {};
   }
   void drop_tables(uint32_t slot) override {
+    pending_.erase({maps_.flows.get(), slot});
+    pending_.erase({maps_.frags.get(), slot});
     // ENOENT (no table) is the common case; nothing else can fail here.
     (void)bpf_map_delete_elem(maps_.flows.get(), &slot);
     (void)bpf_map_delete_elem(maps_.frags.get(), &slot);
@@ -403,17 +406,23 @@ class PinnedBackend : public MapBackend {
     if (bpf_map_update_elem(maps_.config.get(), &zero, &cfg, BPF_ANY) != 0) return Status::error(errno, "write config");
     return {};
   }
+  void reset_policy(uint32_t index) override {
+    // Fresh empty tries (installed at flush even when the generation has no
+    // rule: nothing an earlier generation left at this index stays in force).
+    for (MapId m : {MapId::egress, MapId::ingress}) pending_[{fd(m), index}] = new_trie(m);
+  }
   void drop_policy(uint32_t index) override {
-    for (MapId m : {MapId::egress, MapId::ingress}) (void)bpf_map_delete_elem(fd(m), &index);  // ENOENT: none
-    if (cached_index_ == index) cached_ = Fd();
+    // A marker: flush() frees the trie in force there, if any.
+    for (MapId m : {MapId::egress, MapId::ingress}) pending_[{fd(m), index}] = Fd();
   }
   Status name_policy(uint32_t index, const std::string& vm) override {
     if (policy_dir_.empty()) return {};
     std::error_code ec;
     std::filesystem::create_directories(policy_dir_, ec);
     for (MapId m : {MapId::egress, MapId::ingress}) {
-      int t = trie(m, index, true);
-      if (t < 0) return Status::error(errno, std::string("create a policy trie in ") + map_id_name(m));
+      Fd held;
+      int t = current(fd(m), index, held);
+      if (t < 0) return Status::error(ENOENT, std::string("no policy trie in force in ") + map_id_name(m));
       if (auto s = repin(t, pin_path(vm, m)); !s) return s;
     }
     return {};
@@ -423,8 +432,10 @@ class PinnedBackend : public MapBackend {
     for (MapId m : {MapId::egress, MapId::ingress}) ::unlink(pin_path(vm, m).c_str());
   }
   void prune_policies(const std::set<uint32_t>& live, const std::set<std::string>& live_names) override {
-    for (uint32_t index = 0; index < VMFENCE_MAX_POLICIES; ++index)
-      if (!live.count(index)) drop_policy(index);
+    for (MapId m : {MapId::egress, MapId::ingress})
+      for (uint32_t index = 0; index < VMFENCE_MAX_POLICIES; ++index)
+        if (!live.count(index) && !pending_.count({fd(m), index}) && inner_map(fd(m), index).valid())
+          pending_[{fd(m), index}] = Fd();  // freed at the next flush()
     if (policy_dir_.empty()) return;
     std::set<std::string> live_pins;
     for (const auto& n : live_names) live_pins.insert(policy_pin_name(n));
@@ -437,6 +448,33 @@ class PinnedBackend : public MapBackend {
       if (!live_pins.count(vm) || (dir != "egress" && dir != "ingress")) ::unlink(e.path().c_str());
     }
   }
+  Status flush() override {
+    // Installing an inner map waits for an RCU grace period (~10 ms here
+    // unless rcu_expedited): one batch per outer map, not one per VM.
+    std::map<int, std::pair<std::vector<uint32_t>, std::vector<int>>> batches;
+    for (const auto& [k, f] : pending_) {
+      int v = f.get();
+      if (v < 0) {
+        // A freed trie: the shared empty one takes its place (an array of
+        // maps cannot delete in a batch), which frees it.
+        Fd cur = inner_map(k.first, k.second);
+        if (!cur.valid() || map_id(cur.get()) == tombstone_id_) continue;
+        v = tombstone();
+        if (v < 0) continue;  // stays allocated; never in force
+      }
+      batches[k.first].first.push_back(k.second);
+      batches[k.first].second.push_back(v);
+    }
+    for (auto& [outer, b] : batches) {
+      auto n = static_cast<uint32_t>(b.first.size());
+      if (bpf_map_update_batch(outer, b.first.data(), b.second.data(), &n, nullptr) == 0) continue;
+      for (size_t i = 0; i < b.first.size(); ++i)  // kernels without batch updates of arrays of maps
+        if (bpf_map_update_elem(outer, &b.first[i], &b.second[i], BPF_ANY) != 0)
+          return Status::error(errno, "install per-VM maps");
+    }
+    pending_.clear();
+    return {};
+  }
 
  private:
   static PolicyKey policy_key(const Bytes& key) {
@@ -447,29 +485,39 @@ class PinnedBackend : public MapBackend {
   std::string pin_path(const std::string& vm, MapId m) const {
     return policy_dir_ + "/" + policy_pin_name(vm) + (m == MapId::egress ? "_egress" : "_ingress");
   }
-  // The trie at `index` of an outer policy map (created when `create` and
-  // absent), or -1. The last one used stays open: a VM's entries are
-  // written one after the other.
-  int trie(MapId map, uint32_t index, bool create) {
-    if (cached_.valid() && cached_map_ == map && cached_index_ == index) return cached_.get();
-    Fd t = inner_map(fd(map), index);
-    if (!t.valid()) {
-      if (!create) return -1;
-      if (!btf_loaded_) btf_ = trie_btf(maps_.owner_nets.get()), btf_loaded_ = true;
-      LIBBPF_OPTS(bpf_map_create_opts, opts, .btf_fd = static_cast<__u32>(btf_.btf.valid() ? btf_.btf.get() : 0),
-                  .btf_key_type_id = btf_.key_type, .btf_value_type_id = btf_.value_type,
-                  .map_flags = BPF_F_NO_PREALLOC);
-      t.reset(bpf_map_create(BPF_MAP_TYPE_LPM_TRIE, map == MapId::egress ? "vmfence_vm_egr" : "vmfence_vm_ingr",
+  static uint32_t map_id(int fd) {
+    bpf_map_info info{};
+    uint32_t len = sizeof(info);
+    return bpf_obj_get_info_by_fd(fd, &info, &len) == 0 ? info.id : 0;
+  }
+  // The inner map at index of outer: a staged one, else the one in force
+  // (held keeps it open); -1 when none (or marked freed).
+  int current(int outer, uint32_t index, Fd& held) {
+    if (auto p = pending_.find({outer, index}); p != pending_.end()) return p->second.get();
+    held = inner_map(outer, index);
+    return held.valid() ? held.get() : -1;
+  }
+  // The staged trie of a new generation at index (created when absent).
+  int staged_trie(MapId map, uint32_t index) {
+    Fd& t = pending_[{fd(map), index}];
+    if (!t.valid()) t = new_trie(map);
+    return t.get();
+  }
+  Fd new_trie(MapId map) {
+    if (!btf_loaded_) btf_ = trie_btf(maps_.owner_nets.get()), btf_loaded_ = true;
+    LIBBPF_OPTS(bpf_map_create_opts, opts, .btf_fd = static_cast<__u32>(btf_.btf.valid() ? btf_.btf.get() : 0),
+                .btf_key_type_id = btf_.key_type, .btf_value_type_id = btf_.value_type, .map_flags = BPF_F_NO_PREALLOC);
+    return Fd(bpf_map_create(BPF_MAP_TYPE_LPM_TRIE, map == MapId::egress ? "vmfence_vm_egr" : "vmfence_vm_ingr",
                              sizeof(vmfence_addr_key), sizeof(vmfence_policy_value), VMFENCE_MAX_POLICY_PREFIXES,
                              &opts));
-      if (!t.valid()) return -1;
-      int tfd = t.get();
-      if (bpf_map_update_elem(fd(map), &index, &tfd, BPF_ANY) != 0) return -1;
+  }
+  // The one empty trie that replaces freed ones (never written to).
+  int tombstone() {
+    if (!tombstone_.valid()) {
+      tombstone_ = new_trie(MapId::egress);
+      if (tombstone_.valid()) tombstone_id_ = map_id(tombstone_.get());
     }
-    cached_ = std::move(t);
-    cached_map_ = map;
-    cached_index_ = index;
-    return cached_.get();
+    return tombstone_.get();
   }
 
   int fd(MapId map) const {
@@ -504,9 +552,11 @@ class PinnedBackend : public MapBackend {
   bpf_map_info infos_[8]{};
   TrieBtf btf_;
   bool btf_loaded_ = false;
-  Fd cached_;
-  MapId cached_map_ = MapId::egress;
-  uint32_t cached_index_ = 0;
+  // Inner maps staged per (outer fd, index), installed by flush(): a new
+  // table or trie, or an invalid Fd marking a trie to free.
+  std::map<std::pair<int, uint32_t>, Fd> pending_;
+  Fd tombstone_;
+  uint32_t tombstone_id_ = 0;
 };
 
 }  // namespace

@@ -51,10 +51,15 @@ class PolicyTries : public ::testing::Test {
                  "." + std::to_string(k.addr[15]) + "/" + std::to_string(k.prefixlen - 96));
     return out;
   }
-  // Tries present in an outer policy map.
-  size_t tries(int outer) const {
+  // Tries with rules in an outer policy map (freed ones are replaced by one
+  // shared empty trie).
+  size_t tries_with_rules(int outer) const {
     size_t n = 0;
-    for (uint32_t i = 0; i < VMFENCE_MAX_POLICIES; ++i) n += inner_map(outer, i).valid();
+    for (uint32_t i = 0; i < VMFENCE_MAX_POLICIES; ++i) {
+      Fd t = inner_map(outer, i);
+      vmfence_addr_key k{};
+      n += t.valid() && bpf_map_get_next_key(t.get(), nullptr, &k) == 0;
+    }
     return n;
   }
   std::unique_ptr<World> w_;
@@ -85,8 +90,8 @@ TEST_F(PolicyTries, EachVmHasItsOwnPinnedTrieWithBtf) {
   // The pin is the trie the datapath uses (the vms entry's generation).
   const InstalledVm& a = w_->vm("tra");
   EXPECT_EQ(read_policy(w_->maps(), true, a.slot, a.policy_id).size(), 2u);
-  EXPECT_EQ(tries(w_->maps().egress.get()), 2u);
-  EXPECT_EQ(tries(w_->maps().ingress.get()), 2u);
+  EXPECT_EQ(tries_with_rules(w_->maps().egress.get()), 2u);
+  EXPECT_EQ(tries_with_rules(w_->maps().ingress.get()), 1u);
 }
 
 TEST_F(PolicyTries, ChangeSwitchesToTheIdleTrieAndDropsTheOld) {
@@ -98,12 +103,15 @@ TEST_F(PolicyTries, ChangeSwitchesToTheIdleTrieAndDropsTheOld) {
   auto entry = w_->vm_entry(after.ifindex);
   ASSERT_TRUE(entry);
   EXPECT_EQ(entry->policy_id, after.policy_id);
-  // The pin follows the switch; the old trie is gone (one per VM).
+  // The pin follows the switch. The old trie is freed with the next batch
+  // of installs (a grace period each): here the collection's.
   EXPECT_EQ(prefixes(pin("tra", "egress")), (std::set<std::string>{"203.0.113.0/24"}));
   EXPECT_TRUE(prefixes(pin("tra", "ingress")).empty());
+  ASSERT_TRUE(w_->writer().collect_garbage());
   EXPECT_TRUE(read_policy(w_->maps(), true, before.slot, before.policy_id).empty());
-  EXPECT_EQ(tries(w_->maps().egress.get()), 2u);
-  EXPECT_EQ(tries(w_->maps().ingress.get()), 2u);
+  EXPECT_EQ(read_policy(w_->maps(), true, after.slot, after.policy_id).size(), 1u);
+  EXPECT_EQ(tries_with_rules(w_->maps().egress.get()), 2u);
+  EXPECT_EQ(tries_with_rules(w_->maps().ingress.get()), 0u);
   // And the datapath enforces the new rules: tcp/443 to 198.51.100.7 is no
   // longer allowed, udp/53 to 203.0.113.9 still is.
   auto out = [&](const char* dst, bool udp, uint16_t port) {
@@ -116,12 +124,30 @@ TEST_F(PolicyTries, ChangeSwitchesToTheIdleTrieAndDropsTheOld) {
 }
 
 TEST_F(PolicyTries, RemovedVmLeavesNoTrieAndNoPin) {
+  const InstalledVm b = w_->vm("tr.b");
   ASSERT_TRUE(w_->writer().remove("tr.b"));
   struct stat st {};
   EXPECT_NE(::stat(pin("tr.b", "egress").c_str(), &st), 0);
   EXPECT_NE(::stat(pin("tr.b", "ingress").c_str(), &st), 0);
-  EXPECT_EQ(tries(w_->maps().egress.get()), 1u);
-  EXPECT_EQ(tries(w_->maps().ingress.get()), 1u);
+  ASSERT_TRUE(w_->writer().collect_garbage());
+  EXPECT_TRUE(read_policy(w_->maps(), true, b.slot, b.policy_id).empty());
+  EXPECT_EQ(tries_with_rules(w_->maps().egress.get()), 1u);
+}
+
+// A generation without rules still gets tries of its own: whatever an
+// earlier generation left at that index is never in force.
+TEST_F(PolicyTries, EmptyGenerationNeverInheritsAnOldTrie) {
+  // tra: 2 -> 1 -> 0 egress prefixes, the third lands on the first's index.
+  const InstalledVm first = w_->vm("tra");
+  ASSERT_TRUE(w_->reinstall(kVmA2));
+  ASSERT_TRUE(w_->reinstall(R"({ "name": "tra", "interface": "vpt-a", "mac": "02:00:00:00:0a:02",
+    "addresses": ["10.9.0.2/32"], "group": "a" })"));
+  const InstalledVm& now = w_->vm("tra");
+  EXPECT_EQ(vmfence_policy_index(now.slot, now.policy_id), vmfence_policy_index(first.slot, first.policy_id));
+  EXPECT_TRUE(read_policy(w_->maps(), true, now.slot, now.policy_id).empty());
+  EXPECT_TRUE(prefixes(pin("tra", "egress")).empty());
+  Packet p = Packet().eth(mac("02:00:00:00:0a:02"), mac("02:00:00:00:00:01")).ipv4(ip("10.9.0.2"), ip("198.51.100.7"));
+  EXPECT_EQ(w_->run(true, now.ifindex, p.tcp(40000, 443, SYN).build()).retval, kDrop);
 }
 
 }  // namespace
