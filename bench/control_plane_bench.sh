@@ -93,6 +93,14 @@ time_start() {
 }
 
 rss_mb() { awk '/VmRSS/ {printf "%.0f", $2 / 1024}' "/proc/$1/status" 2>/dev/null; }
+# maps_memlock_mb: kernel memory of the datapath's maps (bpftool's bytes_memlock),
+# the pinned maps and every per-VM inner map (flow/fragment tables, policy tries).
+maps_memlock_mb() {
+	bpftool -j map show 2>/dev/null | "$PY" -c '
+import json, sys
+t = sum(m.get("bytes_memlock", 0) for m in json.load(sys.stdin) if m.get("name", "").startswith("vmfence"))
+print("%.1f" % (t / 1048576))'
+}
 
 CHANGE_HARNESS='
 import ctypes, json, os, struct, sys, time
@@ -222,7 +230,8 @@ for N in $SIZES; do
 
 	time_start "$N"; COLD_S=$START_S
 	COLD_RSS=$(rss_mb "$DAEMON_PID")
-	say "cold start: enforcing $N VMs after $COLD_S s ($nif TAPs attached), daemon RSS ${COLD_RSS} MB"
+	MEMLOCK=$(maps_memlock_mb)
+	say "cold start: enforcing $N VMs after $COLD_S s ($nif TAPs attached), daemon RSS ${COLD_RSS} MB, maps ${MEMLOCK} MB (bpftool memlock)"
 	vmf wait --vm vm1 --timeout 10 >/dev/null || fatal "vm1 not enforced"
 	fills=$(vmf status --json | "$PY" -c '
 import json, sys
@@ -253,12 +262,12 @@ print(", ".join("%s %d/%d" % (k.replace("vmfence_", "").replace("_v1", ""), v["e
 	stop_daemon TERM
 	vmf down --config "$CONF" >>"$WORK/down.log" 2>&1
 	ip netns del "$HV"
-	ROWS+=("| $N | $nif | $COLD_S s | $WARM_S s | $E50 / $E99 ms | $P50 / $P99 ms | $RELOADS / $CHANGES | $A50 / $A99 ms (agent's own max $OWN_MAX ms) | ${COLD_RSS} / ${RELOAD_RSS} MB |")
+	ROWS+=("| $N | $nif | $COLD_S s | $WARM_S s | $E50 / $E99 ms | $P50 / $P99 ms | $RELOADS / $CHANGES | $A50 / $A99 ms (agent's own max $OWN_MAX ms) | ${COLD_RSS} / ${RELOAD_RSS} MB | ${MEMLOCK} MB |")
 done
 
 section results
-echo "| VMs | TAPs at start | cold start (run -> \"enforcing N VMs\") | restart (adopt) | one VM's change: rename -> enforced p50 / p99 | rename -> state published p50 / p99 | reloads / changes | new TAP -> enforced p50 / p99 | daemon RSS (start / after) |"
-echo "|---|---|---|---|---|---|---|---|---|"
+echo "| VMs | TAPs at start | cold start (run -> \"enforcing N VMs\") | restart (adopt) | one VM's change: rename -> enforced p50 / p99 | rename -> state published p50 / p99 | reloads / changes | new TAP -> enforced p50 / p99 | daemon RSS (start / after) | maps memlock |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
 for r in "${ROWS[@]}"; do echo "$r"; done
 echo "kernel $(uname -r), $(nproc) CPUs, $(date -u +%F)"
 # lib.sh's cleanup expects HV to be a namespace of this run.

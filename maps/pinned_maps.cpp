@@ -353,6 +353,7 @@ class PinnedBackend : public MapBackend {
       }
       pending_[{maps_.flows.get(), slot}] = std::move(table);  // installed at flush()
     }
+    if (auto s = make_room(); !s) return s;
     Fd held_frags;
     if (current(maps_.frags.get(), slot, held_frags) < 0) {
       Fd table(bpf_map_create(BPF_MAP_TYPE_LRU_HASH, "vmfence_vm_frag", sizeof(vmfence_frag_key), sizeof(uint32_t),
@@ -360,7 +361,7 @@ class PinnedBackend : public MapBackend {
       if (!table.valid()) return Status::error(errno, "create the VM's fragment table");
       pending_[{maps_.frags.get(), slot}] = std::move(table);
     }
-    return {};
+    return make_room();
   }
   void drop_tables(uint32_t slot) override {
     pending_.erase({maps_.flows.get(), slot});
@@ -410,6 +411,7 @@ class PinnedBackend : public MapBackend {
     // Fresh empty tries (installed at flush even when the generation has no
     // rule: nothing an earlier generation left at this index stays in force).
     for (MapId m : {MapId::egress, MapId::ingress}) pending_[{fd(m), index}] = new_trie(m);
+    (void)make_room();  // on failure the next flush() retries and reports
   }
   void drop_policy(uint32_t index) override {
     // A marker: flush() frees the trie in force there, if any.
@@ -485,6 +487,11 @@ class PinnedBackend : public MapBackend {
   std::string pin_path(const std::string& vm, MapId m) const {
     return policy_dir_ + "/" + policy_pin_name(vm) + (m == MapId::egress ? "_egress" : "_ingress");
   }
+  // Staged maps hold an fd each: install them early (still unreachable: no
+  // VM entry points at them yet) before a reload of thousands of VMs runs
+  // out of descriptors. One grace period per batch.
+  static constexpr size_t kMaxPending = 512;
+  Status make_room() { return pending_.size() < kMaxPending ? Status{} : flush(); }
   static uint32_t map_id(int fd) {
     bpf_map_info info{};
     uint32_t len = sizeof(info);
