@@ -159,6 +159,28 @@ Fd inner_map(int outer_fd, uint32_t slot) {
   return Fd(fd);
 }
 
+std::vector<std::pair<uint32_t, uint32_t>> inner_map_ids(int outer_fd) {
+  std::vector<std::pair<uint32_t, uint32_t>> out;
+  bpf_map_info info{};
+  uint32_t len = sizeof(info);
+  if (bpf_obj_get_info_by_fd(outer_fd, &info, &len) != 0) return out;
+  // One batch skips the empty entries: a few syscalls instead of one per
+  // index (32,768 for the policy maps).
+  std::vector<uint32_t> keys(info.max_entries), ids(info.max_entries);
+  uint32_t token = 0, n = info.max_entries;
+  int err = bpf_map_lookup_batch(outer_fd, nullptr, &token, keys.data(), ids.data(), &n, nullptr);
+  if (err == 0 || errno == ENOENT) {
+    for (uint32_t i = 0; i < n; ++i) out.emplace_back(keys[i], ids[i]);
+    if (err != 0 || n == info.max_entries) return out;
+  }
+  out.clear();  // no batch lookup for arrays of maps here: one by one
+  for (uint32_t i = 0; i < info.max_entries; ++i) {
+    uint32_t id = 0;
+    if (bpf_map_lookup_elem(outer_fd, &i, &id) == 0) out.emplace_back(i, id);
+  }
+  return out;
+}
+
 namespace {
 PolicyRules rules_of(int trie) {
   PolicyRules out;
@@ -182,8 +204,8 @@ PolicyRules read_policy(const std::string& path) {
 
 size_t count_flows(const MapSet& maps) {
   size_t n = 0;
-  for (uint32_t slot = 0; slot < VMFENCE_MAX_VMS; ++slot) {
-    Fd t = inner_map(maps.flows.get(), slot);
+  for (const auto& [slot, id] : inner_map_ids(maps.flows.get())) {
+    Fd t(bpf_map_get_fd_by_id(id));
     if (t.valid()) n += count_entries(t.get(), sizeof(vmfence_flow_key));
   }
   return n;
@@ -319,8 +341,8 @@ class PinnedBackend : public MapBackend {
   std::vector<Bytes> keys(MapId map) override {
     if (is_policy(map)) {
       std::vector<Bytes> out;
-      for (uint32_t index = 0; index < VMFENCE_MAX_POLICIES; ++index) {
-        Fd t = inner_map(fd(map), index);
+      for (const auto& [index, id] : inner_map_ids(fd(map))) {
+        Fd t(bpf_map_get_fd_by_id(id));
         if (!t.valid()) continue;
         for (const auto& prefix : keys_of<vmfence_addr_key>(t.get())) out.push_back(to_bytes(PolicyKey{index, prefix}));
       }
@@ -435,8 +457,8 @@ class PinnedBackend : public MapBackend {
   }
   void prune_policies(const std::set<uint32_t>& live, const std::set<std::string>& live_names) override {
     for (MapId m : {MapId::egress, MapId::ingress})
-      for (uint32_t index = 0; index < VMFENCE_MAX_POLICIES; ++index)
-        if (!live.count(index) && !pending_.count({fd(m), index}) && inner_map(fd(m), index).valid())
+      for (const auto& [index, id] : inner_map_ids(fd(m)))
+        if (!live.count(index) && id != tombstone_id_ && !pending_.count({fd(m), index}))
           pending_[{fd(m), index}] = Fd();  // freed at the next flush()
     if (policy_dir_.empty()) return;
     std::set<std::string> live_pins;

@@ -42,6 +42,8 @@ std::vector<std::pair<uint32_t, vmfence_vm>> read_vms(const MapSet& maps);
 size_t count_entries(int map_fd, size_t key_size);
 // The inner map at `slot` of an array of maps (invalid Fd when empty).
 Fd inner_map(int outer_fd, uint32_t slot);
+// (index, inner map id) of every entry an array of maps holds.
+std::vector<std::pair<uint32_t, uint32_t>> inner_map_ids(int outer_fd);
 // Flows in every VM's table together.
 size_t count_flows(const MapSet& maps);
 // One VM's flow table: entries and size (limits.flows); {0, 0} without one.
