@@ -103,6 +103,19 @@ using internal::BuildError;
 using internal::ChainPtr;
 using internal::check;
 using internal::elem_canon;
+
+namespace {
+// Every element of s, canonical (elem_canon), appended to out.
+void append_canon_elems(nftnl_set* s, std::vector<std::string>& out) {
+  nftnl_set_elem_foreach(
+      s,
+      [](nftnl_set_elem* e, void* data) -> int {
+        static_cast<std::vector<std::string>*>(data)->push_back(elem_canon(e));
+        return 0;
+      },
+      &out);
+}
+}  // namespace
 using internal::errno_result;
 using internal::hex64;
 using internal::hook_number;
@@ -465,13 +478,7 @@ Result read_elems(const std::string& name, std::vector<std::string>& out) {
       [&](const nlmsghdr* m) -> Result {
         SetPtr s = internal::alloc_set();
         if (nftnl_set_elems_nlmsg_parse(m, s.get()) < 0) return unparsable("set element");
-        nftnl_set_elem_foreach(
-            s.get(),
-            [](nftnl_set_elem* e, void* data) -> int {
-              static_cast<std::vector<std::string>*>(data)->push_back(elem_canon(e));
-              return 0;
-            },
-            &out);
+        append_canon_elems(s.get(), out);
         return {};
       });
   std::sort(out.begin(), out.end());
@@ -482,13 +489,7 @@ Result read_elems(const std::string& name, std::vector<std::string>& out) {
 std::vector<std::string> expected_elems(const SetDesc& set) {
   std::vector<std::string> out;
   SetPtr s = make_set_elems(set, 0, set.elems.size());
-  nftnl_set_elem_foreach(
-      s.get(),
-      [](nftnl_set_elem* e, void* data) -> int {
-        static_cast<std::vector<std::string>*>(data)->push_back(elem_canon(e));
-        return 0;
-      },
-      &out);
+  append_canon_elems(s.get(), out);
   std::sort(out.begin(), out.end());
   return out;
 }
