@@ -443,6 +443,13 @@ static __always_inline int flow_record(const struct vmfence_vm *vm, struct vmfen
 		v.flags |= VMFENCE_FLOW_F_UNANSWERED;
 	if (bpf_map_update_elem(table, k, &v, BPF_ANY))
 		return f ? 0 : -1;
+	if (!f) {
+		__u32 slot = vm->slot;
+		struct vmfence_state *st = bpf_map_lookup_elem(&vmfence_state_v1, &slot);
+
+		if (st)
+			__sync_fetch_and_add(&st->flows_added, 1);
+	}
 	return 0;
 }
 

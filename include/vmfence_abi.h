@@ -424,7 +424,9 @@ struct vmfence_state {
 	__u32 budget_used;         /* events sent in this budget window      */
 	__u32 violations;          /* violations in this on_violation window */
 	__u32 quarantined;         /* 1: all traffic dropped (terminate)     */
-	__u32 pad;
+	__u32 flows_added;         /* new flow-table entries (wraps): the
+	                            * agent's sweep skips tables that got none
+	                            * and were empty at its last visit */
 };
 
 #define VMFENCE_EVENT_F_TRIGGER 0x1 /* reached on_violation.threshold: act */

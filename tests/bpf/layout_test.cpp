@@ -99,7 +99,7 @@ const std::vector<Layout>& abi_structs() {
        sizeof(vmfence_state),
        {VMF_FIELD(vmfence_state, budget_window_ns), VMF_FIELD(vmfence_state, violation_window_ns),
         VMF_FIELD(vmfence_state, budget_used), VMF_FIELD(vmfence_state, violations),
-        VMF_FIELD(vmfence_state, quarantined), VMF_FIELD(vmfence_state, pad)}},
+        VMF_FIELD(vmfence_state, quarantined), VMF_FIELD(vmfence_state, flows_added)}},
       {"vmfence_event",
        sizeof(vmfence_event),
        {VMF_FIELD(vmfence_event, timestamp_ns), VMF_FIELD(vmfence_event, vm_id), VMF_FIELD(vmfence_event, ifindex),

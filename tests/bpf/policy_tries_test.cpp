@@ -151,3 +151,39 @@ TEST_F(PolicyTries, EmptyGenerationNeverInheritsAnOldTrie) {
 }
 
 }  // namespace
+
+// The agent's flow sweep skips a table that was empty at its last visit and
+// got no new flow since (the datapath counts new flows in the slot's state):
+// a flow added after an idle visit is still found.
+TEST_F(PolicyTries, FlowSweepSeesAFlowAddedAfterAnIdleVisit) {
+  const InstalledVm& a = w_->vm("tra");
+  vmfence_config cfg{};
+  cfg.tcp_timeout_s = 7440;
+  std::map<uint32_t, MapBackend::TableUse> left;
+  w_->writer().sweep_flows(cfg, &left);
+  ASSERT_TRUE(left.count(a.slot));
+  EXPECT_EQ(left[a.slot].entries, 0u);
+  EXPECT_EQ(left[a.slot].max_entries, VMFENCE_DEFAULT_FLOWS);
+  uint32_t added = w_->state(a.slot).flows_added;
+
+  auto out = [](uint8_t flags) {
+    return Packet()
+        .eth(mac("02:00:00:00:0a:02"), mac("02:00:00:00:00:01"))
+        .ipv4(ip("10.9.0.2"), ip("198.51.100.7"))
+        .tcp(40000, 443, flags)
+        .build();
+  };
+  ASSERT_EQ(w_->run(true, a.ifindex, out(SYN)).retval, kPass);
+  EXPECT_EQ(w_->state(a.slot).flows_added, added + 1);
+  // The same flow again: no new entry.
+  ASSERT_EQ(w_->run(true, a.ifindex, out(ACK)).retval, kPass);
+  EXPECT_EQ(w_->state(a.slot).flows_added, added + 1);
+
+  left.clear();
+  w_->writer().sweep_flows(cfg, &left);
+  EXPECT_EQ(left[a.slot].entries, 1u);
+  left.clear();
+  w_->writer().sweep_flows(cfg, &left);  // a table with flows is visited every time
+  EXPECT_EQ(left[a.slot].entries, 1u);
+  EXPECT_EQ(count_flows(w_->maps()), 1u);
+}
