@@ -189,6 +189,13 @@ std::vector<Cidr> cover(const std::vector<Cidr>& addrs, uint8_t len) {
 }  // namespace
 
 std::vector<Cidr> vm_address_space(const std::vector<VmSpec>& vms) {
+  std::vector<const VmSpec*> all;
+  all.reserve(vms.size());
+  for (const auto& vm : vms) all.push_back(&vm);
+  return vm_address_space(all);
+}
+
+std::vector<Cidr> vm_address_space(const std::vector<const VmSpec*>& vms) {
   // Every egress policy carries one marker entry per net, so the number of
   // nets is bounded: coarser prefixes until at most kMaxNets per family (in
   // the end /0: every destination of that family is checked for an owner).
@@ -196,8 +203,8 @@ std::vector<Cidr> vm_address_space(const std::vector<VmSpec>& vms) {
   std::vector<Cidr> out;
   for (int family : {4, 6}) {
     std::vector<Cidr> addrs;
-    for (const auto& vm : vms)
-      for (const auto& a : vm.addresses)
+    for (const VmSpec* vm : vms)
+      for (const auto& a : vm->addresses)
         if (a.family == family) addrs.push_back(a);
     if (addrs.empty()) continue;
     std::vector<Cidr> nets;

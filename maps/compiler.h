@@ -46,6 +46,7 @@ struct Plan {
 // for each, flagged VMFENCE_POLICY_F_VM_NET, so one lookup tells the datapath
 // whether a destination can belong to a VM at all.
 std::vector<Cidr> vm_address_space(const std::vector<VmSpec>& vms);
+std::vector<Cidr> vm_address_space(const std::vector<const VmSpec*>& vms);
 
 // Compile one VM. `host` supplies the IMDS address; `vm_nets` must be
 // vm_address_space() of every VM in force (this one included). Errors (too

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstring>
 #include <map>
+#include <string_view>
 
 namespace vmfence {
 
@@ -37,6 +38,7 @@ struct Item {
   VmChange change;
   bool staged = false, committed = false, failed = false;
   std::string why;
+  bool* installed_flag = nullptr;
 };
 
 // A VM whose change failed keeps what it had: its old addresses and its old
@@ -66,6 +68,22 @@ void cascade(MapWriter& writer, std::vector<Item>& items, const std::map<std::st
 
 }  // namespace
 
+Reconciler::Compiled& Reconciler::compiled(const VmSpec& vm, const HostSpec& host, const std::vector<Cidr>& nets,
+                                           VmPlan* plan, bool* fresh) {
+  if (host != compiled_host_ || nets != compiled_nets_) {
+    compiled_.clear();
+    compiled_host_ = host;
+    compiled_nets_ = nets;
+  }
+  *fresh = false;
+  auto it = compiled_.find(vm.name);
+  if (it != compiled_.end() && it->second.spec == vm) return it->second;
+  *fresh = true;
+  Compiled c{vm, {}, false};
+  *plan = compile_vm(vm, host, nets, c.errors);
+  return compiled_[vm.name] = std::move(c);
+}
+
 ReconcileResult Reconciler::reconcile(const SpecFiles& files, const std::vector<VmSpec>& incumbents,
                                       const std::set<std::string>& enforced, const std::vector<VmSpec>& reserved) {
   ReconcileResult r;
@@ -80,14 +98,15 @@ ReconcileResult Reconciler::reconcile(const SpecFiles& files, const std::vector<
 
   // The compiler's limits are part of admission: a VM it cannot express is
   // refused like a conflict (an enforced VM keeps its last good policy).
-  std::vector<VmSpec> everyone = incumbents;
+  std::vector<const VmSpec*> everyone;
+  for (const auto& vm : incumbents) everyone.push_back(&vm);
   for (const auto& f : files.vms)
-    if (f.vm) everyone.push_back(*f.vm);
+    if (f.vm) everyone.push_back(&*f.vm);
   const std::vector<Cidr> all_nets = vm_address_space(everyone);
   auto compiles = [&](const VmSpec& vm) {
-    std::vector<SpecError> errs;
-    compile_vm(vm, host, all_nets, errs);
-    return errs;
+    VmPlan unused;
+    bool fresh;
+    return compiled(vm, host, all_nets, &unused, &fresh).errors;
   };
   Admission a = admit(files, incumbents, enforced, compiles, reserved);
   r.rejected = std::move(a.rejected);
@@ -103,16 +122,24 @@ ReconcileResult Reconciler::reconcile(const SpecFiles& files, const std::vector<
   std::vector<Item> items;
   for (const auto& vm : in_force) {
     Item it{&vm, {}, ifindex_of_(vm.interface), {}, false, false, false, {}};
-    std::vector<SpecError> errs;
-    it.plan = compile_vm(vm, host, nets, errs);
-    if (!errs.empty()) {
+    VmPlan plan;
+    bool fresh;
+    Compiled& c = compiled(vm, host, nets, &plan, &fresh);
+    if (!c.errors.empty()) {
       it.failed = true;
-      it.why = errs.front().message;
+      it.why = c.errors.front().message;
     } else {
       auto inst = writer_.installed().find(vm.name);
-      if (inst != writer_.installed().end() && inst->second.ifindex == it.ifindex &&
-          same_plan(inst->second.plan, it.plan))
-        continue;  // unchanged
+      bool same_interface = inst != writer_.installed().end() && inst->second.ifindex == it.ifindex;
+      if (same_interface && c.installed) continue;  // unchanged
+      if (!fresh) {
+        std::vector<SpecError> errs;  // none: the same compile had none
+        plan = compile_vm(vm, host, nets, errs);
+      }
+      c.installed = same_interface && same_plan(inst->second.plan, plan);
+      if (c.installed) continue;  // unchanged
+      it.plan = std::move(plan);
+      it.installed_flag = &c.installed;
     }
     items.push_back(std::move(it));
   }
@@ -154,6 +181,7 @@ ReconcileResult Reconciler::reconcile(const SpecFiles& files, const std::vector<
   // 4. Old generations and given-up addresses.
   for (auto& it : items)
     if (it.committed) {
+      if (it.installed_flag) *it.installed_flag = true;
       writer_.release(it.change);
       for (const auto& w : it.change.warnings) spdlog::warn("vm {}: {}", it.vm->name, w);
       r.changed.push_back(it.vm->name);
@@ -174,7 +202,7 @@ ReconcileResult Reconciler::reconcile(const SpecFiles& files, const std::vector<
   }
   for (auto& vm : in_force) {
     if (!failed.count(vm.name)) {
-      r.in_force.push_back(vm);
+      r.in_force.push_back(std::move(vm));  // `in_force` is not used below
       continue;
     }
     auto old = incumbent.find(vm.name);
@@ -198,6 +226,11 @@ ReconcileResult Reconciler::reconcile(const SpecFiles& files, const std::vector<
     else
       r.blocked.push_back(ifindex);
   }
+
+  // Forget VMs that are gone (a name that comes back is compiled again).
+  std::set<std::string_view> live;
+  for (const auto& vm : r.in_force) live.insert(vm.name);
+  std::erase_if(compiled_, [&](const auto& kv) { return !live.count(kv.first); });
 
   vmfence_config after = datapath_config(host, r.in_force);
   if (after.flags != before.flags)

@@ -16,11 +16,13 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <set>
 #include <string>
 #include <vector>
 
 #include "agent/spec/spec.h"
+#include "maps/compiler.h"
 #include "maps/map_writer.h"
 
 namespace vmfence {
@@ -47,8 +49,24 @@ class Reconciler {
                             const std::set<std::string>& enforced = {}, const std::vector<VmSpec>& reserved = {});
 
  private:
+  // compile_vm()'s verdict on a VM, kept while its spec, host.json and the VM
+  // address space stay the same: a reload after one file changed compiles
+  // that VM alone. The plan itself is not kept (the writer holds the one in
+  // force): `installed` says the writer holds exactly this compile's plan.
+  struct Compiled {
+    VmSpec spec;
+    std::vector<SpecError> errors;
+    bool installed = false;
+  };
+  // The entry for vm; compiles on a miss (then `fresh`, and the plan is in
+  // *plan).
+  Compiled& compiled(const VmSpec& vm, const HostSpec& host, const std::vector<Cidr>& nets, VmPlan* plan, bool* fresh);
+
   MapWriter& writer_;
   IfindexOf ifindex_of_;
+  HostSpec compiled_host_;
+  std::vector<Cidr> compiled_nets_;
+  std::map<std::string, Compiled> compiled_;  // by VM name
 };
 
 }  // namespace vmfence

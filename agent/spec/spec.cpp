@@ -926,12 +926,6 @@ void names_of(const std::string& json, std::string& name, std::string& interface
     interface = v->GetString();
 }
 
-int64_t mtime_ns(const std::string& path) {
-  struct stat st {};
-  if (::stat(path.c_str(), &st) != 0) return 0;
-  return int64_t{st.st_mtim.tv_sec} * 1000000000 + st.st_mtim.tv_nsec;
-}
-
 }  // namespace
 
 void validate_vms(const std::vector<VmSpec>& vms, std::vector<SpecError>& errors) {
@@ -943,17 +937,23 @@ void validate_vms(const std::vector<VmSpec>& vms, std::vector<SpecError>& errors
   }
 }
 
-SpecFiles read_spec_files(const std::filesystem::path& dir) {
+SpecFiles read_spec_files(const std::filesystem::path& dir, SpecFileCache* cache) {
   SpecFiles out;
   std::string host_file = (dir / "host.json").string();
   std::string why;
-  if (auto text = read_file(host_file, &why)) {
-    out.host = parse_host(host_file, *text, out.host_errors);
+  auto host_text = read_file(host_file, &why);
+  if (host_text) {
+    out.host = parse_host(host_file, *host_text, out.host_errors);
   } else {
     out.host.file = host_file;
     out.host_errors.push_back({host_file, "", "cannot read: " + why});
   }
   bool host_ok = out.host_errors.empty();
+  // A VM file's verdict depends on host.json (defaults, WAN interfaces, IMDS).
+  if (cache && (!host_text || *host_text != cache->host_text_)) {
+    cache->files_.clear();
+    cache->host_text_ = host_text ? *host_text : std::string();
+  }
 
   std::filesystem::path vms_dir = dir / "vms.d";
   std::vector<std::string> paths;
@@ -969,11 +969,31 @@ SpecFiles read_spec_files(const std::filesystem::path& dir) {
   if (ec) out.host_errors.push_back({vms_dir.string(), "", "cannot list: " + ec.message()});
   std::sort(paths.begin(), paths.end());
 
+  timespec now{};
+  clock_gettime(CLOCK_REALTIME, &now);
+  const int64_t now_ns = int64_t{now.tv_sec} * 1000000000 + now.tv_nsec;
   const auto& wan = out.host.wan_interfaces;
+  std::map<std::string, std::pair<SpecFileCache::FileId, VmFile>> seen;
+  size_t parsed = 0;
   for (const auto& path : paths) {
+    struct stat st {};
+    SpecFileCache::FileId id;
+    if (::stat(path.c_str(), &st) == 0)
+      id = {st.st_dev, st.st_ino, st.st_size, int64_t{st.st_mtim.tv_sec} * 1000000000 + st.st_mtim.tv_nsec,
+            int64_t{st.st_ctim.tv_sec} * 1000000000 + st.st_ctim.tv_nsec};
+    if (cache && id.ino) {
+      auto hit = cache->files_.find(path);
+      if (hit != cache->files_.end() && hit->second.first == id) {
+        auto node = cache->files_.extract(hit);
+        out.vms.push_back(node.mapped().second);
+        seen.insert(std::move(node));
+        continue;
+      }
+    }
     VmFile f;
     f.path = path;
-    f.mtime_ns = mtime_ns(path);
+    f.mtime_ns = id.mtime_ns;
+    ++parsed;
     auto text = read_file(path, &why);
     if (!text) {
       f.errors.push_back({path, "", "cannot read: " + why});
@@ -991,7 +1011,14 @@ SpecFiles read_spec_files(const std::filesystem::path& dir) {
     }
     // Never no_policy on a WAN interface: that would cut the host off.
     if (std::find(wan.begin(), wan.end(), f.interface) != wan.end()) f.interface.clear();
+    // File times are coarse (a kernel tick): a file changed within the last
+    // second may change again without its times moving, so it is read again.
+    if (cache && text && id.ino && now_ns - std::max(id.mtime_ns, id.ctime_ns) > 1000000000) seen[path] = {id, f};
     out.vms.push_back(std::move(f));
+  }
+  if (cache) {
+    cache->files_ = std::move(seen);
+    cache->parsed_last_ = parsed;
   }
   return out;
 }

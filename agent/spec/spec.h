@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <optional>
 #include <set>
 #include <string>
@@ -55,6 +56,7 @@ struct Rule {
   Cidr peer;
   Proto proto = Proto::any;
   std::vector<PortRange> ports;  // empty = all ports
+  bool operator==(const Rule&) const = default;
 };
 
 enum class Mode : uint8_t { filtered = 0, conntrack = 1, sampled = 2, direct = 3 };  // = enum vmfence_mode
@@ -70,6 +72,7 @@ struct ViolationPolicy {
   std::string qmp_socket;            // path, "{vm}" replaced
   uint32_t threshold = 1;
   uint32_t window_ms = 1000;
+  bool operator==(const ViolationPolicy&) const = default;
 };
 
 struct VmSpec {
@@ -87,11 +90,13 @@ struct VmSpec {
   bool imds = false;
   ViolationPolicy on_violation;  // effective: host default merged with the VM's fields
   uint32_t flows = 16384;        // limits.flows: the VM's own flow table size
+  bool operator==(const VmSpec&) const = default;
 };
 
 struct ImdsSpec {
   Cidr address;  // full-length
   uint16_t port = 80;
+  bool operator==(const ImdsSpec&) const = default;
 };
 
 // host.json "flow_timeouts": idle seconds before a flow is forgotten
@@ -100,6 +105,7 @@ struct FlowTimeouts {
   uint32_t tcp_s = 7440;
   uint32_t udp_s = 180;
   uint32_t icmp_s = 30;
+  bool operator==(const FlowTimeouts&) const = default;
 };
 
 struct HostSpec {
@@ -109,6 +115,7 @@ struct HostSpec {
   std::optional<ImdsSpec> imds;
   ViolationPolicy on_violation;
   FlowTimeouts flow_timeouts;
+  bool operator==(const HostSpec&) const = default;
 };
 
 struct Spec {
@@ -137,8 +144,27 @@ struct SpecFiles {
   std::vector<VmFile> vms;             // sorted by path
 };
 
+// What read_spec_files() parsed, kept for the next call: a file is parsed
+// again only when it changed on disk (inode, size, mtime or ctime) or
+// host.json did, so a reload after one change at 10,000 VMs parses one file.
+class SpecFileCache {
+ public:
+  size_t parsed_last() const { return parsed_last_; }  // files the last read parsed
+  struct FileId {
+    uint64_t dev = 0, ino = 0;
+    int64_t size = 0, mtime_ns = 0, ctime_ns = 0;
+    bool operator==(const FileId&) const = default;
+  };
+
+ private:
+  friend SpecFiles read_spec_files(const std::filesystem::path& dir, SpecFileCache* cache);
+  std::string host_text_;
+  std::map<std::string, std::pair<FileId, VmFile>> files_;  // by path
+  size_t parsed_last_ = 0;
+};
+
 // Read and check DIR/host.json and every DIR/vms.d/*.json on its own.
-SpecFiles read_spec_files(const std::filesystem::path& dir);
+SpecFiles read_spec_files(const std::filesystem::path& dir, SpecFileCache* cache = nullptr);
 
 // A file whose VM is not (or no longer) what is enforced.
 struct RejectedFile {

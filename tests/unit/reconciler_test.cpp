@@ -6,6 +6,8 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cstring>
 #include <map>
 #include <string>
 
@@ -92,6 +94,46 @@ const RejectedFile* find_rejected(const ReconcileResult& r, const std::string& f
   for (const auto& x : r.rejected)
     if (x.file == file) return &x;
   return nullptr;
+}
+
+// Reloads reuse compiled plans, but a VM whose file did not change is still
+// compiled again when the VM address space moves (its egress trie marks
+// every VM net) and when its spec changes.
+TEST(Reconciler, UnchangedVmIsRecompiledWhenTheVmAddressSpaceMoves) {
+  World w;
+  w.links = {{"tap-a", 10}, {"tap-b", 11}};
+  auto marks = [&](const char* net) {
+    auto c = parse_cidr(net);
+    for (const auto& e : w.writer.installed().at("a").plan.egress)
+      if ((e.value.flags & VMFENCE_POLICY_F_VM_NET) && e.key.prefixlen == c->mapped_prefix_len() &&
+          std::memcmp(e.key.addr, c->addr.data(), 16) == 0)
+        return true;
+    return false;
+  };
+  const VmFile a = vm_file(
+      "vms.d/a.json", 1,
+      vm_json("a", "tap-a", 1, "[\"10.1.0.2/32\"]", ", \"egress\": [{\"to\": \"0.0.0.0/0\", \"proto\": \"tcp\"}]"));
+  w.apply({a});
+  EXPECT_TRUE(marks("10.1.0.0/16"));
+  EXPECT_FALSE(marks("10.200.0.0/16"));
+  uint32_t gen = w.writer.installed().at("a").policy_id;
+  auto r = w.apply({a, vm_file("vms.d/b.json", 2, vm_json("b", "tap-b", 2, "[\"10.200.0.2/32\"]"))});
+  EXPECT_TRUE(marks("10.200.0.0/16"));
+  EXPECT_NE(w.writer.installed().at("a").policy_id, gen);
+  EXPECT_NE(std::find(r.changed.begin(), r.changed.end(), "a"), r.changed.end());
+  // Nothing moved: nothing rewritten.
+  gen = w.writer.installed().at("a").policy_id;
+  r = w.apply({a, vm_file("vms.d/b.json", 2, vm_json("b", "tap-b", 2, "[\"10.200.0.2/32\"]"))});
+  EXPECT_TRUE(r.changed.empty());
+  // The same name with another spec is compiled anew.
+  w.apply({vm_file("vms.d/a.json", 3,
+                   vm_json("a", "tap-a", 1, "[\"10.1.0.2/32\"]", ", \"egress\": [{\"to\": \"192.0.2.0/24\"}]")),
+           vm_file("vms.d/b.json", 2, vm_json("b", "tap-b", 2, "[\"10.200.0.2/32\"]"))});
+  bool has_rule = false;
+  for (const auto& e : w.writer.installed().at("a").plan.egress)
+    has_rule |= e.key.prefixlen == 96 + 24 && e.key.addr[12] == 192 && e.key.addr[14] == 2;
+  EXPECT_TRUE(has_rule);
+  EXPECT_NE(w.writer.installed().at("a").policy_id, gen);
 }
 
 TEST(Reconciler, NewcomerConflictingWithEnforcedVmIsRefusedAndItsInterfaceDropsEverything) {

@@ -11,6 +11,7 @@
 #include <random>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #ifndef VMFENCE_SOURCE_DIR
@@ -722,6 +723,55 @@ TEST_F(LoadSpec, LoadsSortsAndIgnoresTempFiles) {
   EXPECT_EQ(load.spec.vms[0].name, "vm1");
   EXPECT_EQ(load.spec.vms[0].file, path("vms.d/b.json"));
   EXPECT_EQ(load.spec.vms[1].name, "vm2");
+}
+
+// Reloads reuse what an earlier read parsed; every kind of change is still
+// seen: an edit in place (same size), a file renamed over another, a
+// deletion, and a host.json change that alters an unchanged file's verdict.
+TEST_F(LoadSpec, FileCacheSeesEveryChange) {
+  write("host.json", host_json());
+  write("vms.d/a.json", vm_json());
+  write("vms.d/b.json", vm_json({{"name", R"("vm2")"},
+                                 {"interface", R"("vm-vm2")"},
+                                 {"mac", R"("02:00:00:00:02:02")"},
+                                 {"addresses", R"(["10.2.0.2/32"])"}}));
+  // Files changed within the last second are never cached (file times are
+  // coarse): age them first.
+  std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+  SpecFileCache cache;
+  auto names = [](const SpecFiles& f) {
+    std::vector<std::string> out;
+    for (const auto& v : f.vms) out.push_back(v.vm ? v.vm->name + "@" + v.vm->addresses[0].str() : "!" + v.path);
+    return out;
+  };
+  using V = std::vector<std::string>;
+  EXPECT_EQ(names(read_spec_files(dir_, &cache)), (V{"vm1@10.1.0.2/32", "vm2@10.2.0.2/32"}));
+  EXPECT_EQ(cache.parsed_last(), 2u);
+  EXPECT_EQ(names(read_spec_files(dir_, &cache)), (V{"vm1@10.1.0.2/32", "vm2@10.2.0.2/32"}));
+  EXPECT_EQ(cache.parsed_last(), 0u);  // both from the cache
+
+  // host.json makes vm-vm2 a WAN interface: b.json (unchanged) is refused.
+  write("host.json", host_json({{"wan_interfaces", R"(["eth0", "vm-vm2"])"}}));
+  SpecFiles files = read_spec_files(dir_, &cache);
+  EXPECT_EQ(names(files), (V{"vm1@10.1.0.2/32", "!" + path("vms.d/b.json")}));
+  EXPECT_EQ(cache.parsed_last(), 2u);
+  write("host.json", host_json());
+
+  // Same size, same second: still seen (recent files are read every time).
+  write("vms.d/a.json", vm_json({{"addresses", R"(["10.1.0.3/32"])"}}));
+  EXPECT_EQ(names(read_spec_files(dir_, &cache)), (V{"vm1@10.1.0.3/32", "vm2@10.2.0.2/32"}));
+  write("vms.d/a.json", vm_json({{"addresses", R"(["10.1.0.4/32"])"}}));
+  EXPECT_EQ(names(read_spec_files(dir_, &cache)), (V{"vm1@10.1.0.4/32", "vm2@10.2.0.2/32"}));
+
+  write("vms.d/.b.json.tmp", vm_json({{"name", R"("vm3")"},
+                                      {"interface", R"("vm-vm3")"},
+                                      {"mac", R"("02:00:00:00:03:02")"},
+                                      {"addresses", R"(["10.3.0.2/32"])"}}));
+  fs::rename(dir_ / "vms.d/.b.json.tmp", dir_ / "vms.d/b.json");
+  EXPECT_EQ(names(read_spec_files(dir_, &cache)), (V{"vm1@10.1.0.4/32", "vm3@10.3.0.2/32"}));
+
+  fs::remove(dir_ / "vms.d/a.json");
+  EXPECT_EQ(names(read_spec_files(dir_, &cache)), (V{"vm3@10.3.0.2/32"}));
 }
 
 TEST_F(LoadSpec, MissingHostJsonIsAnError) {
