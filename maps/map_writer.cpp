@@ -179,12 +179,17 @@ Status MapWriter::stage(const VmPlan& plan, uint32_t ifindex, VmChange& c) {
       if (vm.ifindex == ifindex && vm.slot != c.next.slot) c.predecessor = vm.slot;
   }
   // A changed limit of a running VM swaps its flow table at release (a
-  // refused change must not touch it); a new slot needs its tables now.
+  // refused change must not touch it); a VM with an interface needs its
+  // tables now. One without gets them when it is bound: 16,384 flows cost
+  // 256 KB of kernel memory and 1.3 ms to create, for a VM that is not
+  // running (10,000 specs of stopped VMs took 2.5 GB and 13 s).
   if (c.old && c.old->plan.flow_limit != plan.flow_limit) {
-    c.resize_tables = true;
-  } else if (auto s = backend_->ensure_tables(c.next.slot, plan.flow_limit); !s) {
-    abort(c);
-    return s;
+    c.resize_tables = ifindex != 0;
+  } else if (ifindex) {
+    if (auto s = backend_->ensure_tables(c.next.slot, plan.flow_limit); !s) {
+      abort(c);
+      return s;
+    }
   }
   // The new generation goes to the slot's idle trie: the other parity than
   // the generation the kernel uses now (this run's, or the previous run's).
@@ -338,6 +343,9 @@ Status MapWriter::bind(const std::string& name, uint32_t ifindex) {
   c.old = it->second;
   c.next = it->second;
   c.next.ifindex = ifindex;
+  // Its flow tables, in force (commit flushes) before its entry.
+  if (ifindex)
+    if (auto s = backend_->ensure_tables(c.next.slot, c.next.plan.flow_limit); !s) return s;
   if (auto s = commit(c); !s) return s;
   release(c);
   return {};

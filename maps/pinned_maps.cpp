@@ -444,7 +444,10 @@ class PinnedBackend : public MapBackend {
         continue;
       }
       Fd table = inner_map(maps_.flows.get(), slot);
-      if (!table.valid()) continue;
+      if (!table.valid()) {  // not bound yet: none until ensure_tables()
+        sweep_memo_[slot] = {added, {}};
+        continue;
+      }
       TableUse use{0, max_entries_of(table.get())};
       auto flows = flows_of(table.get());
       for (const auto& [k, f] : flows) {

@@ -521,6 +521,29 @@ TEST(Reconciler, RefusedChangeKeepsTheFlowTable) {
   EXPECT_EQ(w.fake->snapshot().tables.at(slot).flow_limit, 10u);
 }
 
+// A VM whose interface is absent has no flow tables (kernel memory for a VM
+// that is not running); binding its interface creates them with its limit,
+// and a limit changed meanwhile applies.
+TEST(Reconciler, FlowTablesComeWithTheInterface) {
+  World w;
+  w.apply({vm_file("vms.d/a.json", 1, vm_json("a", "tap-a", 1, "[\"10.0.0.1/32\"]"))});
+  uint32_t slot = w.writer.installed().at("a").slot;
+  EXPECT_FALSE(w.fake->snapshot().tables.count(slot));
+  w.apply({vm_file("vms.d/a.json", 2, vm_json("a", "tap-a", 1, "[\"10.0.0.1/32\"]", ", \"limits\": {\"flows\": 10}"))});
+  EXPECT_FALSE(w.fake->snapshot().tables.count(slot));
+  ASSERT_TRUE(w.writer.bind("a", 10));
+  ASSERT_TRUE(w.fake->snapshot().tables.count(slot));
+  EXPECT_EQ(w.fake->snapshot().tables.at(slot).flow_limit, 10u);
+  // A failure to create them leaves the VM unbound (the caller blocks it).
+  ASSERT_TRUE(w.writer.unbind("a"));
+  w.apply({vm_file("vms.d/b.json", 1, vm_json("b", "tap-b", 2, "[\"10.0.0.2/32\"]"))});
+  uint32_t slot_b = w.writer.installed().at("b").slot;
+  w.fake->fail_update(1);  // the tables are the first write of a bind
+  EXPECT_FALSE(w.writer.bind("b", 11));
+  EXPECT_EQ(w.writer.installed().at("b").ifindex, 0u);
+  EXPECT_FALSE(w.fake->snapshot().tables.count(slot_b));
+}
+
 // Reserved claims (a previous run's VM whose file is broken now) hold their
 // name, interface and addresses against newcomers, and are never in force.
 TEST(Reconciler, ReservedClaimsHoldAgainstNewcomers) {
