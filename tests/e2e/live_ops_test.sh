@@ -353,6 +353,10 @@ expect_ok "vm3 attached within $((ATTACH_TARGET_US / 1000)) ms of starting the l
 	test "$E2E_US" -lt "$ATTACH_TARGET_US"
 routed_vm 3
 expect_ok "vm3 -> srv tcp/8443 (allowed) passes" tcp_probe vm3 "$SRV" 8443
+# Its flow table came with its interface (none while it was absent) and
+# carried the reply above.
+expect_ok "vm3's flow table exists since its interface does ($(vm_status vm3 flows.entries) / $(vm_status vm3 flows.max_entries) flows)" \
+	test "$(vm_status vm3 flows.max_entries)" = 16384 -a "$(vm_status vm3 flows.entries)" -ge 1
 expect_blocked "vm3 -> srv tcp/8444 (not allowed) dropped" tcp_probe vm3 "$SRV" 8444
 expect_log "vm3's denied SYN reported" "$(violation_re vm3 egress_denied 'dport=8444 ')"
 
