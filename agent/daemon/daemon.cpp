@@ -97,6 +97,8 @@ class Daemon {
   bool start();
   bool watch(int fd, uint64_t tag);
   void reload(const char* why);
+  bool reload_one_file(const std::string& name, const char* why);
+  bool note_file_events();
   void apply(ReconcileResult& r);  // takes r.in_force
   void report(const std::vector<RejectedFile>& rejected);
   void attach(uint32_t ifindex, const std::string& owner);
@@ -136,6 +138,13 @@ class Daemon {
   std::map<uint32_t, MapBackend::TableUse> flow_use_;           // slot -> flows, from the last sweep
   int64_t scanned_ns_ = 0;                                      // when vms.d was last read (for `wait`)
   bool reload_pending_ = false;
+  // What inotify said since the last reload: the vms.d files it named, or
+  // that anything else changed (host.json, the directories, a lost event).
+  int vms_wd_ = -1;
+  std::set<std::string> changed_files_;
+  bool full_reload_ = true;
+  int64_t events_read_ns_ = 0;  // when they were read
+  bool host_broken_ = false;    // the last reload found host.json invalid
   // A reload frees as much as it allocated (every VM's spec and plan): the
   // heap is trimmed once things are quiet, not on a change's critical path.
   std::optional<Clock::time_point> trim_at_;
@@ -397,8 +406,9 @@ bool Daemon::start() {
   inotify_.reset(inotify_init1(IN_NONBLOCK | IN_CLOEXEC));
   std::filesystem::create_directories(config_dir_ + "/vms.d", ec);
   if (!inotify_.valid() ||
-      inotify_add_watch(inotify_.get(), (config_dir_ + "/vms.d").c_str(),
-                        IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE | IN_CREATE | IN_ATTRIB) < 0 ||
+      (vms_wd_ = inotify_add_watch(inotify_.get(), (config_dir_ + "/vms.d").c_str(),
+                                   IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE | IN_CREATE | IN_ATTRIB)) <
+          0 ||
       inotify_add_watch(inotify_.get(), config_dir_.c_str(), IN_CLOSE_WRITE | IN_MOVED_TO) < 0) {
     spdlog::error("inotify on {}: {}", config_dir_, std::strerror(errno));
     return false;
@@ -546,6 +556,68 @@ void Daemon::links_resynced(const std::vector<LinkMonitor::Link>& links) {
   for (uint32_t ifindex : gone) link_changed(false, ifindex, "");
 }
 
+// Drain inotify. Returns whether a reload is due: a vms.d file that can
+// hold a VM (*.json, not a dot-file) was named, or something else changed.
+bool Daemon::note_file_events() {
+  alignas(inotify_event) char buf[16384];
+  bool due = false;
+  ssize_t got;
+  while ((got = read(inotify_.get(), buf, sizeof(buf))) > 0) {
+    for (ssize_t off = 0; off < got;) {
+      const auto* e = reinterpret_cast<const inotify_event*>(buf + off);
+      off += static_cast<ssize_t>(sizeof(inotify_event) + e->len);
+      std::string name = e->len ? std::string(e->name) : std::string();
+      if (e->wd == vms_wd_ && !(e->mask & (IN_Q_OVERFLOW | IN_IGNORED | IN_ISDIR)) && !name.empty()) {
+        if (name.starts_with(".") || !name.ends_with(".json")) continue;  // temp files: nothing to read
+        changed_files_.insert(name);
+      } else {
+        full_reload_ = true;  // host.json, vms.d itself, a lost event
+      }
+      due = true;
+    }
+  }
+  events_read_ns_ = realtime_ns();
+  return due;
+}
+
+// A reload after inotify named one file of an enforced VM whose claims stay
+// the same (a policy change): read that file alone and write that VM alone
+// (Reconciler::update_in_place). false: anything else; the caller reloads
+// everything.
+bool Daemon::reload_one_file(const std::string& name, const char* why) {
+  auto t0 = Clock::now();
+  const std::string path = config_dir_ + "/vms.d/" + name;
+  auto cur = std::find_if(in_force_.begin(), in_force_.end(), [&](const VmSpec& v) { return v.file == path; });
+  if (cur == in_force_.end()) return false;
+  for (const auto& r : rejected_)
+    if (r.file == path || r.name == cur->name) return false;  // its admission is not settled
+  VmFile f = spec_cache_.reread(path, host_);
+  if (!f.vm) return false;  // errors: reported by the full reload
+  bool changed = false;
+  if (!reconciler_->update_in_place(*f.vm, *cur, host_, &changed)) return false;
+  bool nft_inputs = f.vm->ingress != cur->ingress || f.vm->imds != cur->imds;
+  *cur = std::move(*f.vm);
+  scanned_ns_ = events_read_ns_;  // every change before then was in the events read
+  double enforced_ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+  if (changed) {
+    actions_.rearm(cur->name);
+    removed_.erase(name_id(cur->name));
+    auto inst = writer_->installed().find(cur->name);
+    if (inst != writer_->installed().end() && inst->second.ifindex && !dp_->attached(inst->second.ifindex))
+      attach(inst->second.ifindex, "vm " + cur->name);
+  }
+  if (nft_inputs) apply_nft();
+  publish_state();
+  size_t kept =
+      std::count_if(rejected_.begin(), rejected_.end(), [](const RejectedFile& r) { return r.kept_last_good; });
+  spdlog::info(
+      "reload ({}): {} VMs changed, 0 removed, {} kept at their last good policy, {} files refused (1 file "
+      "parsed and its VM written in {:.1f} ms; state {:.1f} ms)",
+      why, changed ? 1 : 0, kept, rejected_.size() - kept, enforced_ms,
+      std::chrono::duration<double, std::milli>(Clock::now() - t0).count() - enforced_ms);
+  return true;
+}
+
 void Daemon::reload(const char* why) {
   auto t = Clock::now();
   auto ms = [&t] {  // since the previous call
@@ -554,9 +626,15 @@ void Daemon::reload(const char* why) {
     t = now;
     return d;
   };
+  std::set<std::string> named = std::move(changed_files_);
+  changed_files_.clear();
+  bool full = full_reload_;
+  full_reload_ = false;
+  if (!full && !host_broken_ && named.size() == 1 && reload_one_file(*named.begin(), why)) return;
   scanned_ns_ = realtime_ns();
   SpecFiles files = read_spec_files(config_dir_, &spec_cache_);
   double read_ms = ms();
+  host_broken_ = !files.host_errors.empty();
   if (!files.host_errors.empty()) {
     for (const auto& e : files.host_errors) std::fprintf(stderr, "%s\n", e.str().c_str());
     spdlog::error("reload ({}): host.json invalid, everything keeps its last good policy", why);
@@ -734,6 +812,7 @@ int Daemon::run() {
           while (read(signal_fd_.get(), &si, sizeof(si)) == sizeof(si)) {
             if (si.ssi_signo == SIGHUP) {
               sd_notify(0, "RELOADING=1");
+              full_reload_ = true;
               reload("SIGHUP");
               sd_notify(0, "READY=1");
             } else {
@@ -750,13 +829,11 @@ int Daemon::run() {
           if (auto s = links_->handle_readable(); !s) spdlog::error("link monitor: {}", s.message);
           break;
         case kInotify: {
-          char buf[4096];
-          ssize_t got;
-          while ((got = read(inotify_.get(), buf, sizeof(buf))) > 0) {
+          if (note_file_events()) {
+            // Writers replace several files at once: settle briefly first.
+            reload_pending_ = true;
+            reload_at_ = Clock::now() + std::chrono::milliseconds(5);
           }
-          // Writers replace several files at once: settle briefly first.
-          reload_pending_ = true;
-          reload_at_ = Clock::now() + std::chrono::milliseconds(5);
           break;
         }
         case kNft:

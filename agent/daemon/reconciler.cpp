@@ -84,6 +84,40 @@ Reconciler::Compiled& Reconciler::compiled(const VmSpec& vm, const HostSpec& hos
   return compiled_[vm.name] = std::move(c);
 }
 
+bool Reconciler::update_in_place(const VmSpec& next, const VmSpec& current, const HostSpec& host, bool* changed) {
+  *changed = false;
+  if (!reconciled_ || host != host_in_force_) return false;
+  if (next.name != current.name || next.interface != current.interface || next.mac != current.mac ||
+      next.addresses != current.addresses || next.gateway != current.gateway || next.group != current.group)
+    return false;
+  auto inst = writer_.installed().find(next.name);
+  if (inst == writer_.installed().end()) return false;
+  uint32_t ifindex = ifindex_of_(next.interface);
+  if (inst->second.ifindex != ifindex) return false;
+
+  VmPlan plan;
+  bool fresh;
+  Compiled& c = compiled(next, host, nets_in_force_, &plan, &fresh);
+  if (!c.errors.empty()) return false;
+  if (c.installed) return true;
+  if (!fresh) {
+    std::vector<SpecError> errs;  // none: the same compile had none
+    plan = compile_vm(next, host, nets_in_force_, errs);
+  }
+  if (same_plan(inst->second.plan, plan)) {
+    c.installed = true;
+    return true;
+  }
+  VmChange change;
+  if (!writer_.stage(plan, ifindex, change)) return false;  // stage() undid it
+  if (!writer_.commit(change)) return false;                // commit() undid it
+  c.installed = true;
+  writer_.release(change);
+  for (const auto& w : change.warnings) spdlog::warn("vm {}: {}", next.name, w);
+  *changed = true;
+  return true;
+}
+
 ReconcileResult Reconciler::reconcile(const SpecFiles& files, const std::vector<VmSpec>& incumbents,
                                       const std::set<std::string>& enforced, const std::vector<VmSpec>& reserved) {
   ReconcileResult r;
@@ -231,6 +265,10 @@ ReconcileResult Reconciler::reconcile(const SpecFiles& files, const std::vector<
   std::set<std::string_view> live;
   for (const auto& vm : r.in_force) live.insert(vm.name);
   std::erase_if(compiled_, [&](const auto& kv) { return !live.count(kv.first); });
+
+  reconciled_ = true;
+  host_in_force_ = host;
+  nets_in_force_ = vm_address_space(r.in_force);
 
   vmfence_config after = datapath_config(host, r.in_force);
   if (after.flags != before.flags)

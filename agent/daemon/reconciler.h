@@ -48,6 +48,16 @@ class Reconciler {
   ReconcileResult reconcile(const SpecFiles& files, const std::vector<VmSpec>& incumbents,
                             const std::set<std::string>& enforced = {}, const std::vector<VmSpec>& reserved = {});
 
+  // One VM's new spec whose claims (name, interface, MAC, addresses,
+  // gateway, group) are those of `current`, the VM in force, under an
+  // unchanged host.json: admission cannot change (no conflict appears or
+  // goes away) nor can the VM address space, so only this VM is compiled and
+  // written, with reconcile()'s steps (stage, commit, release). A reload
+  // after one file changed at 10,000 VMs takes this path.
+  // false: not such a change, or it failed (nothing written): the caller
+  // runs reconcile(), which also reports failures. *changed: maps written.
+  bool update_in_place(const VmSpec& next, const VmSpec& current, const HostSpec& host, bool* changed);
+
  private:
   // compile_vm()'s verdict on a VM, kept while its spec, host.json and the VM
   // address space stay the same: a reload after one file changed compiles
@@ -66,6 +76,9 @@ class Reconciler {
   IfindexOf ifindex_of_;
   HostSpec compiled_host_;
   std::vector<Cidr> compiled_nets_;
+  bool reconciled_ = false;
+  HostSpec host_in_force_;                    // of the last reconcile()
+  std::vector<Cidr> nets_in_force_;           // vm_address_space() of what it left in force
   std::map<std::string, Compiled> compiled_;  // by VM name
 };
 

@@ -937,6 +937,69 @@ void validate_vms(const std::vector<VmSpec>& vms, std::vector<SpecError>& errors
   }
 }
 
+namespace {
+
+int64_t realtime_now_ns() {
+  timespec now{};
+  clock_gettime(CLOCK_REALTIME, &now);
+  return int64_t{now.tv_sec} * 1000000000 + now.tv_nsec;
+}
+
+SpecFileCache::FileId file_id(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) return {};
+  return {st.st_dev, st.st_ino, st.st_size, int64_t{st.st_mtim.tv_sec} * 1000000000 + st.st_mtim.tv_nsec,
+          int64_t{st.st_ctim.tv_sec} * 1000000000 + st.st_ctim.tv_nsec};
+}
+
+// File times are coarse (a kernel tick): a file changed within the last
+// second may change again without its times moving, so it is read again.
+bool cacheable(const SpecFileCache::FileId& id, int64_t now_ns) {
+  return id.ino && now_ns - std::max(id.mtime_ns, id.ctime_ns) > 1000000000;
+}
+
+// One vms.d file checked on its own against host.json. readable: the text
+// could be read (an unreadable file is never cached).
+VmFile read_vm_file(const std::string& path, const SpecFileCache::FileId& id, const HostSpec& host, bool host_ok,
+                    bool& readable) {
+  const auto& wan = host.wan_interfaces;
+  VmFile f;
+  f.path = path;
+  f.mtime_ns = id.mtime_ns;
+  std::string why;
+  auto text = read_file(path, &why);
+  readable = text.has_value();
+  if (!text) {
+    f.errors.push_back({path, "", "cannot read: " + why});
+  } else {
+    names_of(*text, f.name, f.interface);
+    f.vm = parse_vm(path, *text, host.on_violation, f.errors);
+  }
+  if (f.vm) {
+    const VmSpec& vm = *f.vm;
+    if (std::find(wan.begin(), wan.end(), vm.interface) != wan.end())
+      f.errors.push_back({path, "interface", quote(vm.interface) + " is a WAN interface in " + host.file});
+    if (vm.imds && host_ok && !host.imds)  // a broken imds block is reported already
+      f.errors.push_back({path, "imds", "needs \"imds\" (the metadata address) in " + host.file});
+    if (!f.errors.empty()) f.vm.reset();
+  }
+  // Never no_policy on a WAN interface: that would cut the host off.
+  if (std::find(wan.begin(), wan.end(), f.interface) != wan.end()) f.interface.clear();
+  return f;
+}
+
+}  // namespace
+
+VmFile SpecFileCache::reread(const std::string& path, const HostSpec& host) {
+  SpecFileCache::FileId id = file_id(path);
+  bool readable = false;
+  VmFile f = read_vm_file(path, id, host, true, readable);
+  files_.erase(path);
+  if (readable && cacheable(id, realtime_now_ns())) files_[path] = {id, f};
+  parsed_last_ = 1;
+  return f;
+}
+
 SpecFiles read_spec_files(const std::filesystem::path& dir, SpecFileCache* cache) {
   SpecFiles out;
   std::string host_file = (dir / "host.json").string();
@@ -969,18 +1032,11 @@ SpecFiles read_spec_files(const std::filesystem::path& dir, SpecFileCache* cache
   if (ec) out.host_errors.push_back({vms_dir.string(), "", "cannot list: " + ec.message()});
   std::sort(paths.begin(), paths.end());
 
-  timespec now{};
-  clock_gettime(CLOCK_REALTIME, &now);
-  const int64_t now_ns = int64_t{now.tv_sec} * 1000000000 + now.tv_nsec;
-  const auto& wan = out.host.wan_interfaces;
+  const int64_t now_ns = realtime_now_ns();
   std::map<std::string, std::pair<SpecFileCache::FileId, VmFile>> seen;
   size_t parsed = 0;
   for (const auto& path : paths) {
-    struct stat st {};
-    SpecFileCache::FileId id;
-    if (::stat(path.c_str(), &st) == 0)
-      id = {st.st_dev, st.st_ino, st.st_size, int64_t{st.st_mtim.tv_sec} * 1000000000 + st.st_mtim.tv_nsec,
-            int64_t{st.st_ctim.tv_sec} * 1000000000 + st.st_ctim.tv_nsec};
+    SpecFileCache::FileId id = file_id(path);
     if (cache && id.ino) {
       auto hit = cache->files_.find(path);
       if (hit != cache->files_.end() && hit->second.first == id) {
@@ -990,30 +1046,10 @@ SpecFiles read_spec_files(const std::filesystem::path& dir, SpecFileCache* cache
         continue;
       }
     }
-    VmFile f;
-    f.path = path;
-    f.mtime_ns = id.mtime_ns;
     ++parsed;
-    auto text = read_file(path, &why);
-    if (!text) {
-      f.errors.push_back({path, "", "cannot read: " + why});
-    } else {
-      names_of(*text, f.name, f.interface);
-      f.vm = parse_vm(path, *text, out.host.on_violation, f.errors);
-    }
-    if (f.vm) {
-      const VmSpec& vm = *f.vm;
-      if (std::find(wan.begin(), wan.end(), vm.interface) != wan.end())
-        f.errors.push_back({path, "interface", quote(vm.interface) + " is a WAN interface in " + out.host.file});
-      if (vm.imds && host_ok && !out.host.imds)  // a broken imds block is reported already
-        f.errors.push_back({path, "imds", "needs \"imds\" (the metadata address) in " + out.host.file});
-      if (!f.errors.empty()) f.vm.reset();
-    }
-    // Never no_policy on a WAN interface: that would cut the host off.
-    if (std::find(wan.begin(), wan.end(), f.interface) != wan.end()) f.interface.clear();
-    // File times are coarse (a kernel tick): a file changed within the last
-    // second may change again without its times moving, so it is read again.
-    if (cache && text && id.ino && now_ns - std::max(id.mtime_ns, id.ctime_ns) > 1000000000) seen[path] = {id, f};
+    bool readable = false;
+    VmFile f = read_vm_file(path, id, out.host, host_ok, readable);
+    if (cache && readable && cacheable(id, now_ns)) seen[path] = {id, f};
     out.vms.push_back(std::move(f));
   }
   if (cache) {

@@ -150,6 +150,9 @@ struct SpecFiles {
 class SpecFileCache {
  public:
   size_t parsed_last() const { return parsed_last_; }  // files the last read parsed
+  // Read one file again (inotify named it) against the host.json in force
+  // (valid and unchanged: the caller knows), and keep it for later reads.
+  VmFile reread(const std::string& path, const HostSpec& host);
   struct FileId {
     uint64_t dev = 0, ino = 0;
     int64_t size = 0, mtime_ns = 0, ctime_ns = 0;

@@ -544,6 +544,61 @@ TEST(Reconciler, FlowTablesComeWithTheInterface) {
   EXPECT_FALSE(w.fake->snapshot().tables.count(slot_b));
 }
 
+// One VM's policy change with its claims unchanged takes the short path
+// (a reload after one file changed): the maps end exactly as a full
+// reconcile leaves them; anything else (a claim changed, a failed write) is
+// refused with nothing written, for the full reconcile to handle.
+TEST(Reconciler, UpdateInPlaceEndsWhereAFullReconcileDoes) {
+  auto files = [](const std::string& rules) {
+    return std::vector<VmFile>{vm_file("vms.d/a.json", 1, vm_json("a", "tap-a", 1, "[\"10.0.0.1/32\"]", rules)),
+                               vm_file("vms.d/b.json", 1, vm_json("b", "tap-b", 2, "[\"10.0.1.1/32\"]"))};
+  };
+  const std::string v2 = ", \"egress\": [{\"to\": \"192.0.2.0/24\", \"proto\": \"udp\", \"ports\": [\"53\"]}]";
+  World full, fast;
+  for (World* w : {&full, &fast}) {
+    w->links = {{"tap-a", 10}, {"tap-b", 11}};
+    w->apply(files(""));
+  }
+  HostSpec host;
+  host.file = "host.json";
+  const VmSpec next = *files(v2)[0].vm;
+  const VmSpec current = fast.in_force[0];
+  ASSERT_EQ(current.name, "a");
+
+  full.apply(files(v2));
+  bool changed = false;
+  ASSERT_TRUE(fast.rec.update_in_place(next, current, host, &changed));
+  EXPECT_TRUE(changed);
+  EXPECT_TRUE(fast.fake->snapshot() == full.fake->snapshot());
+  EXPECT_EQ(fast.writer.installed().at("a").policy_id, full.writer.installed().at("a").policy_id);
+  // The same spec again: nothing to write.
+  auto before = fast.fake->copy();
+  ASSERT_TRUE(fast.rec.update_in_place(next, next, host, &changed));
+  EXPECT_FALSE(changed);
+  EXPECT_TRUE(fast.fake->copy() == before);
+
+  // A claim changed (an address): refused, nothing written.
+  VmSpec moved = next;
+  moved.addresses[0] = *parse_cidr("10.0.0.7/32");
+  EXPECT_FALSE(fast.rec.update_in_place(moved, next, host, &changed));
+  EXPECT_TRUE(fast.fake->copy() == before);
+  // Another host.json: refused.
+  HostSpec other = host;
+  other.flow_timeouts.udp_s = 60;
+  VmSpec v3 = next;
+  v3.egress.clear();
+  EXPECT_FALSE(fast.rec.update_in_place(v3, next, other, &changed));
+  EXPECT_TRUE(fast.fake->copy() == before);
+  // A failed write: refused and undone.
+  fast.fake->fail_update(3);
+  EXPECT_FALSE(fast.rec.update_in_place(v3, next, host, &changed));
+  fast.fake->fail_update(std::nullopt);
+  EXPECT_TRUE(fast.fake->copy() == before);
+  // Then it goes through.
+  ASSERT_TRUE(fast.rec.update_in_place(v3, next, host, &changed));
+  EXPECT_TRUE(changed);
+}
+
 // Reserved claims (a previous run's VM whose file is broken now) hold their
 // name, interface and addresses against newcomers, and are never in force.
 TEST(Reconciler, ReservedClaimsHoldAgainstNewcomers) {
