@@ -443,7 +443,9 @@ static __always_inline int flow_record(const struct vmfence_vm *vm, struct vmfen
 		v.flags |= VMFENCE_FLOW_F_UNANSWERED;
 	if (bpf_map_update_elem(table, k, &v, BPF_ANY))
 		return f ? 0 : -1;
-	if (!f) {
+	/* Counted also when rewriting an expired entry: the agent's sweep may
+	 * have deleted it meanwhile, and this write created it again. */
+	{
 		__u32 slot = vm->slot;
 		struct vmfence_state *st = bpf_map_lookup_elem(&vmfence_state_v1, &slot);
 

@@ -183,7 +183,8 @@ Status MapWriter::stage(const VmPlan& plan, uint32_t ifindex, VmChange& c) {
   // tables now. One without gets them when it is bound: 16,384 flows cost
   // 256 KB of kernel memory and 1.3 ms to create, for a VM that is not
   // running (10,000 specs of stopped VMs took 2.5 GB and 13 s).
-  if (c.old && c.old->plan.flow_limit != plan.flow_limit) {
+  // (A VM that was unbound may have none: it gets them now, new size.)
+  if (c.old && c.old->ifindex && c.old->plan.flow_limit != plan.flow_limit) {
     c.resize_tables = ifindex != 0;
   } else if (ifindex) {
     if (auto s = backend_->ensure_tables(c.next.slot, plan.flow_limit); !s) {

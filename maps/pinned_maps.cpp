@@ -444,8 +444,8 @@ class PinnedBackend : public MapBackend {
         continue;
       }
       Fd table = inner_map(maps_.flows.get(), slot);
-      if (!table.valid()) {  // not bound yet: none until ensure_tables()
-        sweep_memo_[slot] = {added, {}};
+      if (!table.valid()) {
+        if (errno == ENOENT) sweep_memo_[slot] = {added, {}};  // not bound yet: none until ensure_tables()
         continue;
       }
       TableUse use{0, max_entries_of(table.get())};

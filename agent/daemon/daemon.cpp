@@ -106,6 +106,7 @@ class Daemon {
   void link_changed(bool added, uint32_t ifindex, const std::string& name);
   void links_resynced(const std::vector<LinkMonitor::Link>& links);
   void apply_nft();
+  void attach_missing(const std::set<std::string_view>& changed);
   void publish_state();
   void report_lost_events();
   void act_on_quarantine();
@@ -254,7 +255,15 @@ void Daemon::apply(ReconcileResult& r) {
   }
   // A removed VM's name is kept only while its interface drops in no_policy.
   std::erase_if(removed_, [&](const auto& kv) { return vm_on(kv.second.interface) != nullptr; });
-  const std::set<std::string_view> changed(r.changed.begin(), r.changed.end());
+  attach_missing(std::set<std::string_view>(r.changed.begin(), r.changed.end()));
+  for (uint32_t ifindex : r.blocked)
+    if (!dp_->attached(ifindex)) attach(ifindex, "no_policy");
+  report(r.rejected);
+}
+
+// Attach every enforced VM's interface that lacks the programs, and those
+// of `changed` VMs in any case.
+void Daemon::attach_missing(const std::set<std::string_view>& changed) {
   for (const auto& vm : in_force_) {
     auto inst = writer_->installed().find(vm.name);
     if (inst == writer_->installed().end()) continue;
@@ -265,9 +274,6 @@ void Daemon::apply(ReconcileResult& r) {
     }
     if (changed.count(vm.name) || !dp_->attached(inst->second.ifindex)) attach(inst->second.ifindex, "vm " + vm.name);
   }
-  for (uint32_t ifindex : r.blocked)
-    if (!dp_->attached(ifindex)) attach(ifindex, "no_policy");
-  report(r.rejected);
 }
 
 void Daemon::apply_nft() {
@@ -589,24 +595,25 @@ bool Daemon::reload_one_file(const std::string& name, const char* why) {
   const std::string path = config_dir_ + "/vms.d/" + name;
   auto cur = std::find_if(in_force_.begin(), in_force_.end(), [&](const VmSpec& v) { return v.file == path; });
   if (cur == in_force_.end()) return false;
+  // What only a full reload does: retry installs that failed and interfaces
+  // not attached, and notice a host.json change inotify did not report.
+  if (!unattached_.empty()) return false;
   for (const auto& r : rejected_)
-    if (r.file == path || r.name == cur->name) return false;  // its admission is not settled
+    if (r.file == path || r.name == cur->name || r.install_failed) return false;
+  if (!spec_cache_.host_unchanged(config_dir_)) return false;
   VmFile f = spec_cache_.reread(path, host_);
   if (!f.vm) return false;  // errors: reported by the full reload
   bool changed = false;
   if (!reconciler_->update_in_place(*f.vm, *cur, host_, &changed)) return false;
-  bool nft_inputs = f.vm->ingress != cur->ingress || f.vm->imds != cur->imds;
   *cur = std::move(*f.vm);
   scanned_ns_ = events_read_ns_;  // every change before then was in the events read
   double enforced_ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
   if (changed) {
     actions_.rearm(cur->name);
     removed_.erase(name_id(cur->name));
-    auto inst = writer_->installed().find(cur->name);
-    if (inst != writer_->installed().end() && inst->second.ifindex && !dp_->attached(inst->second.ifindex))
-      attach(inst->second.ifindex, "vm " + cur->name);
   }
-  if (nft_inputs) apply_nft();
+  attach_missing({});  // as every reload does: programs someone removed come back
+  apply_nft();         // a no-op unless its inputs changed or the last apply failed
   publish_state();
   size_t kept =
       std::count_if(rejected_.begin(), rejected_.end(), [](const RejectedFile& r) { return r.kept_last_good; });
@@ -813,6 +820,7 @@ int Daemon::run() {
             if (si.ssi_signo == SIGHUP) {
               sd_notify(0, "RELOADING=1");
               full_reload_ = true;
+              spec_cache_ = SpecFileCache();  // SIGHUP re-reads every file
               reload("SIGHUP");
               sd_notify(0, "READY=1");
             } else {
@@ -833,6 +841,11 @@ int Daemon::run() {
             // Writers replace several files at once: settle briefly first.
             reload_pending_ = true;
             reload_at_ = Clock::now() + std::chrono::milliseconds(5);
+          } else if (!reload_pending_) {
+            // Only temp files changed: vms.d as read is still current
+            // (`wait` compares the directory's mtime with this).
+            scanned_ns_ = events_read_ns_;
+            publish_state();
           }
           break;
         }

@@ -86,7 +86,10 @@ Reconciler::Compiled& Reconciler::compiled(const VmSpec& vm, const HostSpec& hos
 
 bool Reconciler::update_in_place(const VmSpec& next, const VmSpec& current, const HostSpec& host, bool* changed) {
   *changed = false;
-  if (!reconciled_ || host != host_in_force_) return false;
+  // Admission checked every file against the address space of all files
+  // (refused ones included): only where that is the space in force does
+  // compiling against it alone give admission's verdict.
+  if (!reconciled_ || host != host_in_force_ || admission_nets_ != nets_in_force_) return false;
   if (next.name != current.name || next.interface != current.interface || next.mac != current.mac ||
       next.addresses != current.addresses || next.gateway != current.gateway || next.group != current.group)
     return false;
@@ -231,6 +234,7 @@ ReconcileResult Reconciler::reconcile(const SpecFiles& files, const std::vector<
     rf.name = it.vm->name;
     rf.interface = it.vm->interface;
     rf.errors.push_back({it.vm->file, "", "cannot be installed: " + it.why});
+    rf.install_failed = true;
     rf.kept_last_good = incumbent.count(it.vm->name) && writer_.installed().count(it.vm->name);
     r.rejected.push_back(std::move(rf));
   }
@@ -269,6 +273,7 @@ ReconcileResult Reconciler::reconcile(const SpecFiles& files, const std::vector<
   reconciled_ = true;
   host_in_force_ = host;
   nets_in_force_ = vm_address_space(r.in_force);
+  admission_nets_ = all_nets;
 
   vmfence_config after = datapath_config(host, r.in_force);
   if (after.flags != before.flags)

@@ -79,6 +79,7 @@ class Reconciler {
   bool reconciled_ = false;
   HostSpec host_in_force_;                    // of the last reconcile()
   std::vector<Cidr> nets_in_force_;           // vm_address_space() of what it left in force
+  std::vector<Cidr> admission_nets_;          // ... and of every file it was given
   std::map<std::string, Compiled> compiled_;  // by VM name
 };
 

@@ -990,6 +990,12 @@ VmFile read_vm_file(const std::string& path, const SpecFileCache::FileId& id, co
 
 }  // namespace
 
+bool SpecFileCache::host_unchanged(const std::filesystem::path& dir) const {
+  std::string why;
+  auto text = read_file((dir / "host.json").string(), &why);
+  return text && *text == host_text_;
+}
+
 VmFile SpecFileCache::reread(const std::string& path, const HostSpec& host) {
   SpecFileCache::FileId id = file_id(path);
   bool readable = false;

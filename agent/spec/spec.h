@@ -153,6 +153,8 @@ class SpecFileCache {
   // Read one file again (inotify named it) against the host.json in force
   // (valid and unchanged: the caller knows), and keep it for later reads.
   VmFile reread(const std::string& path, const HostSpec& host);
+  // host.json still reads as it did at the last read_spec_files().
+  bool host_unchanged(const std::filesystem::path& dir) const;
   struct FileId {
     uint64_t dev = 0, ino = 0;
     int64_t size = 0, mtime_ns = 0, ctime_ns = 0;
@@ -175,6 +177,7 @@ struct RejectedFile {
   std::string name, interface;  // as far as known ("" when unreadable)
   std::vector<SpecError> errors;
   bool kept_last_good = false;  // an enforced VM: it keeps its previous policy
+  bool install_failed = false;  // valid, but writing it failed (map full, no slot): every full reload retries
 };
 
 struct Admission {

@@ -599,6 +599,24 @@ TEST(Reconciler, UpdateInPlaceEndsWhereAFullReconcileDoes) {
   EXPECT_TRUE(changed);
 }
 
+// Admission checks every file against the address space of all files, the
+// refused ones included: where that differs from the space in force, the
+// short path cannot give admission's verdict and leaves it to a full reload.
+TEST(Reconciler, UpdateInPlaceDefersWhileARefusedFileWidensTheAddressSpace) {
+  World w;
+  w.links = {{"tap-a", 10}};
+  const std::string rules = ", \"egress\": [{\"to\": \"0.0.0.0/0\", \"proto\": \"tcp\"}]";
+  auto r = w.apply({vm_file("vms.d/a.json", 1, vm_json("a", "tap-a", 1, "[\"10.0.0.1/32\"]", rules)),
+                    vm_file("vms.d/z.json", 2, vm_json("z", "tap-a", 3, "[\"10.200.0.1/32\"]"))});
+  ASSERT_TRUE(find_rejected(r, "vms.d/z.json"));  // a newcomer on a's interface
+  HostSpec host;
+  host.file = "host.json";
+  VmSpec next = w.in_force[0];
+  next.egress.clear();
+  bool changed = false;
+  EXPECT_FALSE(w.rec.update_in_place(next, w.in_force[0], host, &changed));
+}
+
 // Reserved claims (a previous run's VM whose file is broken now) hold their
 // name, interface and addresses against newcomers, and are never in force.
 TEST(Reconciler, ReservedClaimsHoldAgainstNewcomers) {
