@@ -562,8 +562,9 @@ void Daemon::links_resynced(const std::vector<LinkMonitor::Link>& links) {
   for (uint32_t ifindex : gone) link_changed(false, ifindex, "");
 }
 
-// Drain inotify. Returns whether a reload is due: a vms.d file that can
-// hold a VM (*.json, not a dot-file) was named, or something else changed.
+// Drain inotify: note the vms.d files named (*.json, not dot-files), or that
+// something else changed (full reload). true when anything happened: temp
+// files alone only move the scan time (reload() sees nothing named).
 bool Daemon::note_file_events() {
   alignas(inotify_event) char buf[16384];
   bool due = false;
@@ -574,8 +575,7 @@ bool Daemon::note_file_events() {
       off += static_cast<ssize_t>(sizeof(inotify_event) + e->len);
       std::string name = e->len ? std::string(e->name) : std::string();
       if (e->wd == vms_wd_ && !(e->mask & (IN_Q_OVERFLOW | IN_IGNORED | IN_ISDIR)) && !name.empty()) {
-        if (name.starts_with(".") || !name.ends_with(".json")) continue;  // temp files: nothing to read
-        changed_files_.insert(name);
+        if (!name.starts_with(".") && name.ends_with(".json")) changed_files_.insert(name);  // else a temp file
       } else {
         full_reload_ = true;  // host.json, vms.d itself, a lost event
       }
@@ -637,6 +637,13 @@ void Daemon::reload(const char* why) {
   changed_files_.clear();
   bool full = full_reload_;
   full_reload_ = false;
+  if (!full && named.empty()) {
+    // Only temp files changed: vms.d as read is still current (`wait`
+    // compares the directory's mtime with this).
+    scanned_ns_ = events_read_ns_;
+    publish_state();
+    return;
+  }
   if (!full && !host_broken_ && named.size() == 1 && reload_one_file(*named.begin(), why)) return;
   scanned_ns_ = realtime_ns();
   SpecFiles files = read_spec_files(config_dir_, &spec_cache_);
@@ -841,11 +848,6 @@ int Daemon::run() {
             // Writers replace several files at once: settle briefly first.
             reload_pending_ = true;
             reload_at_ = Clock::now() + std::chrono::milliseconds(5);
-          } else if (!reload_pending_) {
-            // Only temp files changed: vms.d as read is still current
-            // (`wait` compares the directory's mtime with this).
-            scanned_ns_ = events_read_ns_;
-            publish_state();
           }
           break;
         }
