@@ -44,6 +44,15 @@ std::string vm_json(const std::map<std::string, std::string>& changes = {}) {
                      changes);
 }
 
+// VM n's own name, interface, MAC and address (n < 10).
+std::string vm_n_json(int n) {
+  const std::string d = std::to_string(n);
+  return vm_json({{"name", "\"vm" + d + "\""},
+                  {"interface", "\"vm-vm" + d + "\""},
+                  {"mac", "\"02:00:00:00:0" + d + ":02\""},
+                  {"addresses", "[\"10." + d + ".0.2/32\"]"}});
+}
+
 std::string describe(const std::vector<SpecError>& errors) {
   std::string out;
   for (const auto& e : errors) out += "  " + e.str() + "\n";
@@ -709,10 +718,7 @@ class LoadSpec : public testing::Test {
 TEST_F(LoadSpec, LoadsSortsAndIgnoresTempFiles) {
   write("host.json", host_json());
   write("vms.d/b.json", vm_json());
-  write("vms.d/a.json", vm_json({{"name", R"("vm2")"},
-                                 {"interface", R"("vm-vm2")"},
-                                 {"mac", R"("02:00:00:00:02:02")"},
-                                 {"addresses", R"(["10.2.0.2/32"])"}}));
+  write("vms.d/a.json", vm_n_json(2));
   write("vms.d/.c.json", "garbage");
   write("vms.d/c.json.tmp", "garbage");
   write("vms.d/README", "garbage");
@@ -731,10 +737,7 @@ TEST_F(LoadSpec, LoadsSortsAndIgnoresTempFiles) {
 TEST_F(LoadSpec, FileCacheSeesEveryChange) {
   write("host.json", host_json());
   write("vms.d/a.json", vm_json());
-  write("vms.d/b.json", vm_json({{"name", R"("vm2")"},
-                                 {"interface", R"("vm-vm2")"},
-                                 {"mac", R"("02:00:00:00:02:02")"},
-                                 {"addresses", R"(["10.2.0.2/32"])"}}));
+  write("vms.d/b.json", vm_n_json(2));
   // Files changed within the last second are never cached (file times are
   // coarse): age them first.
   std::this_thread::sleep_for(std::chrono::milliseconds(1100));
@@ -763,10 +766,7 @@ TEST_F(LoadSpec, FileCacheSeesEveryChange) {
   write("vms.d/a.json", vm_json({{"addresses", R"(["10.1.0.4/32"])"}}));
   EXPECT_EQ(names(read_spec_files(dir_, &cache)), (V{"vm1@10.1.0.4/32", "vm2@10.2.0.2/32"}));
 
-  write("vms.d/.b.json.tmp", vm_json({{"name", R"("vm3")"},
-                                      {"interface", R"("vm-vm3")"},
-                                      {"mac", R"("02:00:00:00:03:02")"},
-                                      {"addresses", R"(["10.3.0.2/32"])"}}));
+  write("vms.d/.b.json.tmp", vm_n_json(3));
   fs::rename(dir_ / "vms.d/.b.json.tmp", dir_ / "vms.d/b.json");
   EXPECT_EQ(names(read_spec_files(dir_, &cache)), (V{"vm1@10.1.0.4/32", "vm3@10.3.0.2/32"}));
 
