@@ -56,9 +56,10 @@ static __always_inline int counts_as_violation(__u8 reason)
 	       reason != VMFENCE_REASON_UNKNOWN_IFINDEX && !is_quiet(reason);
 }
 
-/* Count, track the on_violation window, quarantine, and report one drop. */
-static __noinline int drop(struct __sk_buff *skb, const struct vmfence_vm *vm,
-			   const struct pkt *p, __u8 reason, __u8 dir)
+/* Count, track the on_violation window, quarantine, and report one drop
+ * (both hooks: the TC programs and the XDP pre-filter). */
+static __noinline int report_drop(__u32 ifindex, const struct vmfence_vm *vm, const struct pkt *p,
+				  __u8 reason, __u8 dir)
 {
 	__u32 slot = vm ? vm->slot : 0;
 	struct vmfence_counters *c = bpf_map_lookup_elem(&vmfence_counters_v2, &slot);
@@ -70,14 +71,14 @@ static __noinline int drop(struct __sk_buff *skb, const struct vmfence_vm *vm,
 
 	if (dry_run) {
 		last_reason = reason;
-		return TC_ACT_SHOT;
+		return 0;
 	}
 	if (!c || !st || !cfg || !p)
-		return TC_ACT_SHOT;
+		return 0;
 	if (reason < VMFENCE_REASON_SLOTS)
 		c->drops[reason]++;
 	if (is_quiet(reason))
-		return TC_ACT_SHOT;
+		return 0;
 
 	if (vm && dir == VMFENCE_DIR_FROM_VM && counts_as_violation(reason)) {
 		__u64 window = (__u64)vm->window_ms * 1000000ull;
@@ -107,7 +108,7 @@ static __noinline int drop(struct __sk_buff *skb, const struct vmfence_vm *vm,
 		}
 		if (st->budget_used >= cfg->event_budget) {
 			c->events_suppressed++;
-			return TC_ACT_SHOT;
+			return 0;
 		}
 		__sync_fetch_and_add(&st->budget_used, 1);
 	}
@@ -115,11 +116,11 @@ static __noinline int drop(struct __sk_buff *skb, const struct vmfence_vm *vm,
 	e = bpf_ringbuf_reserve(&vmfence_events_v1, sizeof(*e), 0);
 	if (!e) {
 		c->events_lost++;
-		return TC_ACT_SHOT;
+		return 0;
 	}
 	e->timestamp_ns = now;
 	e->vm_id = vm ? vm->vm_id : 0;
-	e->ifindex = skb->ifindex;
+	e->ifindex = ifindex;
 	e->policy_id = vm ? vm->policy_id : 0;
 	e->reason = reason;
 	e->direction = dir;
@@ -135,6 +136,13 @@ static __noinline int drop(struct __sk_buff *skb, const struct vmfence_vm *vm,
 	__builtin_memcpy(e->smac, p->smac, 6);
 	e->ethertype = p->ethertype;
 	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+static __always_inline int drop(struct __sk_buff *skb, const struct vmfence_vm *vm, const struct pkt *p,
+				__u8 reason, __u8 dir)
+{
+	report_drop(skb->ifindex, vm, p, reason, dir);
 	return TC_ACT_SHOT;
 }
 
@@ -1256,4 +1264,113 @@ int vmfence_to_vm(struct __sk_buff *skb)
 allowed:
 	first_fragment_passed(vm, &p);
 	return TC_ACT_UNSPEC;
+}
+
+/* --- XDP pre-filter (host.json "xdp_prefilter") ------------------------------ */
+
+/* The IP header of a frame the pre-filter may judge: IPv4 without options or
+ * IPv6 without extension headers, carrying TCP, UDP or ICMP (IPv4), with a
+ * length that matches the frame. Fills p; 0 when the frame is anything else
+ * (ARP, ND/MLD, IGMP, VLAN, fragments of IPv6, malformed), which tcx judges. */
+static __always_inline int xdp_judgeable(void *data, void *data_end, struct pkt *p)
+{
+	__u32 len = data_end - data, l3_end;
+	__u8 *l4;
+
+	if (p->ethertype == ETH_P_IP) {
+		struct iphdr *ip = data + ETH_HLEN;
+
+		if ((void *)(ip + 1) > data_end || ip->version != 4 || ip->ihl != 5)
+			return 0;
+		if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP && ip->protocol != IPPROTO_ICMP)
+			return 0;
+		l3_end = ETH_HLEN + bpf_ntohs(ip->tot_len);
+		if (l3_end < ETH_HLEN + sizeof(*ip))
+			return 0;
+		set_v4_mapped(&p->saddr, ip->saddr);
+		set_v4_mapped(&p->daddr, ip->daddr);
+		p->family = 4;
+		p->proto = ip->protocol;
+		l4 = (void *)(ip + 1);
+		if (ip->frag_off & bpf_htons(0x1fff))
+			l4 = NULL; /* a later fragment: no L4 header */
+	} else if (p->ethertype == ETH_P_IPV6) {
+		struct ipv6hdr *ip6 = data + ETH_HLEN;
+
+		if ((void *)(ip6 + 1) > data_end || ip6->version != 6)
+			return 0;
+		if (ip6->nexthdr != IPPROTO_TCP && ip6->nexthdr != IPPROTO_UDP)
+			return 0;
+		l3_end = ETH_HLEN + sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
+		__builtin_memcpy(p->saddr.b, &ip6->saddr, 16);
+		__builtin_memcpy(p->daddr.b, &ip6->daddr, 16);
+		p->family = 6;
+		p->proto = ip6->nexthdr;
+		l4 = (void *)(ip6 + 1);
+	} else {
+		return 0;
+	}
+	/* What frame_length_reason() lets through at tcx, nothing more. */
+	if (l3_end > len || (len > l3_end && len > 60))
+		return 0;
+	if (l4 && p->proto != IPPROTO_ICMP && (void *)(l4 + 4) <= data_end) {
+		__builtin_memcpy(&p->sport, l4, 2);
+		__builtin_memcpy(&p->dport, l4 + 2, 2);
+	}
+	return 1;
+}
+
+/* Frames a VM sends, on its TAP, before tcx (and, for a VMM that writes like
+ * QEMU, before the kernel builds an skb: BENCHMARKS.md, "XDP pre-filter").
+ * Drops early only what vmfence_from_vm drops for the same reason whatever
+ * else the frame holds: a VM without policy, a quarantined VM, a foreign
+ * source MAC, and an IP packet (the shapes xdp_judgeable() accepts) from a
+ * source the VM does not own that tcx would call spoofed. Everything else
+ * passes to tcx, which judges every packet in full: the pre-filter can drop
+ * sooner, never let through. Counts and reports its drops like tcx does;
+ * frames it passes are counted at tcx. */
+SEC("xdp")
+int vmfence_xdp_from_vm(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u32 ifindex = ctx->ingress_ifindex;
+	struct ethhdr *eth = data;
+	struct vmfence_counters *c;
+	struct vmfence_state *st;
+	struct vmfence_vm *vm;
+	struct pkt p = {};
+	__u32 slot;
+	__u8 reason = 0;
+	int judged;
+
+	if ((void *)(eth + 1) > data_end)
+		return XDP_PASS;
+	vm = bpf_map_lookup_elem(&vmfence_vms_v1, &ifindex);
+	if (!vm)
+		return XDP_PASS; /* tcx drops and reports it */
+	slot = vm->slot;
+	__builtin_memcpy(p.smac, eth->h_source, 6);
+	p.ethertype = bpf_ntohs(eth->h_proto);
+	judged = xdp_judgeable(data, data_end, &p);
+	st = bpf_map_lookup_elem(&vmfence_state_v1, &slot);
+	if (vm->flags & VMFENCE_VM_F_NO_POLICY)
+		reason = VMFENCE_REASON_NO_POLICY;
+	else if (st && st->quarantined)
+		reason = VMFENCE_REASON_QUARANTINED;
+	else if (!mac_eq(p.smac, vm->mac))
+		reason = VMFENCE_REASON_SPOOFED_MAC;
+	else if (judged && !vm_owns(vm, &p.saddr) && unowned_source_reason(vm, &p) == VMFENCE_REASON_SPOOFED_IP)
+		reason = VMFENCE_REASON_SPOOFED_IP;
+	if (!reason)
+		return XDP_PASS;
+	if (dry_run)
+		return XDP_DROP;
+	c = bpf_map_lookup_elem(&vmfence_counters_v2, &slot);
+	if (c) {
+		c->from_vm_packets++;
+		c->from_vm_bytes += data_end - data;
+	}
+	report_drop(ifindex, vm, &p, reason, VMFENCE_DIR_FROM_VM);
+	return XDP_DROP;
 }

@@ -103,6 +103,8 @@ class Daemon {
   void report(const std::vector<RejectedFile>& rejected);
   void attach(uint32_t ifindex, const std::string& owner);
   void retry_attaches();
+  void prefilter(uint32_t ifindex);
+  void sync_prefilter();
   void link_changed(bool added, uint32_t ifindex, const std::string& name);
   void links_resynced(const std::vector<LinkMonitor::Link>& links);
   void apply_nft();
@@ -119,11 +121,12 @@ class Daemon {
 
   std::string config_dir_;
   HostSpec host_;
-  std::vector<VmSpec> in_force_;        // sorted by name
-  std::map<uint32_t, size_t> by_id_;    // vm_id -> index in in_force_
-  std::vector<RejectedFile> rejected_;  // refused files (reported in the state file, `wait`)
-  std::map<uint32_t, VmSpec> removed_;  // vm_id -> spec of a removed VM whose interface still drops
-  std::vector<VmSpec> reserved_;        // claims of a previous run's VMs whose file is invalid now
+  std::set<uint32_t> prefilter_failed_;  // ifindexes whose XDP attach failed (logged once)
+  std::vector<VmSpec> in_force_;         // sorted by name
+  std::map<uint32_t, size_t> by_id_;     // vm_id -> index in in_force_
+  std::vector<RejectedFile> rejected_;   // refused files (reported in the state file, `wait`)
+  std::map<uint32_t, VmSpec> removed_;   // vm_id -> spec of a removed VM whose interface still drops
+  std::vector<VmSpec> reserved_;         // claims of a previous run's VMs whose file is invalid now
   Journal journal_;
   ActionRunner actions_;
   EventConsumer events_;
@@ -203,6 +206,30 @@ void Daemon::attach(uint32_t ifindex, const std::string& owner) {
     return;
   }
   if (unattached_.erase(ifindex)) spdlog::info("{}: attached to ifindex {} after retrying", owner, ifindex);
+  if (host_.xdp_prefilter) prefilter(ifindex);
+}
+
+// The XDP pre-filter on an enforced interface. Only an early drop: tcx
+// enforces without it, so a failure is logged (once) and not retried.
+void Daemon::prefilter(uint32_t ifindex) {
+  if (auto s = dp_->attach_xdp(ifindex); !s) {
+    if (prefilter_failed_.insert(ifindex).second)
+      spdlog::warn("ifindex {}: XDP pre-filter not attached ({}); tcx enforces alone", ifindex, s.message);
+    return;
+  }
+  prefilter_failed_.erase(ifindex);
+}
+
+// Every interface with our programs gets the pre-filter or loses it, as
+// host.json says (at start, and when xdp_prefilter changes).
+void Daemon::sync_prefilter() {
+  prefilter_failed_.clear();
+  if (!host_.xdp_prefilter) {
+    for (uint32_t ifindex : Datapath::prefiltered_ifindexes(dp_->dir())) Datapath::detach_xdp(dp_->dir(), ifindex);
+    return;
+  }
+  for (uint32_t ifindex : Datapath::linked_ifindexes(dp_->dir()))
+    if (dp_->attached(ifindex) && !dp_->xdp_attached(ifindex)) prefilter(ifindex);
 }
 
 void Daemon::retry_attaches() {
@@ -488,6 +515,7 @@ bool Daemon::start() {
     spdlog::error("interfaces would run unenforced; not starting");
     return false;
   }
+  sync_prefilter();
   apply_nft();
   publish_state();
   spdlog::info("enforcing {} VMs from {} ({} files refused; maps pinned under {})", in_force_.size(), config_dir_,
@@ -654,12 +682,14 @@ void Daemon::reload(const char* why) {
     spdlog::error("reload ({}): host.json invalid, everything keeps its last good policy", why);
     return;
   }
+  bool prefiltered = host_.xdp_prefilter;
   host_ = files.host;
   // A reserved claim lasts while only invalid files name its VM.
   std::erase_if(reserved_, [&](const VmSpec& vm) { return !only_broken_files_name(files, vm.name); });
   ReconcileResult r = reconciler_->reconcile(files, in_force_, {}, reserved_);
   double reconcile_ms = ms();
   apply(r);
+  if (prefiltered != host_.xdp_prefilter) sync_prefilter();
   double apply_ms = ms();
   apply_nft();
   double nft_ms = ms();

@@ -27,6 +27,7 @@ namespace {
 constexpr uint32_t kTcxIngress = 46;
 constexpr uint32_t kTcxEgress = 47;
 constexpr uint32_t kLinkTypeTcx = 11;
+constexpr uint32_t kLinkTypeXdp = 6;
 
 // struct bpf_link_info as the kernel fills it for a tcx link: the common
 // header, then the union (8-byte aligned) whose tcx member is {ifindex,
@@ -84,6 +85,11 @@ bool link_info(int fd, TcxLinkInfo& info) {
   std::memset(&info, 0, sizeof(info));
   uint32_t len = sizeof(info);
   return bpf_obj_get_info_by_fd(fd, &info, &len) == 0;
+}
+
+// An XDP link on ifindex (not defunct: the kernel reports ifindex 0 then).
+bool xdp_live(const TcxLinkInfo& info, uint32_t ifindex) {
+  return info.type == kLinkTypeXdp && info.ifindex == ifindex;
 }
 
 // A tcx link attached to ifindex in that direction (not defunct).
@@ -274,11 +280,14 @@ Status Datapath::load(const std::string& dir, std::unique_ptr<Datapath>& out) {
   if (dp->from_vm_prog_fd() < 0 || dp->to_vm_prog_fd() < 0) return Status::error(EBADF, "fd of the TC programs");
   dp->from_vm_prog_id_ = prog_id(dp->from_vm_prog_fd());
   dp->to_vm_prog_id_ = prog_id(dp->to_vm_prog_fd());
-  if (!dp->from_vm_prog_id_ || !dp->to_vm_prog_id_) return Status::error(errno, "id of the TC programs");
+  dp->xdp_prog_id_ = prog_id(dp->xdp_prog_fd());
+  if (!dp->from_vm_prog_id_ || !dp->to_vm_prog_id_ || !dp->xdp_prog_id_)
+    return Status::error(errno, "id of the programs");
   out = std::move(dp);
   return {};
 }
 
+int Datapath::xdp_prog_fd() const { return bpf_program__fd(skel_->progs.vmfence_xdp_from_vm); }
 int Datapath::from_vm_prog_fd() const { return bpf_program__fd(skel_->progs.vmfence_from_vm); }
 int Datapath::to_vm_prog_fd() const { return bpf_program__fd(skel_->progs.vmfence_to_vm); }
 
@@ -286,13 +295,15 @@ std::string Datapath::link_path(const std::string& dir, uint32_t ifindex, bool f
   return dir + "/links/if" + std::to_string(ifindex) + (from_vm ? "_from_vm" : "_to_vm");
 }
 
-std::vector<uint32_t> Datapath::linked_ifindexes(const std::string& dir) {
+// ifindexes with a pin named if<N><suffix> under dir/links.
+static std::vector<uint32_t> pinned_ifindexes(const std::string& dir,
+                                              std::initializer_list<std::string_view> suffixes) {
   std::set<uint32_t> found;
   std::error_code ec;
   for (const auto& e : std::filesystem::directory_iterator(dir + "/links", ec)) {
     std::string n = e.path().filename();
     if (n.rfind("if", 0) != 0) continue;
-    for (std::string_view suffix : {"_from_vm", "_to_vm"}) {
+    for (std::string_view suffix : suffixes) {
       if (n.size() <= 2 + suffix.size() || n.compare(n.size() - suffix.size(), suffix.size(), suffix) != 0) continue;
       uint32_t ifindex = 0;
       const char* first = n.data() + 2;
@@ -302,6 +313,14 @@ std::vector<uint32_t> Datapath::linked_ifindexes(const std::string& dir) {
     }
   }
   return {found.begin(), found.end()};
+}
+
+std::vector<uint32_t> Datapath::linked_ifindexes(const std::string& dir) {
+  return pinned_ifindexes(dir, {"_from_vm", "_to_vm"});
+}
+
+std::vector<uint32_t> Datapath::prefiltered_ifindexes(const std::string& dir) {
+  return pinned_ifindexes(dir, {"_xdp"});
 }
 
 Status Datapath::attach_tcx(uint32_t ifindex, bool from_vm, bool* created, bool* tcx_unsupported) {
@@ -445,7 +464,56 @@ void Datapath::remove_stale_pins(const std::string& dir) {
 }
 
 void Datapath::detach(const std::string& dir, uint32_t ifindex) {
+  detach_xdp(dir, ifindex);
   for (bool from_vm : {true, false}) detach_one(dir, ifindex, from_vm);
+}
+
+std::string Datapath::xdp_path(const std::string& dir, uint32_t ifindex) {
+  return dir + "/links/if" + std::to_string(ifindex) + "_xdp";
+}
+
+Status Datapath::attach_xdp(uint32_t ifindex) {
+  std::string path = xdp_path(dir_, ifindex);
+  Pin old = open_pin(path);
+  if (old.kind == PinKind::kNone && old.err != ENOENT) return Status::error(old.err, "open pin " + path);
+  if (old.kind == PinKind::kLink) {
+    TcxLinkInfo info;
+    if (link_info(old.fd.get(), info) && xdp_live(info, ifindex)) {
+      if (info.prog_id == xdp_prog_id_) return {};
+      if (int err = bpf_link_update(old.fd.get(), xdp_prog_fd(), nullptr); err == 0) return {};
+      spdlog::warn("{}: switching the XDP program in place failed; replacing the link", path);
+      if (int err = bpf_link_detach(old.fd.get()); err && err != -ENOLINK)
+        return Status::error(err, "detach XDP link " + path);
+    }
+  }
+  // Native where the driver has XDP (tun, veth), generic otherwise. Fails
+  // with EBUSY/EEXIST when another XDP program holds the device.
+  int link = bpf_link_create(xdp_prog_fd(), static_cast<int>(ifindex), BPF_XDP, nullptr);
+  if (link < 0) return Status::error(link, "XDP attach to ifindex " + std::to_string(ifindex));
+  Fd new_link(link);
+  if (auto s = pin_replace(new_link.get(), path); !s) {
+    if (int err = bpf_link_detach(new_link.get()); err)
+      spdlog::error("detach unpinned XDP link on ifindex {}: {}", ifindex, std::strerror(-err));
+    return s;
+  }
+  return {};
+}
+
+void Datapath::detach_xdp(const std::string& dir, uint32_t ifindex) {
+  std::string path = xdp_path(dir, ifindex);
+  Pin p = open_pin(path);
+  if (p.kind == PinKind::kLink)
+    if (int err = bpf_link_detach(p.fd.get()); err && err != -ENOLINK)
+      spdlog::warn("detach XDP link {}: {}", path, std::strerror(-err));
+  for (const std::string& f : {path, tmp_path(path)})
+    if (::unlink(f.c_str()) != 0 && errno != ENOENT) spdlog::warn("remove pin {}: {}", f, std::strerror(errno));
+}
+
+bool Datapath::xdp_attached(uint32_t ifindex) const {
+  Pin p = open_pin(xdp_path(dir_, ifindex));
+  TcxLinkInfo info;
+  return p.kind == PinKind::kLink && link_info(p.fd.get(), info) && xdp_live(info, ifindex) &&
+         info.prog_id == xdp_prog_id_;
 }
 
 }  // namespace vmfence

@@ -52,7 +52,8 @@ class Datapath {
   // create) switches this datapath to cls_bpf for good (attach_mode()).
   Status attach(uint32_t ifindex);
   // Remove both kinds of attachment of ifindex (interface gone, or `down`):
-  // tcx links and our cls_bpf filters, and their pins. Failures are logged.
+  // tcx links and our cls_bpf filters, the XDP pre-filter, and their pins.
+  // Failures are logged.
   static void detach(const std::string& dir, uint32_t ifindex);
   // Both programs of this datapath (its program ids) are attached to ifindex:
   // live tcx links on ifindex, or our cls_bpf filters, with their pins.
@@ -60,6 +61,18 @@ class Datapath {
   // Both directions of ifindex have a live attachment recorded under dir
   // (any vmfence programs; for CLI commands without a loaded datapath).
   static bool attached(const std::string& dir, uint32_t ifindex);
+  // The XDP pre-filter (host.json "xdp_prefilter") on ifindex: a pinned XDP
+  // link at xdp_path(), its program switched in place when one is live. An
+  // early drop only (tcx judges every frame anyway), so a failure, e.g.
+  // another XDP program on the device, leaves the interface enforced.
+  Status attach_xdp(uint32_t ifindex);
+  static void detach_xdp(const std::string& dir, uint32_t ifindex);
+  // This datapath's XDP program is attached to ifindex through our pin.
+  bool xdp_attached(uint32_t ifindex) const;
+  static std::string xdp_path(const std::string& dir, uint32_t ifindex);
+  // ifindexes with an XDP pre-filter pin under dir.
+  static std::vector<uint32_t> prefiltered_ifindexes(const std::string& dir);
+
   // How this datapath attaches (tcx, or cls_bpf after a fallback / override).
   AttachMode attach_mode() const { return mode_; }
 
@@ -74,6 +87,7 @@ class Datapath {
   MapSet& maps() { return maps_; }
   int from_vm_prog_fd() const;
   int to_vm_prog_fd() const;
+  int xdp_prog_fd() const;
   const std::string& dir() const { return dir_; }
 
   // cls_bpf filters: fixed handle and priority (re-attach replaces in place).
@@ -94,6 +108,7 @@ class Datapath {
   AttachMode mode_ = AttachMode::kTcx;
   uint32_t from_vm_prog_id_ = 0;
   uint32_t to_vm_prog_id_ = 0;
+  uint32_t xdp_prog_id_ = 0;
 };
 
 }  // namespace vmfence

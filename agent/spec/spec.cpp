@@ -695,7 +695,8 @@ HostSpec parse_host(const std::string& file, const std::string& json, std::vecto
   host.file = file;
   rj::Document doc;
   if (!parse_document(c, json, doc)) return host;
-  if (!check_object(c, doc, "", {"wan_interfaces", "nat", "imds", "on_violation", "flow_timeouts"})) return host;
+  if (!check_object(c, doc, "", {"wan_interfaces", "nat", "imds", "on_violation", "flow_timeouts", "xdp_prefilter"}))
+    return host;
 
   if (const Value* v = member(doc, "wan_interfaces")) {
     for_each(c, *v, "wan_interfaces", [&](const Value& e, const std::string& ep) {
@@ -733,6 +734,8 @@ HostSpec parse_host(const std::string& file, const std::string& json, std::vecto
     timeout("udp_s", host.flow_timeouts.udp_s);
     timeout("icmp_s", host.flow_timeouts.icmp_s);
   }
+  if (const Value* v = member(doc, "xdp_prefilter"))
+    if (auto b = get_bool(c, *v, "xdp_prefilter")) host.xdp_prefilter = *b;
   if (const Value* v = member(doc, "on_violation")) {
     host.on_violation = merge(ViolationPolicy{}, parse_policy(c, *v, "on_violation", true));
     if (host.on_violation.action == Action::terminate && !can_terminate(host.on_violation))

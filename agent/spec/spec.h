@@ -115,6 +115,9 @@ struct HostSpec {
   std::optional<ImdsSpec> imds;
   ViolationPolicy on_violation;
   FlowTimeouts flow_timeouts;
+  // Drop what a VM may not send (spoofed sources and MACs, quarantined and
+  // no_policy VMs) at XDP on its TAP, before tcx: README, "XDP pre-filter".
+  bool xdp_prefilter = false;
   bool operator==(const HostSpec&) const = default;
 };
 

@@ -14,6 +14,10 @@
 #   tcx-vmfence-q the real vmfence_from_vm on a quarantined VM (on_violation
 #                 terminate, command /bin/true: the first violation quarantines
 #                 it, every later frame is dropped early as `quarantined`)
+#   xdp-vmfence   the daemon with host.json "xdp_prefilter": vmfence's own
+#                 XDP pre-filter drops spoofed frames (deny ones pass it and
+#                 meet vmfence_from_vm at tcx)
+#   xdp-vmfence-q xdp-vmfence on a quarantined VM
 #   xdpas+vmfence (deny only) XDP anti-spoof only (passes the frame), the
 #                 real vmfence_from_vm at tcx drops it: the proposed pre-filter
 #                 on traffic it does not judge
@@ -84,8 +88,11 @@ cat >"$CFG/vms.d/vx1.json" <<J
 }
 J
 sed 's/"alert"/"terminate"/' "$CFG/vms.d/vx1.json" >"$CFGQ/vms.d/vx1.json"
-vmf check --config "$CFG" || exit 1
-vmf check --config "$CFGQ" || exit 1
+# The same two with vmfence's XDP pre-filter on.
+CFGX=$OUT/cfg-x CFGXQ=$OUT/cfg-xq
+mkx() { mkdir -p "$2/vms.d" && cp "$1/vms.d/vx1.json" "$2/vms.d/" && sed 's/^{/{ "xdp_prefilter": true,/' "$1/host.json" >"$2/host.json"; }
+mkx "$CFG" "$CFGX" && mkx "$CFGQ" "$CFGXQ" || exit 1
+for c in "$CFG" "$CFGQ" "$CFGX" "$CFGXQ"; do vmf check --config "$c" || exit 1; done
 DCFG=$CFG
 
 rx() { ip -n "$NS" -j -s link show "$TAP" | python3 -c 'import json,sys; d=json.load(sys.stdin)[0]["stats64"]["rx"]; print("tap_rx_packets=%d tap_rx_dropped=%d"%(d["packets"],d["dropped"]))'; }
@@ -149,6 +156,8 @@ run_case() { # dropper kind size round
 	xdp-drv-small) start_loader xdp-drv 1 || return; small=small-sndbuf ;;
 	tcx-vmfence) DCFG=$CFG; start_daemon || return ;;
 	tcx-vmfence-q) DCFG=$CFGQ; start_daemon || return ;;
+	xdp-vmfence) DCFG=$CFGX; start_daemon || return ;;
+	xdp-vmfence-q) DCFG=$CFGXQ; start_daemon || return ;;
 	xdpas+vmfence) DCFG=$CFG; start_daemon || return; start_loader xdp-drv 0 || return ;;
 	esac
 	pre=$(rx)
@@ -157,7 +166,7 @@ run_case() { # dropper kind size round
 	: >"$OUT/extra"
 	case $d in
 	none) ;;
-	tcx-vmfence | tcx-vmfence-q) stop_daemon ;;
+	tcx-vmfence | tcx-vmfence-q | xdp-vmfence | xdp-vmfence-q) stop_daemon ;;
 	xdpas+vmfence) stop_loader; stop_daemon ;;
 	*) stop_loader ;;
 	esac

@@ -55,8 +55,8 @@ def main(path):
     by = collections.OrderedDict()
     for r in runs:
         by.setdefault((r["kind"], r["size"], r["d"]), []).append(r)
-    order = ["none", "tcx-min", "tcx-vmfence", "tcx-vmfence-q", "xdp-drv", "xdp-skb", "xdp-drv-small",
-             "xdpas+vmfence"]
+    order = ["none", "tcx-min", "tcx-vmfence", "tcx-vmfence-q", "xdp-vmfence", "xdp-vmfence-q", "xdp-drv", "xdp-skb",
+             "xdp-drv-small", "xdpas+vmfence"]
     keys = sorted(by, key=lambda k: (k[0] != "spoof", k[1], order.index(k[2]) if k[2] in order else 99))
     print("| frames | dropper | n | drops/s (wall) | drops per writer-CPU-s | writer CPU ms per 1M drops "
           "| dropped/written | TAP rx_dropped (native XDP) | softirq+steal ticks/run | vmfence reasons |")
@@ -82,7 +82,8 @@ def main(path):
     print("|---|---|---|---|---|---|")
     pairs = [("xdp-drv", "tcx-min"), ("xdp-drv", "tcx-vmfence"), ("xdp-drv", "tcx-vmfence-q"),
              ("xdp-skb", "tcx-min"), ("xdp-drv-small", "tcx-min"), ("tcx-min", "none"),
-             ("xdp-drv", "none"), ("xdpas+vmfence", "tcx-vmfence")]
+             ("xdp-drv", "none"), ("xdpas+vmfence", "tcx-vmfence"), ("xdp-vmfence", "tcx-vmfence"),
+             ("xdp-vmfence-q", "tcx-vmfence-q")]
     for kind, size in sorted({(k[0], k[1]) for k in keys}, key=lambda x: (x[0] != "spoof", x[1])):
         for x, y in pairs:
             X, Y = by.get((kind, size, x)), by.get((kind, size, y))

@@ -15,8 +15,13 @@
 //
 // Needs root (see harness.h).
 #include <gtest/gtest.h>
+#include <linux/if_tun.h>
+#include <sys/ioctl.h>
 
+#include <climits>
 #include <cmath>
+#include <filesystem>
+#include <fstream>
 #include <functional>
 #include <optional>
 
@@ -1198,6 +1203,31 @@ TEST_P(DatapathTest, Fixture) {
 INSTANTIATE_TEST_SUITE_P(Table, DatapathTest, ::testing::ValuesIn(fixtures()),
                          [](const ::testing::TestParamInfo<Fixture>& i) { return i.param.name; });
 
+// The same table with the XDP pre-filter in front of from_vm (host.json
+// "xdp_prefilter"): every verdict, reason, counter and event must be the
+// same, since the pre-filter may only drop sooner what tcx drops anyway.
+class DatapathPrefilterTest : public DatapathTest {
+ protected:
+  void SetUp() override {
+    DatapathTest::SetUp();
+    if (world_) world_->set_prefilter(true);
+  }
+};
+
+TEST_P(DatapathPrefilterTest, Fixture) {
+  const Fixture& f = GetParam();
+  for (size_t i = 0; i < f.steps.size(); ++i) {
+    const Step& s = f.steps[i];
+    SCOPED_TRACE("step " + std::to_string(i + 1) + ": " + s.what);
+    run_step(*world_, s);
+    if (HasFatalFailure()) return;
+    if (s.check) s.check(*world_, s);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Table, DatapathPrefilterTest, ::testing::ValuesIn(fixtures()),
+                         [](const ::testing::TestParamInfo<Fixture>& i) { return i.param.name; });
+
 // ---- beyond the table ----------------------------------------------------------
 
 class DatapathSampling : public ::testing::Test {
@@ -1305,3 +1335,155 @@ TEST_F(DatapathEvents, BudgetCountsSuppressed) {
 }
 
 }  // namespace
+
+// What the pre-filter decides on its own: it drops the certain cases (no
+// VM policy, quarantine, foreign MAC, spoofed IP in the shapes it parses)
+// and leaves everything else, noise included, to tcx. The table above shows
+// the verdicts stay the same with it; this shows it is the one dropping.
+class Prefilter : public DatapathTest {};
+
+TEST_F(Prefilter, DropsOnlyCertainSpoofingAndQuarantine) {
+  World& w = *world_;
+  struct Case {
+    const char* what;
+    std::string vm;
+    Frame frame;
+    int verdict;
+    uint8_t reason;  // counted and reported when dropped
+  };
+  const std::vector<Case> cases = {
+      {"spoofed IPv4 source", "vm1", tcp4("10.1.0.3", "93.184.216.34", 40000, 443).build(), kXdpDrop,
+       VMFENCE_REASON_SPOOFED_IP},
+      {"spoofed IPv4 source, UDP", "vm1", udp4("10.9.9.9", "203.0.113.7", 4000, 51900).build(), kXdpDrop,
+       VMFENCE_REASON_SPOOFED_IP},
+      {"spoofed IPv6 source", "vm1", F("vm1").ipv6(ip("fec0::2"), ip("2001:db8::5")).tcp(40000, 443, SYN).build(),
+       kXdpDrop, VMFENCE_REASON_SPOOFED_IP},
+      {"foreign MAC", "vm1",
+       Packet().eth(kOtherMac, kGwMac).ipv4(ip("10.1.0.2"), ip("93.184.216.34")).tcp(40000, 443, SYN).build(), kXdpDrop,
+       VMFENCE_REASON_SPOOFED_MAC},
+      {"foreign MAC on ARP", "vm1",
+       Packet().eth(kOtherMac, kGwMac).arp(1, mac_of("vm1"), ip("10.1.0.2"), Mac{}, ip("10.1.0.1")).build(), kXdpDrop,
+       VMFENCE_REASON_SPOOFED_MAC},
+      {"own source, denied destination: tcx judges", "vm1", tcp4("10.1.0.2", "1.1.1.1", 40000, 80).build(), kXdpPass,
+       0},
+      {"own source, allowed", "vm1", tcp4("10.1.0.2", "93.184.216.34", 40000, 443).build(), kXdpPass, 0},
+      {"DHCP discover from 0.0.0.0", "vm1", udp4("0.0.0.0", "255.255.255.255", 68, 67).build(), kXdpPass, 0},
+      {"spoofed source with IPv4 options: tcx judges", "vm1",
+       F("vm1")
+           .ipv4(ip("10.9.9.9"), ip("93.184.216.34"), ip4_options({0x94, 0x04, 0x00, 0x00}))
+           .tcp(40000, 443, SYN)
+           .build(),
+       kXdpPass, 0},
+      {"ND from link-local: tcx judges", "vm1",
+       F("vm1")
+           .ipv6(ip("fe80::1"), solicited_node("fec0::ffff"), 255)
+           .ns(ip("fec0::ffff"))
+           .lla(1, mac_of("vm1"))
+           .build(),
+       kXdpPass, 0},
+      {"ARP from the VM", "vm1", F("vm1").arp(1, mac_of("vm1"), ip("10.1.0.2"), Mac{}, ip("10.1.0.1")).build(),
+       kXdpPass, 0},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.what);
+    uint32_t ifindex = TestNet::get().tap(w.spec(c.vm).interface);
+    uint32_t slot = w.vm(c.vm).slot;
+    vmfence_counters before = w.counters(slot);
+    w.take_events();
+    RunResult r = test_run_xdp(w.dp().xdp_prog_fd(), ifindex, c.frame.bytes);
+    ASSERT_EQ(r.err, 0) << std::strerror(r.err);
+    EXPECT_EQ(r.retval, c.verdict);
+    vmfence_counters after = w.counters(slot);
+    auto events = w.take_events();
+    if (c.verdict == kXdpPass) {
+      EXPECT_EQ(after.from_vm_packets, before.from_vm_packets) << "passed frames are counted at tcx";
+      EXPECT_TRUE(events.empty());
+      continue;
+    }
+    EXPECT_EQ(after.drops[c.reason] - before.drops[c.reason], 1u) << reason_name(c.reason);
+    EXPECT_EQ(after.from_vm_packets - before.from_vm_packets, 1u);
+    EXPECT_EQ(after.from_vm_bytes - before.from_vm_bytes, c.frame.bytes.size());
+    ASSERT_EQ(events.size(), 1u);
+    EXPECT_EQ(events[0].reason, c.reason);
+    EXPECT_EQ(events[0].ifindex, ifindex);
+    EXPECT_EQ(events[0].direction, VMFENCE_DIR_FROM_VM);
+    EXPECT_EQ(events[0].vm_id, name_id(c.vm));
+  }
+
+  // An interface without a VM: tcx drops and reports it (unknown_ifindex).
+  RunResult r = test_run_xdp(w.dp().xdp_prog_fd(), TestNet::get().tap(kNoVmIface),
+                             tcp4("10.1.0.2", "93.184.216.34", 40000, 443).build().bytes);
+  ASSERT_EQ(r.err, 0);
+  EXPECT_EQ(r.retval, kXdpPass);
+
+  // A quarantined VM: everything from it, its own clean traffic included.
+  Frame spoof = tcp4("10.10.0.9", "93.184.216.34", 40000, 443, SYN, "vmquar").build();
+  Frame clean = tcp4("10.10.0.2", "93.184.216.34", 40000, 443, SYN, "vmquar").build();
+  uint32_t quar = TestNet::get().tap(w.spec("vmquar").interface);
+  ASSERT_EQ(test_run_xdp(w.dp().xdp_prog_fd(), quar, clean.bytes).retval, kXdpPass);
+  ASSERT_EQ(test_run_xdp(w.dp().xdp_prog_fd(), quar, spoof.bytes).retval, kXdpDrop);
+  EXPECT_EQ(w.state(w.vm("vmquar").slot).quarantined, 1u) << "a spoofing drop at XDP counts toward on_violation";
+  vmfence_counters before = w.counters(w.vm("vmquar").slot);
+  EXPECT_EQ(test_run_xdp(w.dp().xdp_prog_fd(), quar, clean.bytes).retval, kXdpDrop);
+  EXPECT_EQ(
+      w.counters(w.vm("vmquar").slot).drops[VMFENCE_REASON_QUARANTINED] - before.drops[VMFENCE_REASON_QUARANTINED], 1u);
+}
+
+// The pre-filter attached to a real TAP: a frame written the way QEMU writes
+// (non-blocking, send buffer INT_MAX: XDP runs before an skb exists) is
+// dropped at XDP, and tcx never sees it.
+TEST_F(Prefilter, OnARealTapDropsBeforeTcx) {
+  World& w = *world_;
+  const std::string iface = w.spec("vm1").interface;
+  uint32_t ifindex = TestNet::get().tap(iface);
+  ASSERT_TRUE(w.dp().attach(ifindex));
+  ASSERT_TRUE(w.dp().attach_xdp(ifindex));
+  EXPECT_TRUE(w.dp().xdp_attached(ifindex));
+  ASSERT_TRUE(w.dp().attach_xdp(ifindex)) << "attaching again keeps the link";
+
+  Fd tap(::open("/dev/net/tun", O_RDWR | O_CLOEXEC | O_NONBLOCK));
+  ASSERT_TRUE(tap.valid());
+  ifreq ifr{};
+  std::strncpy(ifr.ifr_name, iface.c_str(), IFNAMSIZ - 1);
+  ifr.ifr_flags = IFF_TAP | IFF_NO_PI;
+  ASSERT_EQ(::ioctl(tap.get(), TUNSETIFF, &ifr), 0) << std::strerror(errno);
+  int sndbuf = INT_MAX;
+  ASSERT_EQ(::ioctl(tap.get(), TUNSETSNDBUF, &sndbuf), 0);
+  std::ofstream("/proc/sys/net/ipv6/conf/" + iface + "/disable_ipv6") << "1\n";
+  ASSERT_EQ(std::system(("ip link set dev " + iface + " up").c_str()), 0);
+
+  // tcx's own count of the frames it ran on: the run count of its program.
+  auto tcx_runs = [&] {
+    bpf_prog_info info{};
+    uint32_t len = sizeof(info);
+    bpf_obj_get_info_by_fd(w.dp().from_vm_prog_fd(), &info, &len);
+    return info.run_cnt;
+  };
+  std::ifstream stats_in("/proc/sys/kernel/bpf_stats_enabled");
+  std::string stats_was;
+  stats_in >> stats_was;
+  std::ofstream("/proc/sys/kernel/bpf_stats_enabled") << "1\n";
+
+  uint32_t slot = w.vm("vm1").slot;
+  auto send = [&](const Frame& f) {
+    vmfence_counters before = w.counters(slot);
+    EXPECT_EQ(::write(tap.get(), f.bytes.data(), f.bytes.size()), static_cast<ssize_t>(f.bytes.size()));
+    for (int i = 0; i < 200 && w.counters(slot).from_vm_packets == before.from_vm_packets; ++i) usleep(10000);
+    return before;
+  };
+  uint64_t runs0 = tcx_runs();
+  vmfence_counters before = send(tcp4("10.1.0.3", "93.184.216.34", 40000, 443).build());
+  vmfence_counters after = w.counters(slot);
+  EXPECT_EQ(after.drops[VMFENCE_REASON_SPOOFED_IP] - before.drops[VMFENCE_REASON_SPOOFED_IP], 1u);
+  EXPECT_EQ(tcx_runs(), runs0) << "dropped at XDP: tcx never ran";
+
+  // Control: the VM's own frame passes XDP and meets tcx.
+  send(tcp4("10.1.0.2", "93.184.216.34", 40000, 443).build());
+  for (int i = 0; i < 100 && tcx_runs() == runs0; ++i) usleep(10000);
+  EXPECT_GT(tcx_runs(), runs0) << "a clean frame goes on to tcx";
+  std::ofstream("/proc/sys/kernel/bpf_stats_enabled") << (stats_was.empty() ? "0" : stats_was) << "\n";
+
+  Datapath::detach_xdp(w.dir(), ifindex);
+  EXPECT_FALSE(w.dp().xdp_attached(ifindex));
+  EXPECT_FALSE(std::filesystem::exists(Datapath::xdp_path(w.dir(), ifindex)));
+}

@@ -122,6 +122,30 @@ inline RunResult test_run(int prog_fd, uint32_t ifindex, const std::vector<uint8
   return r;
 }
 
+constexpr int kXdpDrop = 1;  // XDP_DROP
+constexpr int kXdpPass = 2;  // XDP_PASS
+
+// Run the XDP pre-filter on one frame as if the VM sent it through `ifindex`.
+inline RunResult test_run_xdp(int prog_fd, uint32_t ifindex, const std::vector<uint8_t>& frame) {
+  xdp_md ctx{};
+  ctx.data_end = static_cast<uint32_t>(frame.size());
+  ctx.ingress_ifindex = ifindex;
+  bpf_test_run_opts o{};
+  o.sz = sizeof(o);
+  o.data_in = frame.data();
+  o.data_size_in = static_cast<uint32_t>(frame.size());
+  o.ctx_in = &ctx;
+  o.ctx_size_in = sizeof(ctx);
+  o.repeat = 1;
+  RunResult r;
+  if (bpf_prog_test_run_opts(prog_fd, &o) != 0) {
+    r.err = errno;
+    return r;
+  }
+  r.retval = static_cast<int>(o.retval);
+  return r;
+}
+
 // Parse text with the agent's parser; a parse error is a test bug.
 inline HostSpec host_spec(const std::string& json) {
   std::vector<SpecError> errors;
@@ -227,9 +251,30 @@ class World {
   const VmSpec& spec(const std::string& name) const { return specs_.at(name); }
   const std::string& dir() const { return dir_; }
 
+  // With the pre-filter, a frame from a VM meets XDP first and tcx only if
+  // XDP passed it, one repetition at a time, as on a prefiltered TAP.
   RunResult run(bool from_vm, uint32_t ifindex, const Frame& f, int repeat = 1, uint32_t mark = 0) {
-    return test_run(from_vm ? dp_->from_vm_prog_fd() : dp_->to_vm_prog_fd(), ifindex, f.bytes, repeat, mark);
+    if (!from_vm || !prefilter_)
+      return test_run(from_vm ? dp_->from_vm_prog_fd() : dp_->to_vm_prog_fd(), ifindex, f.bytes, repeat, mark);
+    RunResult r;
+    for (int i = 0; i < repeat; ++i) {
+      r = test_run_xdp(dp_->xdp_prog_fd(), ifindex, f.bytes);
+      if (r.err) return r;
+      if (r.retval == kXdpDrop) {
+        r.retval = kDrop;
+        ++xdp_drops_;
+        continue;
+      }
+      if (r.retval != kXdpPass) return r;
+      r = test_run(dp_->from_vm_prog_fd(), ifindex, f.bytes, 1, mark);
+      if (r.err) return r;
+    }
+    return r;
   }
+  // Run frames from VMs through the XDP pre-filter before tcx (run(), and
+  // send_via_tap() attaches it to the TAP).
+  void set_prefilter(bool on) { prefilter_ = on; }
+  uint64_t xdp_drops() const { return xdp_drops_; }
 
   vmfence_counters counters(uint32_t slot) const {
     vmfence_counters c{};
@@ -262,6 +307,8 @@ class World {
       if (std::system(("ip link set dev " + iface + " up").c_str()) != 0)
         return Status::error(EIO, "ip link set dev " + iface + " up");
       if (auto s = dp_->attach(ifindex); !s) return s;
+      if (prefilter_)
+        if (auto s = dp_->attach_xdp(ifindex); !s) return s;
       it = tap_fds_.emplace(iface, std::move(fd)).first;
     }
     if (::write(it->second.get(), f.bytes.data(), f.bytes.size()) != static_cast<ssize_t>(f.bytes.size()))
@@ -314,6 +361,8 @@ class World {
   ring_buffer* rb_ = nullptr;
   std::vector<vmfence_event> events_;
   std::map<std::string, Fd> tap_fds_;
+  bool prefilter_ = false;
+  uint64_t xdp_drops_ = 0;
 };
 
 }  // namespace vmfence::test
