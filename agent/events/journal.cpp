@@ -3,11 +3,14 @@
 
 #include <spdlog/spdlog.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <systemd/sd-journal.h>
 
 #include <atomic>
+#include <cctype>
 #include <cstring>
 #include <string>
+#include <vector>
 
 namespace vmfence {
 
@@ -38,14 +41,17 @@ Journal::Journal() {
 
 void Journal::violation(const Violation& v) const {
   if (!available_) return;
-  const std::string message = v.summary();
-  const std::string dport = std::to_string(v.dport);
-  int r = sd_journal_send("MESSAGE=%s", message.c_str(), "PRIORITY=4", "MESSAGE_ID=%s", kViolationMessageId,
-                          "SYSLOG_IDENTIFIER=vmfence", "VMFENCE_VM=%s", v.vm.c_str(), "VMFENCE_REASON=%s",
-                          v.reason.c_str(), "VMFENCE_SRC=%s", v.src.c_str(), "VMFENCE_DST=%s", v.dst.c_str(),
-                          "VMFENCE_PROTO=%s", v.proto.c_str(), "VMFENCE_DPORT=%s", dport.c_str(), "VMFENCE_MODE=%s",
-                          v.mode.c_str(), "VMFENCE_DIRECTION=%s", v.direction.c_str(), "VMFENCE_INTERFACE=%s",
-                          v.interface.c_str(), nullptr);
+  std::vector<std::string> parts = {"MESSAGE=" + v.summary(), "PRIORITY=4",
+                                    std::string("MESSAGE_ID=") + kViolationMessageId, "SYSLOG_IDENTIFIER=vmfence"};
+  for (const auto& f : v.fields()) {
+    std::string name = f.name;
+    for (char& c : name) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+    parts.push_back("VMFENCE_" + name + "=" + f.value);
+  }
+  std::vector<iovec> iov;
+  iov.reserve(parts.size());
+  for (auto& p : parts) iov.push_back({p.data(), p.size()});
+  int r = sd_journal_sendv(iov.data(), static_cast<int>(iov.size()));
   if (r < 0) report_send_failure(r);
 }
 

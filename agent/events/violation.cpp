@@ -41,4 +41,10 @@ std::string Violation::summary() const {
   return s;
 }
 
+std::vector<ViolationField> Violation::fields() const {
+  return {{"vm", vm},     {"reason", reason},       {"src", src},
+          {"dst", dst},   {"proto", proto},         {"dport", std::to_string(dport), true},
+          {"mode", mode}, {"direction", direction}, {"interface", interface}};
+}
+
 }  // namespace vmfence

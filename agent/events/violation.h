@@ -3,8 +3,17 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace vmfence {
+
+// One field of a violation, named once for both outputs: journald carries it
+// as VMFENCE_<NAME> (upper case), `vmfence monitor --json` as "name".
+struct ViolationField {
+  const char* name;     // "vm", "reason", "src", ...
+  std::string value;    // as text (journald fields are text)
+  bool number = false;  // a number in JSON (dport)
+};
 
 struct Violation {
   std::string vm;         // VM name ("" when the interface has no VM)
@@ -22,6 +31,8 @@ struct Violation {
   bool quarantined = false;   // the datapath quarantined the VM
   // One human line: "vm1: cross_group from_vm 10.1.0.2 -> 10.2.0.2 tcp/22".
   std::string summary() const;
+  // vm, reason, src, dst, proto, dport, mode, direction, interface.
+  std::vector<ViolationField> fields() const;
 };
 
 }  // namespace vmfence
