@@ -37,6 +37,7 @@
 #include "agent/datapath/loader.h"
 #include "agent/events/events.h"
 #include "agent/events/journal.h"
+#include "agent/events/monitor_server.h"
 #include "agent/nft/nft.h"
 #include "agent/spec/spec.h"
 #include "maps/compiler.h"
@@ -130,6 +131,7 @@ class Daemon {
   Journal journal_;
   ActionRunner actions_;
   EventConsumer events_;
+  MonitorServer monitor_;  // `vmfence monitor` clients
   std::unique_ptr<Datapath> dp_;
   std::unique_ptr<MapWriter> writer_;
   std::unique_ptr<Reconciler> reconciler_;
@@ -796,7 +798,7 @@ void Daemon::check_fill_levels() {
 
 int Daemon::run() {
   if (!start()) return 1;
-  enum : uint64_t { kSignal, kEvents, kLinks, kInotify, kNft, kTimer };
+  enum : uint64_t { kSignal, kEvents, kLinks, kInotify, kNft, kTimer, kMonitor };
 
   sigset_t mask;
   sigemptyset(&mask);
@@ -812,6 +814,12 @@ int Daemon::run() {
     spdlog::error("{} (violations are still dropped and counted; the quarantine scan still terminates)", s.message);
   else
     watch(events_.fd(), kEvents);
+  // After start(): the agent lock is ours, so a socket already there is a
+  // dead daemon's.
+  if (auto s = monitor_.open(monitor_socket_path()); !s)
+    spdlog::warn("{}: `vmfence monitor` unavailable", s.message);
+  else if (watch(monitor_.fd(), kMonitor))
+    events_.set_monitor(&monitor_);
 
   if (auto r = nft_monitor_.open(); r)
     watch(nft_monitor_.fd(), kNft);
@@ -869,6 +877,9 @@ int Daemon::run() {
         }
         case kEvents:
           events_.consume();
+          break;
+        case kMonitor:
+          monitor_.handle_ready();
           break;
         case kLinks:
           if (auto s = links_->handle_readable(); !s) spdlog::error("link monitor: {}", s.message);

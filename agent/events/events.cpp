@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstring>
 
+#include "agent/events/monitor_server.h"
 #include "maps/reasons.h"
 
 namespace vmfence {
@@ -81,8 +82,10 @@ void EventConsumer::handle(const vmfence_event& e) {
   spdlog::warn("violation vm={} reason={} dir={} src={} dst={} proto={} sport={} dport={} mode={}{}",
                v.vm.empty() ? "-" : v.vm, v.reason, v.direction, v.src, v.dst, v.proto, v.sport, v.dport, v.mode,
                v.quarantined ? " quarantined=1" : "");
-  // The action first: sd_journal_send may block on a slow journald.
+  // The action first: sd_journal_send may block on a slow journald. The
+  // monitor never blocks.
   if (vm && v.trigger && on_trigger_) on_trigger_(*vm, v, e.timestamp_ns);
+  if (monitor_) monitor_->publish(v);
   journal_.violation(v);
 }
 

@@ -18,6 +18,8 @@ struct ring_buffer;
 
 namespace vmfence {
 
+class MonitorServer;
+
 // Decode one event; `vm` may be null (interface without a VM).
 Violation decode_event(const vmfence_event& e, const VmSpec* vm);
 // Address text of a 16-byte (IPv4-mapped) address.
@@ -38,6 +40,8 @@ class EventConsumer {
   // Consume everything available; returns events handled.
   int consume();
   uint64_t handled() const { return handled_; }
+  // Every event also goes to `vmfence monitor` clients (null: none).
+  void set_monitor(MonitorServer* monitor) { monitor_ = monitor; }
   // VMs that had events since the last call (the only ones whose budget
   // can have run out), then forgets them.
   std::set<uint32_t> take_active_vms() { return std::exchange(active_, {}); }
@@ -49,6 +53,7 @@ class EventConsumer {
   const Journal& journal_;
   OnTrigger on_trigger_;
   Lookup lookup_;
+  MonitorServer* monitor_ = nullptr;
   ring_buffer* rb_ = nullptr;
   uint64_t handled_ = 0;
   std::set<uint32_t> active_;
