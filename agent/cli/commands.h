@@ -18,6 +18,14 @@ struct StatusOptions {
 int cmd_status(const StatusOptions& opt);
 int cmd_wait(const std::string& vm, double timeout_s);
 int cmd_explain(const std::string& config_dir, const std::string& vm, const std::string& to);
+// Drops from the running daemon as they happen; exit 1 when none runs, 2 for
+// an unknown reason, 0 on SIGINT/SIGTERM.
+struct MonitorOptions {
+  std::string vm;      // only this VM ("" = all)
+  std::string reason;  // only this reason name ("" = all)
+  bool json = false;   // JSON lines instead of text
+};
+int cmd_monitor(const MonitorOptions& opt);
 
 // A destination for `explain`: "IP", "IP:PORT/PROTO", "IP/PROTO", "[v6]:PORT/PROTO".
 struct Target {

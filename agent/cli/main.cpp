@@ -21,10 +21,11 @@ constexpr const char* kUsage =
     "  status  [--vm NAME] [--rules] [--json]   attached interfaces, each VM's mode and counters\n"
     "                                (--rules: the VM's egress/ingress rules as the kernel holds them)\n"
     "  explain --config DIR --vm NAME --to IP[:PORT/PROTO]   the verdict and the rule\n"
-    "  wait    --vm NAME [--timeout S]   block until NAME's enforcement is live\n";
+    "  wait    --vm NAME [--timeout S]   block until NAME's enforcement is live\n"
+    "  monitor [--vm NAME] [--reason R] [--json]   stream drops from the running daemon as they happen\n";
 
 struct Args {
-  std::string config, vm, to;
+  std::string config, vm, to, reason;
   double timeout = 30;
   bool json = false;
   bool rules = false;
@@ -50,6 +51,8 @@ bool parse(int argc, char** argv, Args& a, std::string& err) {
       if (!value(a.vm)) return false;
     } else if (k == "--to") {
       if (!value(a.to)) return false;
+    } else if (k == "--reason") {
+      if (!value(a.reason)) return false;
     } else if (k == "--timeout") {
       if (!value(v)) return false;
       char* end = nullptr;
@@ -98,6 +101,7 @@ int main(int argc, char** argv) {
   if (cmd == "check") return need(a.config, "--config") ? vmfence::cmd_check(a.config) : 2;
   if (cmd == "down") return need(a.config, "--config") ? vmfence::cmd_down(a.config) : 2;
   if (cmd == "status") return vmfence::cmd_status({a.json, a.vm, a.rules});
+  if (cmd == "monitor") return vmfence::cmd_monitor({a.vm, a.reason, a.json});
   if (cmd == "wait") return need(a.vm, "--vm") ? vmfence::cmd_wait(a.vm, a.timeout) : 2;
   if (cmd == "explain")
     return need(a.config, "--config") && need(a.vm, "--vm") && need(a.to, "--to")
