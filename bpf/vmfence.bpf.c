@@ -62,7 +62,7 @@ static __noinline int report_drop(__u32 ifindex, const struct vmfence_vm *vm, co
 				  __u8 reason, __u8 dir)
 {
 	__u32 slot = vm ? vm->slot : 0;
-	struct vmfence_counters *c = bpf_map_lookup_elem(&vmfence_counters_v2, &slot);
+	struct vmfence_counters *c = bpf_map_lookup_elem(&vmfence_counters_v3, &slot);
 	struct vmfence_state *st = bpf_map_lookup_elem(&vmfence_state_v1, &slot);
 	struct vmfence_config *cfg = vmfence_cfg();
 	struct vmfence_event *e;
@@ -75,8 +75,11 @@ static __noinline int report_drop(__u32 ifindex, const struct vmfence_vm *vm, co
 	}
 	if (!c || !st || !cfg || !p)
 		return 0;
-	if (reason < VMFENCE_REASON_SLOTS)
+	if (reason < VMFENCE_REASON_SLOTS) {
 		c->drops[reason]++;
+		if (dir == VMFENCE_DIR_TO_VM)
+			c->to_vm_drops[reason]++;
+	}
 	if (is_quiet(reason))
 		return 0;
 
@@ -537,7 +540,7 @@ static __always_inline struct vmfence_vm *hook_start(struct __sk_buff *skb, stru
 		return NULL;
 	}
 	slot = vm->slot;
-	c = dry_run ? NULL : bpf_map_lookup_elem(&vmfence_counters_v2, &slot);
+	c = dry_run ? NULL : bpf_map_lookup_elem(&vmfence_counters_v3, &slot);
 	if (c) {
 		if (dir == VMFENCE_DIR_FROM_VM) {
 			c->from_vm_packets++;
@@ -1366,7 +1369,7 @@ int vmfence_xdp_from_vm(struct xdp_md *ctx)
 		return XDP_PASS;
 	if (dry_run)
 		return XDP_DROP;
-	c = bpf_map_lookup_elem(&vmfence_counters_v2, &slot);
+	c = bpf_map_lookup_elem(&vmfence_counters_v3, &slot);
 	if (c) {
 		c->from_vm_packets++;
 		c->from_vm_bytes += data_end - data;

@@ -48,7 +48,7 @@
 #define VMFENCE_MAP_GATEWAYS_VERSION   1
 #define VMFENCE_MAP_FLOWS_VERSION      2
 #define VMFENCE_MAP_FRAGS_VERSION      2
-#define VMFENCE_MAP_COUNTERS_VERSION   2
+#define VMFENCE_MAP_COUNTERS_VERSION   3
 #define VMFENCE_MAP_STATE_VERSION      1
 #define VMFENCE_MAP_CONFIG_VERSION     2
 #define VMFENCE_MAP_EVENTS_VERSION     1
@@ -413,7 +413,10 @@ struct vmfence_counters {
 	__u64 to_vm_bytes;
 	__u64 events_suppressed; /* over the per-VM event budget */
 	__u64 events_lost;       /* ring buffer full             */
-	__u64 drops[VMFENCE_REASON_SLOTS];
+	__u64 drops[VMFENCE_REASON_SLOTS];       /* both hooks together */
+	/* The to-VM hook's share of drops[] (from the VM: the difference), so
+	 * metrics give drops per direction without another field to sum. */
+	__u64 to_vm_drops[VMFENCE_REASON_SLOTS];
 };
 
 /* VMFENCE_MAP_STATE: array indexed by slot; written by the datapath, zeroed by

@@ -94,7 +94,10 @@ Status read_counters(const MapSet& maps, uint32_t slot, vmfence_counters& out) {
     out.to_vm_bytes += c.to_vm_bytes;
     out.events_suppressed += c.events_suppressed;
     out.events_lost += c.events_lost;
-    for (int r = 0; r < VMFENCE_REASON_SLOTS; ++r) out.drops[r] += c.drops[r];
+    for (int r = 0; r < VMFENCE_REASON_SLOTS; ++r) {
+      out.drops[r] += c.drops[r];
+      out.to_vm_drops[r] += c.to_vm_drops[r];
+    }
   }
   return {};
 }

@@ -1131,6 +1131,9 @@ void run_step(World& w, const Step& s) {
   for (int reason = 0; reason < VMFENCE_REASON_COUNT; ++reason) {
     uint64_t want = !s.expect.pass && reason == s.expect.reason ? n : 0;
     EXPECT_EQ(after.drops[reason] - before.drops[reason], want) << "drops[" << reason_name(reason) << "]";
+    // The to-VM hook's share (metrics' direction label).
+    EXPECT_EQ(after.to_vm_drops[reason] - before.to_vm_drops[reason], s.from_vm ? 0 : want)
+        << "to_vm_drops[" << reason_name(reason) << "]";
   }
   if (bound) {
     uint64_t pkts =

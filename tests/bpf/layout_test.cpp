@@ -94,7 +94,7 @@ const std::vector<Layout>& abi_structs() {
        {VMF_FIELD(vmfence_counters, from_vm_packets), VMF_FIELD(vmfence_counters, from_vm_bytes),
         VMF_FIELD(vmfence_counters, to_vm_packets), VMF_FIELD(vmfence_counters, to_vm_bytes),
         VMF_FIELD(vmfence_counters, events_suppressed), VMF_FIELD(vmfence_counters, events_lost),
-        VMF_FIELD(vmfence_counters, drops)}},
+        VMF_FIELD(vmfence_counters, drops), VMF_FIELD(vmfence_counters, to_vm_drops)}},
       {"vmfence_state",
        sizeof(vmfence_state),
        {VMF_FIELD(vmfence_state, budget_window_ns), VMF_FIELD(vmfence_state, violation_window_ns),
