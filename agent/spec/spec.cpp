@@ -112,6 +112,28 @@ std::optional<Cidr> parse_ip(const std::string& text) {
   return parse_cidr(text);
 }
 
+std::optional<ListenAddress> parse_listen(const std::string& text, std::string* why) {
+  auto fail = [&](const std::string& w) -> std::optional<ListenAddress> {
+    if (why) *why = w;
+    return std::nullopt;
+  };
+  auto colon = text.rfind(':');
+  if (colon == std::string::npos) return fail("expected ADDRESS:PORT or [IPV6]:PORT");
+  std::string host = text.substr(0, colon), port = text.substr(colon + 1);
+  bool bracketed = host.size() >= 2 && host.front() == '[' && host.back() == ']';
+  if (bracketed) host = host.substr(1, host.size() - 2);
+  auto addr = parse_ip(host);
+  // An IPv6 address needs its brackets ("::1:9727" reads both ways).
+  if (!addr || (addr->family == 6) != bracketed)
+    return fail("expected ADDRESS:PORT or [IPV6]:PORT with a numeric address (127.0.0.1:9727, [::1]:9727)");
+  unsigned long n = 0;
+  bool digits = !port.empty() && port.size() <= 5 &&
+                std::all_of(port.begin(), port.end(), [](char ch) { return ch >= '0' && ch <= '9'; });
+  if (digits) n = std::stoul(port);
+  if (!digits || n < 1 || n > 65535) return fail("the port must be 1-65535");
+  return ListenAddress{*addr, static_cast<uint16_t>(n)};
+}
+
 std::optional<std::array<uint8_t, 6>> parse_mac(const std::string& text) {
   if (text.size() != 17) return std::nullopt;
   auto hex = [](char ch) -> int {
@@ -695,7 +717,8 @@ HostSpec parse_host(const std::string& file, const std::string& json, std::vecto
   host.file = file;
   rj::Document doc;
   if (!parse_document(c, json, doc)) return host;
-  if (!check_object(c, doc, "", {"wan_interfaces", "nat", "imds", "on_violation", "flow_timeouts", "xdp_prefilter"}))
+  if (!check_object(c, doc, "",
+                    {"wan_interfaces", "nat", "imds", "on_violation", "flow_timeouts", "metrics", "xdp_prefilter"}))
     return host;
 
   if (const Value* v = member(doc, "wan_interfaces")) {
@@ -736,6 +759,16 @@ HostSpec parse_host(const std::string& file, const std::string& json, std::vecto
   }
   if (const Value* v = member(doc, "xdp_prefilter"))
     if (auto b = get_bool(c, *v, "xdp_prefilter")) host.xdp_prefilter = *b;
+  if (const Value* v = member(doc, "metrics"); v && check_object(c, *v, "metrics", {"listen"})) {
+    if (const Value* l = member(*v, "listen"))
+      if (auto text = get_string(c, *l, "metrics.listen")) {
+        std::string why;
+        if (text->empty() || parse_listen(*text, &why))
+          host.metrics.listen = *text;
+        else
+          c.error("metrics.listen", quote(*text) + ": " + why);
+      }
+  }
   if (const Value* v = member(doc, "on_violation")) {
     host.on_violation = merge(ViolationPolicy{}, parse_policy(c, *v, "on_violation", true));
     if (host.on_violation.action == Action::terminate && !can_terminate(host.on_violation))

@@ -108,6 +108,21 @@ struct FlowTimeouts {
   bool operator==(const FlowTimeouts&) const = default;
 };
 
+// host.json "metrics": where GET /metrics serves the Prometheus text format.
+struct MetricsSpec {
+  static constexpr const char* kDefaultListen = "127.0.0.1:9727";
+  std::string listen = kDefaultListen;  // "ADDR:PORT" or "[V6ADDR]:PORT"; "" = off
+  bool operator==(const MetricsSpec&) const = default;
+};
+
+// A metrics.listen value split: numeric address (brackets removed) and port.
+struct ListenAddress {
+  Cidr address;
+  uint16_t port = 0;
+};
+// "127.0.0.1:9727", "[::1]:9727" (an address, not a name; port 1-65535).
+std::optional<ListenAddress> parse_listen(const std::string& text, std::string* why = nullptr);
+
 struct HostSpec {
   std::string file;
   std::vector<std::string> wan_interfaces;
@@ -115,6 +130,7 @@ struct HostSpec {
   std::optional<ImdsSpec> imds;
   ViolationPolicy on_violation;
   FlowTimeouts flow_timeouts;
+  MetricsSpec metrics;
   // Drop what a VM may not send (spoofed sources and MACs, quarantined and
   // no_policy VMs) at XDP on its TAP, before tcx: README, "XDP pre-filter".
   bool xdp_prefilter = false;

@@ -501,6 +501,23 @@ TEST(ParseHost, EmptyObjectGivesDefaults) {
   EXPECT_EQ(host.on_violation.action, Action::alert);
   EXPECT_EQ(host.on_violation.threshold, 1u);
   EXPECT_EQ(host.on_violation.window_ms, 1000u);
+  EXPECT_EQ(host.metrics.listen, "127.0.0.1:9727");
+}
+
+TEST(ParseHost, MetricsListen) {
+  for (const char* listen : {"0.0.0.0:9100", "10.9.0.1:9727", "[::1]:9727", "[fec0::1]:1", ""}) {
+    std::vector<SpecError> errors;
+    HostSpec host = parse_host("host.json", std::string(R"({"metrics": {"listen": ")") + listen + "\"}}", errors);
+    EXPECT_TRUE(errors.empty()) << listen << ": " << describe(errors);
+    EXPECT_EQ(host.metrics.listen, listen);
+  }
+  std::vector<SpecError> errors;
+  EXPECT_EQ(parse_host("host.json", R"({"metrics": {}})", errors).metrics.listen, "127.0.0.1:9727");
+  EXPECT_TRUE(errors.empty()) << describe(errors);
+  auto l = parse_listen("[::1]:9100");
+  ASSERT_TRUE(l);
+  EXPECT_EQ(l->address.str(), "::1/128");
+  EXPECT_EQ(l->port, 9100);
 }
 
 TEST(ParseHost, EveryField) {
@@ -539,8 +556,27 @@ const ErrorCase kHostErrors[] = {
     {"unknown_field",
      {{"wan", R"(["eth0"])"}},
      "wan",
-     "unknown field (known: wan_interfaces, nat, imds, on_violation, flow_timeouts, xdp_prefilter)"},
+     "unknown field (known: wan_interfaces, nat, imds, on_violation, flow_timeouts, metrics, xdp_prefilter)"},
     {"xdp_prefilter_type", {{"xdp_prefilter", R"("yes")"}}, "xdp_prefilter", "expected true or false, got a string"},
+    {"metrics_unknown_field", {{"metrics", R"({"port": 9727})"}}, "metrics.port", "unknown field (known: listen)"},
+    {"metrics_type", {{"metrics", R"("127.0.0.1:9727")"}}, "metrics", "expected an object"},
+    {"metrics_listen_type", {{"metrics", R"({"listen": 9727})"}}, "metrics.listen", "expected a string, got a number"},
+    {"metrics_listen_name",
+     {{"metrics", R"({"listen": "localhost:9727"})"}},
+     "metrics.listen",
+     "\"localhost:9727\": expected ADDRESS:PORT or [IPV6]:PORT with a numeric address"},
+    {"metrics_listen_no_port", {{"metrics", R"({"listen": "127.0.0.1"})"}}, "metrics.listen", "expected ADDRESS:PORT"},
+    {"metrics_listen_port_zero",
+     {{"metrics", R"({"listen": "127.0.0.1:0"})"}},
+     "metrics.listen",
+     "port must be 1-65535"},
+    {"metrics_listen_port_big",
+     {{"metrics", R"({"listen": "127.0.0.1:65536"})"}},
+     "metrics.listen",
+     "port must be 1-65535"},
+    {"metrics_listen_port_text", {{"metrics", R"({"listen": "127.0.0.1:http"})"}}, "metrics.listen", "port must be"},
+    {"metrics_listen_v6_unbracketed", {{"metrics", R"({"listen": "::1:9727"})"}}, "metrics.listen", "[IPV6]:PORT"},
+    {"metrics_listen_v4_bracketed", {{"metrics", R"({"listen": "[10.0.0.1]:9727"})"}}, "metrics.listen", "[IPV6]:PORT"},
     {"flow_timeouts_unknown", {{"flow_timeouts", R"({"sctp_s": 5})"}}, "flow_timeouts.sctp_s", "unknown field"},
     {"flow_timeouts_zero", {{"flow_timeouts", R"({"udp_s": 0})"}}, "flow_timeouts.udp_s", "must be"},
     {"flow_timeouts_type", {{"flow_timeouts", R"({"tcp_s": "long"})"}}, "flow_timeouts.tcp_s", "expected"},
