@@ -406,6 +406,7 @@ void ActionRunner::start_queued() {
 void ActionRunner::start_failed(const std::string& vm, const std::string& kind, const std::string& what,
                                 const std::string& err) {
   ++failed_;
+  if (on_result_) on_result_(vm, false);
   std::string msg = vm + ": terminate: " + kind + " " + what + " failed to start: " + err;
   spdlog::error("{}", msg);
   if (journal_) journal_->notice(LOG_ERR, msg, vm);
@@ -513,6 +514,7 @@ void ActionRunner::finish(Running& r, int wait_status, const std::string& unknow
     msg = head + "ended with wait status " + std::to_string(wait_status);
   }
   ++(ok ? ok_ : failed_);
+  if (on_result_) on_result_(r.vm, ok);
   msg += ": " + r.what;
   std::string out = output_for_log(r.output);
   if (!out.empty()) msg += (ok ? "; output: " : "; error: ") + out;

@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <map>
 #include <set>
 #include <string>
@@ -91,6 +92,9 @@ class ActionRunner {
   // VMs with an open incident (marked until rearm or forget).
   size_t incidents() const { return incident_.size(); }
   size_t max_running() const { return max_running_; }
+  // Told the result of every child as ok_ and failed_ count it (metrics).
+  using OnResult = std::function<void(const std::string& vm, bool ok)>;
+  void on_result(OnResult fn) { on_result_ = std::move(fn); }
 
  private:
   enum class Kind { command, systemd_unit, qmp_socket };
@@ -138,6 +142,7 @@ class ActionRunner {
   uint64_t started_ = 0;
   uint64_t ok_ = 0;
   uint64_t failed_ = 0;
+  OnResult on_result_;
 };
 
 // Replace every "{vm}" in s.

@@ -38,6 +38,7 @@
 #include "agent/events/events.h"
 #include "agent/events/journal.h"
 #include "agent/events/monitor_server.h"
+#include "agent/metrics/metrics.h"
 #include "agent/nft/nft.h"
 #include "agent/spec/spec.h"
 #include "maps/compiler.h"
@@ -111,6 +112,9 @@ class Daemon {
   void apply_nft();
   void attach_missing(const std::set<std::string_view>& changed);
   void publish_state();
+  void publish_metrics();
+  void listen_metrics();
+  void count_reload();
   void report_lost_events();
   void act_on_quarantine();
   void on_trigger(const VmSpec& vm, const Violation& v, uint64_t packet_ns);
@@ -133,6 +137,10 @@ class Daemon {
   EventConsumer events_;
   MonitorServer monitor_;  // `vmfence monitor` clients
   std::unique_ptr<Datapath> dp_;
+  // The metrics endpoint (created in run(), once signals are blocked: its
+  // threads inherit the mask). The collector holds its own map fds.
+  std::shared_ptr<MetricsCollector> metrics_;
+  std::unique_ptr<MetricsServer> metrics_server_;
   std::unique_ptr<MapWriter> writer_;
   std::unique_ptr<Reconciler> reconciler_;
   SpecFileCache spec_cache_;  // reloads parse only the files that changed
@@ -151,6 +159,7 @@ class Daemon {
   bool full_reload_ = true;
   int64_t events_read_ns_ = 0;  // when they were read
   bool host_broken_ = false;    // the last reload found host.json invalid
+  std::string metrics_error_;   // why the endpoint is not listening (logged once per cause)
   // A reload frees as much as it allocated (every VM's spec and plan): the
   // heap is trimmed once things are quiet, not on a change's critical path.
   std::optional<Clock::time_point> trim_at_;
@@ -272,6 +281,7 @@ void Daemon::apply(ReconcileResult& r) {
       }
     reported_.erase(name_id(name));
     actions_.forget(name);
+    if (metrics_) metrics_->forget_vm(name);
     spdlog::warn("vm {}: spec removed; its interface (if present) now drops everything", name);
   }
   in_force_ = std::move(r.in_force);
@@ -358,6 +368,59 @@ void Daemon::publish_state() {
     st.rejected.push_back(std::move(s));
   }
   if (auto s = write_state_file(run_dir(), st); !s) spdlog::warn("{}", s.message);
+  publish_metrics();
+}
+
+// What a scrape reports besides the kernel's counters (read at scrape time).
+void Daemon::publish_metrics() {
+  if (!metrics_) return;  // not started yet
+  std::vector<MetricsVm> vms;
+  vms.reserve(in_force_.size());
+  for (const auto& vm : in_force_) {
+    MetricsVm m{vm.name, vm.interface, vm.group, mode_name(vm.mode), 0, action_name(vm.on_violation.action)};
+    auto it = writer_->installed().find(vm.name);
+    if (it != writer_->installed().end() && it->second.ifindex) m.slot = it->second.slot;
+    vms.push_back(std::move(m));
+  }
+  metrics_->set_vms(std::move(vms));
+  // The maps VMs and their addresses fill (flow tables are per VM, bounded
+  // by limits.flows): entries as the writer counts them, no walk.
+  const MapSet& maps = dp_->maps();
+  std::vector<MapFill> fills;
+  for (auto [id, fd] :
+       {std::pair{MapId::vms, maps.vms.get()}, std::pair{MapId::owners, maps.owners.get()},
+        std::pair{MapId::owner_nets, maps.owner_nets.get()}, std::pair{MapId::gateways, maps.gateways.get()}}) {
+    bpf_map_info info{};
+    uint32_t len = sizeof(info);
+    if (bpf_obj_get_info_by_fd(fd, &info, &len) != 0) continue;
+    fills.push_back({map_id_name(id), writer_->entries(id), info.max_entries});
+  }
+  metrics_->set_maps(std::move(fills));
+}
+
+// Bind the endpoint to host.json's metrics.listen when it changed (or the
+// last bind failed). A failure leaves enforcement as it is.
+void Daemon::listen_metrics() {
+  if (!metrics_server_) return;
+  const std::string& want = host_.metrics.listen;
+  std::string before = metrics_server_->address();
+  if (auto s = metrics_server_->listen(want); !s) {
+    if (metrics_error_ != s.message) spdlog::error("{} (enforcement goes on; retrying every 30 s)", s.message);
+    metrics_error_ = s.message;
+    return;
+  }
+  metrics_error_.clear();
+  if (metrics_server_->address() == before) return;
+  if (want.empty())
+    spdlog::info("metrics: off (metrics.listen is \"\")");
+  else
+    spdlog::info("metrics: serving http://{}/metrics", want);
+}
+
+// A reload is an error while anything read is not in force: host.json
+// invalid, or a file refused.
+void Daemon::count_reload() {
+  if (metrics_) metrics_->count_reload(!host_broken_ && rejected_.empty());
 }
 
 // Some file names `name` (by its name, or by its file name when unreadable)
@@ -482,6 +545,8 @@ bool Daemon::start() {
     return false;
   }
   double load_ms = ms();
+  metrics_ = std::make_shared<MetricsCollector>(map_counter_source(dp_->maps()));
+  actions_.on_result([m = metrics_](const std::string& vm, bool ok) { m->count_action(vm, "terminate", ok); });
   writer_ = std::make_unique<MapWriter>(dp_->maps(), dp_->dir());
   if (auto s = writer_->adopt(); !s) spdlog::warn("adopt previous state: {}", s.message);
   double adopt_ms = ms();
@@ -645,6 +710,7 @@ bool Daemon::reload_one_file(const std::string& name, const char* why) {
   attach_missing({});  // as every reload does: programs someone removed come back
   apply_nft();         // a no-op unless its inputs changed or the last apply failed
   publish_state();
+  count_reload();
   size_t kept =
       std::count_if(rejected_.begin(), rejected_.end(), [](const RejectedFile& r) { return r.kept_last_good; });
   spdlog::info(
@@ -682,10 +748,12 @@ void Daemon::reload(const char* why) {
   if (!files.host_errors.empty()) {
     for (const auto& e : files.host_errors) std::fprintf(stderr, "%s\n", e.str().c_str());
     spdlog::error("reload ({}): host.json invalid, everything keeps its last good policy", why);
+    count_reload();
     return;
   }
   bool prefiltered = host_.xdp_prefilter;
   host_ = files.host;
+  listen_metrics();
   // A reserved claim lasts while only invalid files name its VM.
   std::erase_if(reserved_, [&](const VmSpec& vm) { return !only_broken_files_name(files, vm.name); });
   ReconcileResult r = reconciler_->reconcile(files, in_force_, {}, reserved_);
@@ -696,6 +764,7 @@ void Daemon::reload(const char* why) {
   apply_nft();
   double nft_ms = ms();
   publish_state();
+  count_reload();
   size_t kept =
       std::count_if(r.rejected.begin(), r.rejected.end(), [](const RejectedFile& f) { return f.kept_last_good; });
   spdlog::info(
@@ -733,6 +802,10 @@ void Daemon::report_lost_events() {
 // A VM reached its threshold (its event arrived): terminate it, if that is
 // its action.
 void Daemon::on_trigger(const VmSpec& vm, const Violation& v, uint64_t packet_ns) {
+  if (vm.on_violation.action == Action::alert) {
+    if (metrics_) metrics_->count_action(vm.name, "alert", true);  // reported (log, journald): nothing else to do
+    return;
+  }
   if (vm.on_violation.action != Action::terminate) return;
   timespec ts{};
   clock_gettime(CLOCK_MONOTONIC, &ts);  // the datapath's clock
@@ -808,6 +881,8 @@ int Daemon::run() {
   if (sigprocmask(SIG_BLOCK, &mask, nullptr) != 0) spdlog::error("sigprocmask: {}", std::strerror(errno));
   signal_fd_.reset(signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK));
   if (!signal_fd_.valid() || !watch(signal_fd_.get(), kSignal)) return 1;
+  metrics_server_ = std::make_unique<MetricsServer>(metrics_);
+  listen_metrics();
   if (!watch(inotify_.get(), kInotify) || !watch(links_->fd(), kLinks)) return 1;
 
   if (auto s = events_.open(dp_->maps().events.get()); !s)
@@ -923,6 +998,7 @@ int Daemon::run() {
           if (now - last_check > std::chrono::seconds(30)) {
             last_check = now;
             check_fill_levels();
+            if (!metrics_error_.empty()) listen_metrics();
             if (!nft::table_intact()) {
               spdlog::warn("nftables: table inet vmfence missing or changed; restoring");
               nft_applied_ = false;
