@@ -1,6 +1,7 @@
 #include "agent/metrics/metrics.h"
 
 #include <arpa/inet.h>
+#include <civetweb.h>
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <prometheus/exposer.h>
@@ -233,6 +234,8 @@ Status MetricsServer::listen(const std::string& address) {
   address_.clear();
   if (address.empty()) return {};
   if (auto s = try_bind(address); !s) return s;
+  if (address.starts_with("[") && !mg_check_feature(8))  // 8: IPv6 (Debian 12's civetweb has none)
+    return {EAFNOSUPPORT, "metrics: cannot listen on " + address + ": this civetweb has no IPv6 (use an IPv4 address)"};
   try {
     // civetweb's listening_ports: "127.0.0.1:9727" or "[::1]:9727" (the
     // spec allows nothing else: no "s" or "r" suffixes). Two threads: a

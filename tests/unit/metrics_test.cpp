@@ -199,6 +199,15 @@ TEST(MetricsServer, ServesRebindsAndSurvivesABusyPort) {
   EXPECT_EQ(http_get(port), "") << "the old port still answers";
   EXPECT_NE(http_get(port2).find("vmfence_vm_info"), std::string::npos);
 
+  // An IPv6 address (civetweb's "[::1]:PORT"): served, or refused saying
+  // why where civetweb was built without IPv6 (Debian 12).
+  int port6 = free_port();
+  Status v6 = server.listen("[::1]:" + std::to_string(port6));
+  if (v6)
+    EXPECT_EQ(server.port(), port6);
+  else
+    EXPECT_NE(v6.message.find("this civetweb has no IPv6"), std::string::npos) << v6.message;
+
   // "" turns it off.
   ASSERT_TRUE(server.listen(""));
   EXPECT_EQ(server.port(), 0);
