@@ -122,6 +122,15 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } VMFENCE_MAP_ID(COUNTERS, counters) SEC(".maps");
 
+/* Rate limits and their buckets by VM slot (spin-locked: multi-queue TAPs). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, VMFENCE_MAX_VMS);
+	__type(key, __u32);
+	__type(value, struct vmfence_limit);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} VMFENCE_MAP_ID(LIMITS, limits) SEC(".maps");
+
 /* Runtime state by VM slot: quarantine, violation window, event budget. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

@@ -47,7 +47,7 @@ static __always_inline int is_quiet(__u8 reason)
 {
 	return reason == VMFENCE_REASON_FLOW_LIMIT || reason == VMFENCE_REASON_LINK_LOCAL ||
 	       reason == VMFENCE_REASON_UNASSIGNED_SRC || reason == VMFENCE_REASON_STALE_REPLY ||
-	       reason == VMFENCE_REASON_FRAGMENT;
+	       reason == VMFENCE_REASON_FRAGMENT || reason == VMFENCE_REASON_RATE_LIMITED;
 }
 
 static __always_inline int counts_as_violation(__u8 reason)
@@ -943,6 +943,59 @@ static __always_inline int from_vm_arp(struct __sk_buff *skb, const struct vmfen
 
 /* Vouch for a packet the from_vm checks passed: it entered through the TAP of
  * the VM that owns its source address (see VMFENCE_MARK_FROM_VM). */
+/* --- rate limits (limits in a VM's spec) ----------------------------------- */
+
+/* A GCRA bucket's time after a packet of `cost` ns at `now`. */
+static __always_inline __u64 bucket_after(__u64 at, __u64 now, __u64 cost)
+{
+	return (at > now ? at : now) + cost;
+}
+
+/* Over the VM's limits in this direction? From the VM, bytes and packets are
+ * policed; to the VM, packets are policed and bytes paced (EDT: the packet
+ * is stamped with its departure time for the TAP's fq qdisc, and dropped
+ * only beyond the horizon). A bucket moves only for a packet that passes. */
+static __always_inline int over_limit(struct __sk_buff *skb, const struct vmfence_vm *vm, __u8 dir)
+{
+	__u32 slot = vm->slot;
+	struct vmfence_limit *l = bpf_map_lookup_elem(&vmfence_limits_v1, &slot);
+	__u64 now, segs, bytes, b, k, t = 0;
+	int over = 0, pace = 0;
+
+	if (!l || dry_run)
+		return 0;
+	now = bpf_ktime_get_ns();
+	segs = skb->gso_segs ? skb->gso_segs : 1;
+	bytes = skb->len > ETH_HLEN ? skb->len - ETH_HLEN : 0; /* IP (L3) bytes */
+	bpf_spin_lock(&l->lock);
+	if (dir == VMFENCE_DIR_FROM_VM) {
+		b = bucket_after(l->egress_bytes_at, now, (bytes * l->egress_byte_ns_q16) >> 16);
+		k = bucket_after(l->egress_pkts_at, now, segs * l->egress_pkt_ns);
+		if ((l->egress_byte_ns_q16 && b - now > l->egress_burst_ns) ||
+		    (l->egress_pkt_ns && k - now > l->pkt_burst_ns)) {
+			over = 1;
+		} else {
+			l->egress_bytes_at = b;
+			l->egress_pkts_at = k;
+		}
+	} else {
+		k = bucket_after(l->ingress_pkts_at, now, segs * l->ingress_pkt_ns);
+		t = l->ingress_next_ns > now ? l->ingress_next_ns : now;
+		pace = l->ingress_byte_ns_q16 != 0;
+		if ((l->ingress_pkt_ns && k - now > l->pkt_burst_ns) || (pace && t - now > l->ingress_burst_ns)) {
+			over = 1;
+		} else {
+			l->ingress_pkts_at = k;
+			if (pace)
+				l->ingress_next_ns = t + ((bytes * l->ingress_byte_ns_q16) >> 16);
+		}
+	}
+	bpf_spin_unlock(&l->lock);
+	if (!over && pace)
+		skb->tstamp = t;
+	return over;
+}
+
 static __always_inline int pass_from_vm(struct __sk_buff *skb)
 {
 	skb->mark |= VMFENCE_MARK_FROM_VM;
@@ -964,49 +1017,48 @@ static __always_inline int is_broadcast_or_multicast(struct __sk_buff *skb, cons
 	return (d[0] & d[1] & d[2] & d[3] & d[4] & d[5]) == 0xff;
 }
 
-SEC("tc")
-int vmfence_from_vm(struct __sk_buff *skb)
+static __always_inline int from_vm_judge(struct __sk_buff *skb, struct pkt *p, struct vmfence_vm **vmp)
 {
 	struct vmfence_policy_value *v;
 	struct vmfence_flow_key fk;
 	struct vmfence_vm *vm;
-	struct pkt p = {};
 	int src_owned, ret, verdict, checked, g;
 	__u8 r;
 
-	vm = hook_start(skb, &p, VMFENCE_DIR_FROM_VM, &verdict, &r);
+	vm = hook_start(skb, p, VMFENCE_DIR_FROM_VM, &verdict, &r);
 	if (!vm)
 		return verdict;
+	*vmp = vm;
 
-	if (p.ethertype && !mac_eq(p.smac, vm->mac))
-		return drop(skb, vm, &p, VMFENCE_REASON_SPOOFED_MAC, VMFENCE_DIR_FROM_VM);
+	if (p->ethertype && !mac_eq(p->smac, vm->mac))
+		return drop(skb, vm, p, VMFENCE_REASON_SPOOFED_MAC, VMFENCE_DIR_FROM_VM);
 	/* The kernel moved a VLAN tag into the skb before TC saw the frame. */
 	if (skb->vlan_present)
-		return drop(skb, vm, &p, VMFENCE_REASON_BAD_ETHERTYPE, VMFENCE_DIR_FROM_VM);
-	if (r == VMFENCE_REASON_BAD_ETHERTYPE && is_ieee_link_local(skb, &p))
-		return drop(skb, vm, &p, VMFENCE_REASON_LINK_LOCAL, VMFENCE_DIR_FROM_VM);
+		return drop(skb, vm, p, VMFENCE_REASON_BAD_ETHERTYPE, VMFENCE_DIR_FROM_VM);
+	if (r == VMFENCE_REASON_BAD_ETHERTYPE && is_ieee_link_local(skb, p))
+		return drop(skb, vm, p, VMFENCE_REASON_LINK_LOCAL, VMFENCE_DIR_FROM_VM);
 	if (r)
-		return drop(skb, vm, &p, r, VMFENCE_DIR_FROM_VM);
-	if (p.ethertype == ETH_P_ARP) {
-		ret = from_vm_arp(skb, vm, &p);
+		return drop(skb, vm, p, r, VMFENCE_DIR_FROM_VM);
+	if (p->ethertype == ETH_P_ARP) {
+		ret = from_vm_arp(skb, vm, p);
 		return ret == TC_ACT_UNSPEC ? pass_from_vm(skb) : ret;
 	}
 
-	src_owned = vm_owns(vm, &p.saddr);
-	if (p.frag == FRAG_NONE && !skb->gso_size) {
+	src_owned = vm_owns(vm, &p->saddr);
+	if (p->frag == FRAG_NONE && !skb->gso_size) {
 		ret = NOT_CONTROL;
-		if (p.proto == IPPROTO_ICMPV6 && p.family == 6)
-			ret = from_vm_icmp6_control(skb, vm, &p, src_owned);
-		else if (p.proto == 2 && p.family == 4)
-			ret = from_vm_igmp(skb, vm, &p, src_owned);
+		if (p->proto == IPPROTO_ICMPV6 && p->family == 6)
+			ret = from_vm_icmp6_control(skb, vm, p, src_owned);
+		else if (p->proto == 2 && p->family == 4)
+			ret = from_vm_igmp(skb, vm, p, src_owned);
 		if (ret != NOT_CONTROL)
 			return ret == TC_ACT_UNSPEC ? pass_from_vm(skb) : ret;
 	}
 	if (!src_owned)
-		return drop(skb, vm, &p, unowned_source_reason(vm, &p), VMFENCE_DIR_FROM_VM);
+		return drop(skb, vm, p, unowned_source_reason(vm, p), VMFENCE_DIR_FROM_VM);
 	/* Link-local IP traffic other than ND/MLD is not carried. */
-	if (p.family == 6 && (is_link_local(&p.saddr) || is_link_local(&p.daddr)))
-		return drop(skb, vm, &p, VMFENCE_REASON_LINK_LOCAL, VMFENCE_DIR_FROM_VM);
+	if (p->family == 6 && (is_link_local(&p->saddr) || is_link_local(&p->daddr)))
+		return drop(skb, vm, p, VMFENCE_REASON_LINK_LOCAL, VMFENCE_DIR_FROM_VM);
 
 	/* Isolation holds in every mode: VM to VM only within a group. Where
 	 * the policy is checked, its lookup says whether the destination is
@@ -1014,80 +1066,93 @@ int vmfence_from_vm(struct __sk_buff *skb)
 	 * the outside skips the ownership lookup. */
 	checked = vm->mode == VMFENCE_MODE_FILTERED || vm->mode == VMFENCE_MODE_CONNTRACK ||
 		  (vm->mode == VMFENCE_MODE_SAMPLED && sample(vm));
-	if (!checked || p.frag == FRAG_LATER) {
-		g = group_of_owner(vm, &p.daddr);
+	if (!checked || p->frag == FRAG_LATER) {
+		g = group_of_owner(vm, &p->daddr);
 		if (g < 0)
-			return drop(skb, vm, &p, VMFENCE_REASON_CROSS_GROUP, VMFENCE_DIR_FROM_VM);
-		if (p.frag == FRAG_LATER) {
+			return drop(skb, vm, p, VMFENCE_REASON_CROSS_GROUP, VMFENCE_DIR_FROM_VM);
+		if (p->frag == FRAG_LATER) {
 			/* Same group, unchecked modes, or the first fragment passed. */
-			if (g > 0 || !checked || later_fragment_allowed(vm, &p))
+			if (g > 0 || !checked || later_fragment_allowed(vm, p))
 				return pass_from_vm(skb);
-			return drop(skb, vm, &p, VMFENCE_REASON_FRAGMENT, VMFENCE_DIR_FROM_VM);
+			return drop(skb, vm, p, VMFENCE_REASON_FRAGMENT, VMFENCE_DIR_FROM_VM);
 		}
 		if (!g && vm->mode == VMFENCE_MODE_SAMPLED) {
 			/* Unchecked, but remembered so replies find their flow. */
-			flow_key_from_vm(&fk, vm, &p);
-			if (flow_record(vm, &fk, VMFENCE_FLOW_OPENED_BY_VM, p.tcp_flags, 0))
-				return drop(skb, vm, &p, VMFENCE_REASON_FLOW_LIMIT, VMFENCE_DIR_FROM_VM);
+			flow_key_from_vm(&fk, vm, p);
+			if (flow_record(vm, &fk, VMFENCE_FLOW_OPENED_BY_VM, p->tcp_flags, 0))
+				return drop(skb, vm, p, VMFENCE_REASON_FLOW_LIMIT, VMFENCE_DIR_FROM_VM);
 		}
-		first_fragment_passed(vm, &p);
+		first_fragment_passed(vm, p);
 		return pass_from_vm(skb);
 	}
 
 	/* The flow key only where a flow is looked up or recorded: not for the
 	 * common packet the policy allows without a write. */
 	if (vm->mode == VMFENCE_MODE_CONNTRACK) {
-		flow_key_from_vm(&fk, vm, &p);
-		if (flow_allowed(vm, &fk, 0, p.tcp_flags, 1, 0))
+		flow_key_from_vm(&fk, vm, p);
+		if (flow_allowed(vm, &fk, 0, p->tcp_flags, 1, 0))
 			goto allowed;
 	}
-	v = policy_lookup(&vmfence_egress_v2, vm, &p.daddr);
+	v = policy_lookup(&vmfence_egress_v2, vm, &p->daddr);
 	if (!v || (v->flags & VMFENCE_POLICY_F_VM_NET)) {
-		g = group_of_owner(vm, &p.daddr);
+		g = group_of_owner(vm, &p->daddr);
 		if (g < 0)
-			return drop(skb, vm, &p, VMFENCE_REASON_CROSS_GROUP, VMFENCE_DIR_FROM_VM);
+			return drop(skb, vm, p, VMFENCE_REASON_CROSS_GROUP, VMFENCE_DIR_FROM_VM);
 		if (g > 0) {
-			first_fragment_passed(vm, &p);
+			first_fragment_passed(vm, p);
 			return pass_from_vm(skb);
 		}
 	}
-	r = rules_check(v, p.proto, p.dport, VMFENCE_REASON_EGRESS_DENIED);
+	r = rules_check(v, p->proto, p->dport, VMFENCE_REASON_EGRESS_DENIED);
 	if (r && vm->mode != VMFENCE_MODE_CONNTRACK)
-		flow_key_from_vm(&fk, vm, &p);
+		flow_key_from_vm(&fk, vm, p);
 	if (r) {
 		/* A reply in a flow a peer opened under an ingress rule. Only
 		 * flows a peer opened: a flow the VM opened is what the egress
 		 * check just judged (and in sampled mode it may have been
 		 * recorded unchecked). */
-		if (vm->mode != VMFENCE_MODE_CONNTRACK && flow_allowed(vm, &fk, 1, p.tcp_flags, 1, 0))
+		if (vm->mode != VMFENCE_MODE_CONNTRACK && flow_allowed(vm, &fk, 1, p->tcp_flags, 1, 0))
 			goto allowed;
-		if (is_icmp_error(&p) && icmp_error_for_flow(skb, vm, &p, 1))
+		if (is_icmp_error(p) && icmp_error_for_flow(skb, vm, p, 1))
 			return pass_from_vm(skb);
 		/* Shaped like a reply (an RST, or from a port its ingress rules
 		 * open) to a flow the table does not hold: expired, or the answer
 		 * to a stray packet. Dropped, but not the VM's violation. */
-		if ((p.proto == IPPROTO_TCP && (p.tcp_flags & TCP_FLAG_RST)) ||
-		    !policy_check(&vmfence_ingress_v2, vm, &p.daddr, p.proto, p.sport,
+		if ((p->proto == IPPROTO_TCP && (p->tcp_flags & TCP_FLAG_RST)) ||
+		    !policy_check(&vmfence_ingress_v2, vm, &p->daddr, p->proto, p->sport,
 				  VMFENCE_REASON_INGRESS_DENIED))
 			r = VMFENCE_REASON_STALE_REPLY;
 		/* Multicast and broadcast no rule allows (mDNS, LLMNR, SSDP,
 		 * DHCPv6, NetBIOS): the guest's link-local noise. */
-		else if (r == VMFENCE_REASON_EGRESS_DENIED && is_broadcast_or_multicast(skb, &p))
+		else if (r == VMFENCE_REASON_EGRESS_DENIED && is_broadcast_or_multicast(skb, p))
 			r = VMFENCE_REASON_LINK_LOCAL;
-		return drop(skb, vm, &p, r, VMFENCE_DIR_FROM_VM);
+		return drop(skb, vm, p, r, VMFENCE_DIR_FROM_VM);
 	}
 	/* TCP records its flow on the SYN (and ends it on FIN/RST); later
 	 * segments need no write. */
-	if (p.proto != IPPROTO_TCP || (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST)) ||
+	if (p->proto != IPPROTO_TCP || (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST)) ||
 	    vm->mode == VMFENCE_MODE_CONNTRACK) {
 		if (vm->mode != VMFENCE_MODE_CONNTRACK)
-			flow_key_from_vm(&fk, vm, &p);
-		if (flow_record(vm, &fk, VMFENCE_FLOW_OPENED_BY_VM, p.tcp_flags, 1))
-			return drop(skb, vm, &p, VMFENCE_REASON_FLOW_LIMIT, VMFENCE_DIR_FROM_VM);
+			flow_key_from_vm(&fk, vm, p);
+		if (flow_record(vm, &fk, VMFENCE_FLOW_OPENED_BY_VM, p->tcp_flags, 1))
+			return drop(skb, vm, p, VMFENCE_REASON_FLOW_LIMIT, VMFENCE_DIR_FROM_VM);
 	}
 allowed:
-	first_fragment_passed(vm, &p);
+	first_fragment_passed(vm, p);
 	return pass_from_vm(skb);
+}
+
+SEC("tc")
+int vmfence_from_vm(struct __sk_buff *skb)
+{
+	struct vmfence_vm *vm = NULL;
+	struct pkt p = {};
+	int ret = from_vm_judge(skb, &p, &vm);
+
+	if (ret == TC_ACT_UNSPEC && vm && (vm->flags & VMFENCE_VM_F_RATE_LIMITED) &&
+	    over_limit(skb, vm, VMFENCE_DIR_FROM_VM))
+		return drop(skb, vm, &p, VMFENCE_REASON_RATE_LIMITED, VMFENCE_DIR_FROM_VM);
+	return ret;
 }
 
 /* --- host -> VM ------------------------------------------------------------- */
@@ -1198,75 +1263,87 @@ static __always_inline int sender_mac_in_group(const struct vmfence_vm *vm, cons
 	return o && o->group_id == vm->group_id;
 }
 
-SEC("tc")
-int vmfence_to_vm(struct __sk_buff *skb)
+static __always_inline int to_vm_judge(struct __sk_buff *skb, struct pkt *p, struct vmfence_vm **vmp)
 {
 	struct vmfence_flow_key fk;
 	struct vmfence_vm *vm;
-	struct pkt p = {};
 	int verdict, same, ret;
 	__u8 r;
 
-	vm = hook_start(skb, &p, VMFENCE_DIR_TO_VM, &verdict, &r);
+	vm = hook_start(skb, p, VMFENCE_DIR_TO_VM, &verdict, &r);
 	if (!vm)
 		return verdict;
+	*vmp = vm;
 
 	if (skb->vlan_present)
-		return drop(skb, vm, &p, VMFENCE_REASON_BAD_ETHERTYPE, VMFENCE_DIR_TO_VM);
+		return drop(skb, vm, p, VMFENCE_REASON_BAD_ETHERTYPE, VMFENCE_DIR_TO_VM);
 	if (r)
-		return drop(skb, vm, &p, r, VMFENCE_DIR_TO_VM);
-	if (p.ethertype == ETH_P_ARP)
-		return to_vm_arp(skb, vm, &p);
+		return drop(skb, vm, p, r, VMFENCE_DIR_TO_VM);
+	if (p->ethertype == ETH_P_ARP)
+		return to_vm_arp(skb, vm, p);
 
-	r = vm_source_reason(skb, vm, &p.saddr, &same);
+	r = vm_source_reason(skb, vm, &p->saddr, &same);
 	if (r)
-		return drop(skb, vm, &p, r, VMFENCE_DIR_TO_VM);
-	if (p.frag == FRAG_NONE) {
-		ret = to_vm_control(skb, vm, &p);
+		return drop(skb, vm, p, r, VMFENCE_DIR_TO_VM);
+	if (p->frag == FRAG_NONE) {
+		ret = to_vm_control(skb, vm, p);
 		/* Another VM's ND/MLD from a link-local no VM of this group owns
 		 * (stable-privacy, or claiming the router's): on a shared bridge
 		 * that is a tenant poisoning neighbour caches or answering DAD. */
 		if (ret == TC_ACT_UNSPEC && (skb->mark & VMFENCE_MARK_FROM_VM) && !same &&
-		    !sender_mac_in_group(vm, &p))
-			return drop(skb, vm, &p, VMFENCE_REASON_LINK_LOCAL, VMFENCE_DIR_TO_VM);
+		    !sender_mac_in_group(vm, p))
+			return drop(skb, vm, p, VMFENCE_REASON_LINK_LOCAL, VMFENCE_DIR_TO_VM);
 		if (ret != NOT_CONTROL)
 			return ret;
 	}
-	if (p.family == 6 && (is_link_local(&p.saddr) || is_link_local(&p.daddr)))
-		return drop(skb, vm, &p, VMFENCE_REASON_LINK_LOCAL, VMFENCE_DIR_TO_VM);
-	if (!is_multicast(&p.daddr) && !vm_owns(vm, &p.daddr))
-		return drop(skb, vm, &p, VMFENCE_REASON_NOT_FOR_VM, VMFENCE_DIR_TO_VM);
+	if (p->family == 6 && (is_link_local(&p->saddr) || is_link_local(&p->daddr)))
+		return drop(skb, vm, p, VMFENCE_REASON_LINK_LOCAL, VMFENCE_DIR_TO_VM);
+	if (!is_multicast(&p->daddr) && !vm_owns(vm, &p->daddr))
+		return drop(skb, vm, p, VMFENCE_REASON_NOT_FOR_VM, VMFENCE_DIR_TO_VM);
 	if (same || vm->mode == VMFENCE_MODE_DIRECT) {
-		first_fragment_passed(vm, &p);
+		first_fragment_passed(vm, p);
 		return TC_ACT_UNSPEC;
 	}
 	/* Sampling applies to the VM's own packets: what reaches it is always
 	 * checked, so an outsider's packet can never make the VM's answer look
 	 * like a violation. */
-	if (p.frag == FRAG_LATER) {
-		if (later_fragment_allowed(vm, &p))
+	if (p->frag == FRAG_LATER) {
+		if (later_fragment_allowed(vm, p))
 			return TC_ACT_UNSPEC;
-		return drop(skb, vm, &p, VMFENCE_REASON_FRAGMENT, VMFENCE_DIR_TO_VM);
+		return drop(skb, vm, p, VMFENCE_REASON_FRAGMENT, VMFENCE_DIR_TO_VM);
 	}
-	flow_key_to_vm(&fk, vm, &p);
-	if (flow_allowed(vm, &fk, 0, p.tcp_flags, 0, 0))
+	flow_key_to_vm(&fk, vm, p);
+	if (flow_allowed(vm, &fk, 0, p->tcp_flags, 0, 0))
 		goto allowed;
-	if (is_icmp_error(&p) && icmp_error_for_flow(skb, vm, &p, 0))
+	if (is_icmp_error(p) && icmp_error_for_flow(skb, vm, p, 0))
 		return TC_ACT_UNSPEC;
-	r = policy_check(&vmfence_ingress_v2, vm, &p.saddr, p.proto, p.dport,
+	r = policy_check(&vmfence_ingress_v2, vm, &p->saddr, p->proto, p->dport,
 			 VMFENCE_REASON_INGRESS_DENIED);
 	if (r == VMFENCE_REASON_IMDS_DENIED)
 		r = VMFENCE_REASON_INGRESS_DENIED;
 	if (r)
-		return drop(skb, vm, &p, r, VMFENCE_DIR_TO_VM);
+		return drop(skb, vm, p, r, VMFENCE_DIR_TO_VM);
 	/* Every segment the ingress rules let in is remembered (not only SYNs):
 	 * the VM's answer to it (an RST to a stray ACK) is then a reply, not a
 	 * violation an outsider could provoke. */
-	if (flow_record(vm, &fk, VMFENCE_FLOW_OPENED_BY_PEER, p.tcp_flags, 1))
-		return drop(skb, vm, &p, VMFENCE_REASON_FLOW_LIMIT, VMFENCE_DIR_TO_VM);
+	if (flow_record(vm, &fk, VMFENCE_FLOW_OPENED_BY_PEER, p->tcp_flags, 1))
+		return drop(skb, vm, p, VMFENCE_REASON_FLOW_LIMIT, VMFENCE_DIR_TO_VM);
 allowed:
-	first_fragment_passed(vm, &p);
+	first_fragment_passed(vm, p);
 	return TC_ACT_UNSPEC;
+}
+
+SEC("tc")
+int vmfence_to_vm(struct __sk_buff *skb)
+{
+	struct vmfence_vm *vm = NULL;
+	struct pkt p = {};
+	int ret = to_vm_judge(skb, &p, &vm);
+
+	if (ret == TC_ACT_UNSPEC && vm && (vm->flags & VMFENCE_VM_F_RATE_LIMITED) &&
+	    over_limit(skb, vm, VMFENCE_DIR_TO_VM))
+		return drop(skb, vm, &p, VMFENCE_REASON_RATE_LIMITED, VMFENCE_DIR_TO_VM);
+	return ret;
 }
 
 /* --- XDP pre-filter (host.json "xdp_prefilter") ------------------------------ */

@@ -18,6 +18,7 @@
 #ifdef __bpf__
 /* BPF side: vmlinux.h already defines __u8..__u64. */
 #else
+#include <linux/bpf.h> /* struct bpf_spin_lock */
 #include <linux/types.h>
 #endif
 
@@ -52,6 +53,7 @@
 #define VMFENCE_MAP_STATE_VERSION      1
 #define VMFENCE_MAP_CONFIG_VERSION     2
 #define VMFENCE_MAP_EVENTS_VERSION     1
+#define VMFENCE_MAP_LIMITS_VERSION     1
 
 /*
  * Every pinned map, one row each: X(ID, name). Its name, as BPF identifier
@@ -73,7 +75,8 @@
 	X(COUNTERS,   counters)   /* per-CPU, per vm        */                                  \
 	X(STATE,      state)      /* per vm runtime state   */                                  \
 	X(CONFIG,     config)     /* global knobs, 1 entry  */                                  \
-	X(EVENTS,     events)     /* violation ring buffer  */
+	X(EVENTS,     events)     /* violation ring buffer  */                                  \
+	X(LIMITS,     limits)     /* per vm rate limits     */
 
 /* The identifier vmfence_<name>_v<N> (the version macro expanded first). */
 #define VMFENCE_MAP_ID(ID, name) \
@@ -98,6 +101,7 @@
 #define VMFENCE_MAP_STATE      VMFENCE_MAP_NAME(STATE, state)
 #define VMFENCE_MAP_CONFIG     VMFENCE_MAP_NAME(CONFIG, config)
 #define VMFENCE_MAP_EVENTS     VMFENCE_MAP_NAME(EVENTS, events)
+#define VMFENCE_MAP_LIMITS     VMFENCE_MAP_NAME(LIMITS, limits)
 #define VMFENCE_LINK_DIR       VMFENCE_PIN_DIR "/links"
 
 /* Map sizes (documented in README "Bounded state"). */
@@ -184,7 +188,8 @@ enum vmfence_mode {
 	X(17, FLOW_LIMIT,      "flow_limit",      QUIET)     /* VM's flow table full           */ \
 	X(18, LINK_LOCAL,      "link_local",      QUIET)     /* link-local noise not carried   */ \
 	X(19, UNASSIGNED_SRC,  "unassigned_src",  QUIET)     /* self-made IPv6 addr in its /64 */ \
-	X(20, STALE_REPLY,     "stale_reply",     QUIET)     /* reply-shaped, no flow held     */
+	X(20, STALE_REPLY,     "stale_reply",     QUIET)     /* reply-shaped, no flow held     */ \
+	X(21, RATE_LIMITED,    "rate_limited",    QUIET)     /* over the VM's limits (rate)    */
 
 #define VMFENCE_REASON_ENUM_(value, NAME, name, kind) VMFENCE_REASON_##NAME = value,
 #define VMFENCE_REASON_ONE_(value, NAME, name, kind)  + 1
@@ -220,6 +225,7 @@ enum vmfence_direction {
 #define VMFENCE_VM_F_QUARANTINE   0x1 /* terminate action: quarantine on violation */
 #define VMFENCE_VM_F_NO_POLICY    0x2 /* spec removed: drop everything             */
 #define VMFENCE_VM_F_MORE_ADDRS   0x4 /* addresses beyond the inline v4/v6 ones    */
+#define VMFENCE_VM_F_RATE_LIMITED 0x8 /* has rate limits (VMFENCE_MAP_LIMITS)      */
 
 /* skb->mark bit the from_vm program sets on every packet it passes: the packet
  * entered the host through the TAP of the VM owning its source address. The
@@ -430,6 +436,31 @@ struct vmfence_state {
 	__u32 flows_added;         /* new flow-table entries (wraps): the
 	                            * agent's sweep skips tables that got none
 	                            * and were empty at its last visit */
+};
+
+/* VMFENCE_MAP_LIMITS: array indexed by slot. The agent writes a VM's limits
+ * with the VM (all zero: none; a write also restarts its buckets); the
+ * datapath keeps the buckets. Each bucket is a GCRA "virtual time": a packet
+ * conforms when the time, raised to at least now and advanced by the
+ * packet's cost, is at most the bucket's burst ahead of now. To the VM,
+ * bytes are paced instead (EDT): ingress_next_ns is when the next byte may
+ * leave, stamped on the packet for the TAP's fq qdisc, and a packet further
+ * ahead than ingress_burst_ns (the drop horizon) is dropped. */
+struct vmfence_limit {
+	struct bpf_spin_lock lock;
+	__u32 pad;
+	__u64 egress_byte_ns_q16;  /* ns per L3 byte << 16; 0 = no egress_mbit */
+	__u64 egress_pkt_ns;       /* ns per packet; 0 = no egress_pps          */
+	__u64 ingress_byte_ns_q16; /* ingress_mbit; 0 = none                    */
+	__u64 ingress_pkt_ns;      /* ingress_pps; 0 = none                     */
+	__u64 egress_burst_ns;     /* byte bucket depth as time at the rate     */
+	__u64 ingress_burst_ns;    /* EDT drop horizon                          */
+	__u64 pkt_burst_ns;        /* packet buckets' depth                     */
+	/* The datapath's: */
+	__u64 egress_bytes_at;
+	__u64 egress_pkts_at;
+	__u64 ingress_pkts_at;
+	__u64 ingress_next_ns;
 };
 
 #define VMFENCE_EVENT_F_TRIGGER 0x1 /* reached on_violation.threshold: act */

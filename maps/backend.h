@@ -22,7 +22,7 @@ struct MapSet;
 // The maps the writer changes (the flow and fragment tables are per slot and
 // handled by ensure_tables / drop_tables). egress and ingress are arrays of
 // per-VM tries; the writer addresses their entries with a PolicyKey.
-enum class MapId : uint8_t { vms, owners, owner_nets, egress, ingress, gateways, state };
+enum class MapId : uint8_t { vms, owners, owner_nets, egress, ingress, gateways, state, limits };
 const char* map_id_name(MapId id);
 
 using Bytes = std::vector<uint8_t>;

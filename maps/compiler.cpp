@@ -226,6 +226,33 @@ vmfence_addr eui64_link_local(const std::array<uint8_t, 6>& mac) {
   return a;
 }
 
+vmfence_limit compile_limits(const RateLimits& r) {
+  constexpr uint64_t kNsPerS = 1000000000ull;
+  vmfence_limit l{};
+  // ns per byte << 16 at `mbit` (10^6 bit/s): 8e9 / (mbit * 1e6) ns.
+  auto byte_q16 = [](uint32_t mbit) { return mbit ? (uint64_t{8000} << 16) / mbit : 0; };
+  auto pkt_ns = [&](uint32_t pps) { return pps ? kNsPerS / pps : 0; };
+  // A bucket of `burst_kb`, or by default 100 ms of the rate but at least
+  // 512 KB: a guest sends TSO segments of up to 64 KB, and a single TCP
+  // stream needs room for a window's burst to reach the rate (README).
+  auto burst_ns = [&](uint32_t mbit, uint64_t min_ns) -> uint64_t {
+    if (!mbit) return 0;
+    uint64_t bytes_per_s = uint64_t{mbit} * 125000;
+    uint64_t bytes = r.burst_kb ? uint64_t{r.burst_kb} * 1024 : std::max<uint64_t>(bytes_per_s / 10, 512 * 1024);
+    return std::max(bytes * kNsPerS / bytes_per_s, min_ns);
+  };
+  l.egress_byte_ns_q16 = byte_q16(r.egress_mbit);
+  l.ingress_byte_ns_q16 = byte_q16(r.ingress_mbit);
+  l.egress_pkt_ns = pkt_ns(r.egress_pps);
+  l.ingress_pkt_ns = pkt_ns(r.ingress_pps);
+  l.egress_burst_ns = burst_ns(r.egress_mbit, 0);
+  l.ingress_burst_ns = burst_ns(r.ingress_mbit, 0);
+  // Packet buckets: 10 ms of the rate, at least 32 packets.
+  uint64_t slowest = std::max(l.egress_pkt_ns, l.ingress_pkt_ns);
+  if (slowest) l.pkt_burst_ns = std::max<uint64_t>(kNsPerS / 100, 32 * slowest);
+  return l;
+}
+
 VmPlan compile_vm(const VmSpec& vm, const HostSpec& host, const std::vector<Cidr>& vm_nets,
                   std::vector<SpecError>& errors) {
   VmPlan plan;
@@ -268,6 +295,8 @@ VmPlan compile_vm(const VmSpec& vm, const HostSpec& host, const std::vector<Cidr
   plan.host_addresses.push_back(eui64_link_local(vm.mac));
   v.flags |= VMFENCE_VM_F_MORE_ADDRS;
   plan.flow_limit = vm.flows;
+  plan.limit = compile_limits(vm.rate);
+  if (vm.rate.any()) v.flags |= VMFENCE_VM_F_RATE_LIMITED;
   for (const auto& g : vm.gateway) {
     vmfence_gateway_key k{};
     k.vm_id = v.vm_id;

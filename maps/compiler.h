@@ -25,7 +25,12 @@ struct VmPlan {
   std::vector<vmfence_addr> host_addresses;     // -> VMFENCE_MAP_OWNERS
   std::vector<vmfence_addr_key> net_addresses;  // -> VMFENCE_MAP_OWNER_NETS
   uint32_t flow_limit = VMFENCE_DEFAULT_FLOWS;  // size of the VM's flow table
+  vmfence_limit limit{};                        // rate limits (buckets zero)
 };
+
+// The datapath's form of a VM's rate limits (README, "Rate limits"): costs
+// in ns, bucket depths as time at the rate. All zero without limits.
+vmfence_limit compile_limits(const RateLimits& r);
 
 // The EUI-64 link-local address of a MAC (fe80::, U/L bit flipped, ff:fe in
 // the middle): registered as the VM's own, so no other VM may claim it.

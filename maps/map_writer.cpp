@@ -23,6 +23,8 @@ const char* map_id_name(MapId id) {
       return VMFENCE_MAP_GATEWAYS;
     case MapId::state:
       return VMFENCE_MAP_STATE;
+    case MapId::limits:
+      return VMFENCE_MAP_LIMITS;
   }
   return "?";
 }
@@ -232,6 +234,15 @@ Status MapWriter::commit(VmChange& c) {
   if (auto s = backend_->flush(); !s) {
     abort(c);
     return Status::error(s.err, "install per-VM maps: " + s.message);
+  }
+  // Rate limits, with the VM entry they apply to; written only when they
+  // change, since a write also restarts the VM's buckets.
+  const vmfence_limit& limit = c.next.plan.limit;
+  if (!c.old || c.old->slot != c.next.slot || std::memcmp(&c.old->plan.limit, &limit, sizeof(limit)) != 0) {
+    if (auto s = backend_->update(MapId::limits, to_bytes(c.next.slot), to_bytes(limit)); !s) {
+      abort(c);
+      return Status::error(s.err, "write rate limits");
+    }
   }
   uint32_t ifindex = c.next.ifindex;
   if (ifindex) {

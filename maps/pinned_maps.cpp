@@ -609,6 +609,8 @@ class PinnedBackend : public MapBackend {
         return maps_.gateways.get();
       case MapId::state:
         return maps_.state.get();
+      case MapId::limits:
+        return maps_.limits.get();
     }
     return -1;
   }

@@ -26,7 +26,7 @@ Status ensure_bpffs(const std::string& dir);
 
 // Every map of the datapath, as owned fds.
 struct MapSet {
-  Fd vms, owners, owner_nets, egress, ingress, gateways, flows, frags, counters, state, config, events;
+  Fd vms, owners, owner_nets, egress, ingress, gateways, flows, frags, counters, state, config, events, limits;
   // Open the pinned maps under dir (CLI commands, tests).
   static Status open_pinned(const std::string& dir, MapSet& out);
   // Visit (name, fd) of every map.

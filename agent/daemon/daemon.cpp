@@ -35,6 +35,7 @@
 #include "agent/daemon/state_file.h"
 #include "agent/datapath/link_monitor.h"
 #include "agent/datapath/loader.h"
+#include "agent/datapath/qdisc.h"
 #include "agent/events/events.h"
 #include "agent/events/journal.h"
 #include "agent/events/monitor_server.h"
@@ -106,6 +107,7 @@ class Daemon {
   void attach(uint32_t ifindex, const std::string& owner);
   void retry_attaches();
   void prefilter(uint32_t ifindex);
+  void shape(const VmSpec& vm, bool had_pacing);
   void sync_prefilter();
   void link_changed(bool added, uint32_t ifindex, const std::string& name);
   void links_resynced(const std::vector<LinkMonitor::Link>& links);
@@ -231,6 +233,17 @@ void Daemon::prefilter(uint32_t ifindex) {
   prefilter_failed_.erase(ifindex);
 }
 
+// The pacing qdisc on a VM's TAP follows its ingress_mbit limit (removed
+// only where it was there: `had_pacing`). Without it the to-VM limit still
+// holds, as a policer at the drop horizon.
+void Daemon::shape(const VmSpec& vm, bool had_pacing) {
+  auto inst = writer_->installed().find(vm.name);
+  uint32_t ifindex = inst == writer_->installed().end() ? 0 : inst->second.ifindex;
+  if (!ifindex || (!vm.rate.ingress_mbit && !had_pacing)) return;
+  Status s = vm.rate.ingress_mbit ? install_pacing_qdisc(ifindex) : remove_pacing_qdisc(ifindex);
+  if (!s) spdlog::warn("vm {}: {} (traffic to it is policed, not paced)", vm.name, s.message);
+}
+
 // Every interface with our programs gets the pre-filter or loses it, as
 // host.json says (at start, and when xdp_prefilter changes).
 void Daemon::sync_prefilter() {
@@ -273,17 +286,25 @@ void Daemon::report(const std::vector<RejectedFile>& rejected) {
 
 // After a reconcile: attach what needs the programs, follow names.
 void Daemon::apply(ReconcileResult& r) {
+  std::set<std::string_view> paced;  // VMs whose TAP had the pacing qdisc
+  for (const auto& vm : in_force_)
+    if (vm.rate.ingress_mbit) paced.insert(vm.name);
   for (const auto& name : r.removed) {
     for (const auto& vm : in_force_)
       if (vm.name == name) {
         uint32_t ifindex = ifindex_of(vm.interface);
         if (ifindex && writer_->is_blocked(ifindex)) removed_[name_id(name)] = vm;  // reports under its name
+        if (ifindex && vm.rate.ingress_mbit)
+          if (auto s = remove_pacing_qdisc(ifindex); !s) spdlog::warn("vm {}: {}", name, s.message);
       }
     reported_.erase(name_id(name));
     actions_.forget(name);
     if (metrics_) metrics_->forget_vm(name);
     spdlog::warn("vm {}: spec removed; its interface (if present) now drops everything", name);
   }
+  std::set<std::string> had_pacing;
+  for (const auto& name : r.changed)
+    if (paced.count(name)) had_pacing.insert(name);
   in_force_ = std::move(r.in_force);
   by_id_.clear();
   for (size_t i = 0; i < in_force_.size(); ++i) by_id_[name_id(in_force_[i].name)] = i;
@@ -295,6 +316,8 @@ void Daemon::apply(ReconcileResult& r) {
   // A removed VM's name is kept only while its interface drops in no_policy.
   std::erase_if(removed_, [&](const auto& kv) { return vm_on(kv.second.interface) != nullptr; });
   attach_missing(std::set<std::string_view>(r.changed.begin(), r.changed.end()));
+  for (const auto& name : r.changed)
+    if (const VmSpec* vm = vm_by_id(name_id(name))) shape(*vm, had_pacing.count(name) != 0);
   for (uint32_t ifindex : r.blocked)
     if (!dp_->attached(ifindex)) attach(ifindex, "no_policy");
   report(r.rejected);
@@ -614,6 +637,7 @@ void Daemon::link_changed(bool added, uint32_t ifindex, const std::string& name)
       }
     }
     attach(ifindex, "vm " + vm->name);
+    shape(*vm, false);
     actions_.rearm(vm->name);
     auto us = std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - t0).count();
     spdlog::info("vm {} enforced on {} (ifindex {}) {} us after the link event", vm->name, name, ifindex, us);
@@ -700,7 +724,9 @@ bool Daemon::reload_one_file(const std::string& name, const char* why) {
   if (!f.vm) return false;  // errors: reported by the full reload
   bool changed = false;
   if (!reconciler_->update_in_place(*f.vm, *cur, host_, &changed)) return false;
+  bool had_pacing = cur->rate.ingress_mbit != 0;
   *cur = std::move(*f.vm);
+  if (changed) shape(*cur, had_pacing);
   scanned_ns_ = events_read_ns_;  // every change before then was in the events read
   double enforced_ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
   if (changed) {

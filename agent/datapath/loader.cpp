@@ -16,6 +16,7 @@
 #include <string_view>
 #include <utility>
 
+#include "agent/datapath/qdisc.h"
 #include "vmfence_tc.skel.h"
 
 namespace vmfence {
@@ -465,6 +466,7 @@ void Datapath::remove_stale_pins(const std::string& dir) {
 
 void Datapath::detach(const std::string& dir, uint32_t ifindex) {
   detach_xdp(dir, ifindex);
+  if (auto s = remove_pacing_qdisc(ifindex); !s) spdlog::warn("{}", s.message);
   for (bool from_vm : {true, false}) detach_one(dir, ifindex, from_vm);
 }
 

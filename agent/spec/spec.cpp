@@ -862,9 +862,23 @@ std::optional<VmSpec> parse_vm(const std::string& file, const std::string& json,
   if (const Value* v = member(doc, "imds"))
     if (auto b = get_bool(c, *v, "imds")) vm.imds = *b;
 
-  if (const Value* v = member(doc, "limits"); v && check_object(c, *v, "limits", {"flows"})) {
+  if (const Value* v = member(doc, "limits");
+      v && check_object(c, *v, "limits",
+                        {"egress_mbit", "egress_pps", "ingress_mbit", "ingress_pps", "burst_kb", "flows"})) {
     if (const Value* f = member(*v, "flows"))
       if (auto n = get_uint(c, *f, "limits.flows", 1, 1048576)) vm.flows = *n;
+    // Up to 100 Gbit/s, 100 Mpps and 1 GB of burst: beyond is a typo.
+    auto limit = [&](const char* key, uint32_t hi, uint32_t& out) {
+      if (const Value* f = member(*v, key))
+        if (auto n = get_uint(c, *f, field_path("limits", key), 1, hi)) out = *n;
+    };
+    limit("egress_mbit", 100000, vm.rate.egress_mbit);
+    limit("egress_pps", 100000000, vm.rate.egress_pps);
+    limit("ingress_mbit", 100000, vm.rate.ingress_mbit);
+    limit("ingress_pps", 100000000, vm.rate.ingress_pps);
+    limit("burst_kb", 1048576, vm.rate.burst_kb);
+    if (vm.rate.burst_kb && !vm.rate.any())
+      c.error("limits.burst_kb", "applies to a rate limit; set egress_* or ingress_* too");
   }
   if (const Value* v = member(doc, "on_violation")) {
     PolicyFields f = parse_policy(c, *v, "on_violation", false);

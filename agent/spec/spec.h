@@ -75,6 +75,16 @@ struct ViolationPolicy {
   bool operator==(const ViolationPolicy&) const = default;
 };
 
+// A VM's rate limits (its spec's "limits"); 0 = none. Egress is what the VM
+// sends, ingress what it receives; mbit counts IP (L3) bytes.
+struct RateLimits {
+  uint32_t egress_mbit = 0, egress_pps = 0;
+  uint32_t ingress_mbit = 0, ingress_pps = 0;
+  uint32_t burst_kb = 0;  // 0: the default (README, "Rate limits")
+  bool any() const { return egress_mbit || egress_pps || ingress_mbit || ingress_pps; }
+  bool operator==(const RateLimits&) const = default;
+};
+
 struct VmSpec {
   std::string file;  // where it came from (for errors and reloads)
   std::string name;
@@ -90,6 +100,7 @@ struct VmSpec {
   bool imds = false;
   ViolationPolicy on_violation;  // effective: host default merged with the VM's fields
   uint32_t flows = 16384;        // limits.flows: the VM's own flow table size
+  RateLimits rate;               // limits.egress_* / ingress_* / burst_kb
   bool operator==(const VmSpec&) const = default;
 };
 

@@ -1490,3 +1490,132 @@ TEST_F(Prefilter, OnARealTapDropsBeforeTcx) {
   EXPECT_FALSE(w.dp().xdp_attached(ifindex));
   EXPECT_FALSE(std::filesystem::exists(Datapath::xdp_path(w.dir(), ifindex)));
 }
+
+// Rate limits (README "Rate limits"): policed from the VM, paced to it.
+class DatapathRateLimits : public ::testing::Test {
+ protected:
+  void SetUp() override { VMFENCE_REQUIRE_KERNEL(); }
+  static std::unique_ptr<World> world(const std::string& limits) {
+    std::string error;
+    auto w = World::create(kHostJson,
+                           {R"({ "name": "rl", "interface": "vft-rl", "mac": "02:00:00:00:0d:02",
+                                 "addresses": ["10.13.0.2/32"], "on_violation": { "action": "terminate" },
+                                 "egress": [ { "to": "0.0.0.0/0", "proto": "udp" } ],
+                                 "ingress": [ { "from": "0.0.0.0/0", "proto": "udp" } ],
+                                 "limits": )" +
+                            limits + "}"},
+                           error);
+    EXPECT_TRUE(w) << error;
+    return w;
+  }
+  static Frame from_rl(int size = 0) {
+    return Packet()
+        .eth(mac("02:00:00:00:0d:02"), kGwMac)
+        .ipv4(ip("10.13.0.2"), ip("1.1.1.1"))
+        .udp(4000, 53)
+        .payload(size)
+        .build();
+  }
+  static Frame to_rl(int size = 0) {
+    return Packet()
+        .eth(kGwMac, mac("02:00:00:00:0d:02"))
+        .ipv4(ip("1.1.1.1"), ip("10.13.0.2"))
+        .udp(53, 4000)
+        .payload(size)
+        .build();
+  }
+};
+
+// 1000 pps from the VM: a burst of 200 back-to-back packets gets the
+// bucket's 32 (10 ms of the rate, at least 32 packets) and the rest are
+// dropped as rate_limited: counted, no event, never a violation.
+TEST_F(DatapathRateLimits, EgressPpsPolicesQuietly) {
+  auto w = world(R"({ "egress_pps": 1000 })");
+  ASSERT_TRUE(w);
+  uint32_t slot = w->vm("rl").slot, ifindex = w->vm("rl").ifindex;
+  int passed = 0;
+  for (int i = 0; i < 200; ++i) passed += w->run(true, ifindex, from_rl()).retval == kPass;
+  vmfence_counters c = w->counters(slot);
+  EXPECT_GE(passed, 32);
+  EXPECT_LE(passed, 40) << "200 packets within a few ms of each other";
+  EXPECT_EQ(c.drops[VMFENCE_REASON_RATE_LIMITED], uint64_t(200 - passed));
+  EXPECT_TRUE(w->take_events().empty()) << "rate_limited is quiet";
+  EXPECT_EQ(w->state(slot).quarantined, 0u) << "never a violation, though the VM's action is terminate";
+  EXPECT_EQ(w->state(slot).violations, 0u);
+  // Traffic to the VM is not limited by its egress limit.
+  for (int i = 0; i < 100; ++i) ASSERT_EQ(w->run(false, ifindex, to_rl()).retval, kPass);
+  // The bucket refills at the rate, up to its depth: after 50 ms idle it is
+  // full again (32), after 10 ms it holds about 10.
+  usleep(50000);
+  int later = 0;
+  for (int i = 0; i < 200; ++i) later += w->run(true, ifindex, from_rl()).retval == kPass;
+  EXPECT_GE(later, 32);
+  EXPECT_LE(later, 40);
+  usleep(10000);
+  int refill = 0;
+  for (int i = 0; i < 200; ++i) refill += w->run(true, ifindex, from_rl()).retval == kPass;
+  EXPECT_GE(refill, 9);
+  EXPECT_LE(refill, 20) << "10 ms at 1000 pps, plus the time the runs take";
+}
+
+// 1 Mbit/s from the VM (125 bytes per ms, burst 512 KB by default at this
+// rate): bytes, not packets, run the bucket dry.
+TEST_F(DatapathRateLimits, EgressMbitPolicesBytes) {
+  auto w = world(R"({ "egress_mbit": 1, "burst_kb": 64 })");
+  ASSERT_TRUE(w);
+  uint32_t ifindex = w->vm("rl").ifindex;
+  Frame big = from_rl(1000);  // 1028 IP bytes
+  int passed = 0;
+  for (int i = 0; i < 200; ++i) passed += w->run(true, ifindex, big).retval == kPass;
+  // 64 KB of burst: 63-64 packets of 1028 bytes.
+  EXPECT_GE(passed, 62);
+  EXPECT_LE(passed, 66);
+  EXPECT_EQ(w->counters(w->vm("rl").slot).drops[VMFENCE_REASON_RATE_LIMITED], uint64_t(200 - passed));
+}
+
+// 8 Mbit/s to the VM: each packet leaves 1 us per IP byte after the one
+// before (EDT stamp for the TAP's fq), and beyond the drop horizon (the
+// burst) packets are dropped as rate_limited.
+TEST_F(DatapathRateLimits, IngressMbitPacesWithDepartureTimes) {
+  auto w = world(R"({ "ingress_mbit": 8, "burst_kb": 16 })");
+  ASSERT_TRUE(w);
+  uint32_t ifindex = w->vm("rl").ifindex;
+  Frame f = to_rl(972);  // 1000 IP bytes: 1 ms at 8 Mbit/s
+  std::vector<uint64_t> stamps;
+  int dropped = 0;
+  for (int i = 0; i < 40; ++i) {
+    __sk_buff ctx{}, out{};
+    ctx.ifindex = ifindex;
+    bpf_test_run_opts o{};
+    o.sz = sizeof(o);
+    o.data_in = f.bytes.data();
+    o.data_size_in = static_cast<uint32_t>(f.bytes.size());
+    o.ctx_in = &ctx;
+    o.ctx_size_in = sizeof(ctx);
+    o.ctx_out = &out;
+    o.ctx_size_out = sizeof(out);
+    o.repeat = 1;
+    ASSERT_EQ(bpf_prog_test_run_opts(w->dp().to_vm_prog_fd(), &o), 0) << std::strerror(errno);
+    if (static_cast<int>(o.retval) == kDrop)
+      ++dropped;
+    else
+      stamps.push_back(out.tstamp);
+  }
+  ASSERT_GE(stamps.size(), 16u);
+  for (size_t i = 1; i < stamps.size(); ++i)
+    EXPECT_EQ(stamps[i] - stamps[i - 1], 1000000u) << "packet " << i << ": 1000 bytes = 1 ms apart";
+  // The horizon: 16 KB at 8 Mbit/s = 16.4 ms ahead of now; 16-18 packets fit.
+  EXPECT_LE(stamps.size(), 19u);
+  EXPECT_EQ(w->counters(w->vm("rl").slot).drops[VMFENCE_REASON_RATE_LIMITED], uint64_t(dropped));
+  EXPECT_EQ(w->counters(w->vm("rl").slot).to_vm_drops[VMFENCE_REASON_RATE_LIMITED], uint64_t(dropped));
+}
+
+// A VM without limits pays one flag test: no stamp, no drop.
+TEST_F(DatapathRateLimits, NoLimitsNoEffect) {
+  auto w = world(R"({ "flows": 1024 })");
+  ASSERT_TRUE(w);
+  uint32_t ifindex = w->vm("rl").ifindex;
+  ASSERT_FALSE(w->vm_entry(ifindex)->flags & VMFENCE_VM_F_RATE_LIMITED);
+  for (int i = 0; i < 500; ++i) ASSERT_EQ(w->run(true, ifindex, from_rl()).retval, kPass);
+  EXPECT_EQ(w->counters(w->vm("rl").slot).drops[VMFENCE_REASON_RATE_LIMITED], 0u);
+}

@@ -100,6 +100,14 @@ const std::vector<Layout>& abi_structs() {
        {VMF_FIELD(vmfence_state, budget_window_ns), VMF_FIELD(vmfence_state, violation_window_ns),
         VMF_FIELD(vmfence_state, budget_used), VMF_FIELD(vmfence_state, violations),
         VMF_FIELD(vmfence_state, quarantined), VMF_FIELD(vmfence_state, flows_added)}},
+      {"vmfence_limit",
+       sizeof(vmfence_limit),
+       {VMF_FIELD(vmfence_limit, lock), VMF_FIELD(vmfence_limit, pad), VMF_FIELD(vmfence_limit, egress_byte_ns_q16),
+        VMF_FIELD(vmfence_limit, egress_pkt_ns), VMF_FIELD(vmfence_limit, ingress_byte_ns_q16),
+        VMF_FIELD(vmfence_limit, ingress_pkt_ns), VMF_FIELD(vmfence_limit, egress_burst_ns),
+        VMF_FIELD(vmfence_limit, ingress_burst_ns), VMF_FIELD(vmfence_limit, pkt_burst_ns),
+        VMF_FIELD(vmfence_limit, egress_bytes_at), VMF_FIELD(vmfence_limit, egress_pkts_at),
+        VMF_FIELD(vmfence_limit, ingress_pkts_at), VMF_FIELD(vmfence_limit, ingress_next_ns)}},
       {"vmfence_event",
        sizeof(vmfence_event),
        {VMF_FIELD(vmfence_event, timestamp_ns), VMF_FIELD(vmfence_event, vm_id), VMF_FIELD(vmfence_event, ifindex),
@@ -143,6 +151,7 @@ const std::vector<MapDef>& abi_maps() {
       {VMFENCE_MAP_STATE, BPF_MAP_TYPE_ARRAY, VMFENCE_MAX_VMS, "__u32", 4, "vmfence_state", sizeof(vmfence_state)},
       {VMFENCE_MAP_CONFIG, BPF_MAP_TYPE_ARRAY, 1, "__u32", 4, "vmfence_config", sizeof(vmfence_config)},
       {VMFENCE_MAP_EVENTS, BPF_MAP_TYPE_RINGBUF, VMFENCE_EVENTS_BYTES, nullptr, 0, nullptr, 0},
+      {VMFENCE_MAP_LIMITS, BPF_MAP_TYPE_ARRAY, VMFENCE_MAX_VMS, "__u32", 4, "vmfence_limit", sizeof(vmfence_limit)},
   };
   return maps;
 }

@@ -158,6 +158,34 @@ TEST(Compiler, FlowLimitComesFromTheSpec) {
   EXPECT_EQ(compile_vm(dflt, HostSpec{}, {}, errs).flow_limit, uint32_t{VMFENCE_DEFAULT_FLOWS});
 }
 
+TEST(Compiler, RateLimitsBecomeCostsAndBursts) {
+  std::vector<SpecError> errs;
+  VmSpec vm =
+      vm_from(std::string("{") + kBase +
+              R"(, "limits": {"egress_mbit": 100, "egress_pps": 50000, "ingress_mbit": 10, "ingress_pps": 1000}})");
+  VmPlan p = compile_vm(vm, HostSpec{}, {}, errs);
+  EXPECT_TRUE(p.vm.flags & VMFENCE_VM_F_RATE_LIMITED);
+  // 100 Mbit/s = 12.5 MB/s: 80 ns per byte; 10 Mbit/s: 800 ns.
+  EXPECT_EQ(p.limit.egress_byte_ns_q16 >> 16, 80u);
+  EXPECT_EQ(p.limit.ingress_byte_ns_q16 >> 16, 800u);
+  EXPECT_EQ(p.limit.egress_pkt_ns, 20000u);
+  EXPECT_EQ(p.limit.ingress_pkt_ns, 1000000u);
+  // Default burst: 100 ms of the rate, at least 512 KB (at 10 Mbit/s: 419 ms).
+  EXPECT_EQ(p.limit.egress_burst_ns, 100000000u);
+  EXPECT_EQ(p.limit.ingress_burst_ns, uint64_t{512 * 1024} * 800);
+  // Packet buckets: 10 ms, at least 32 packets of the slower rate.
+  EXPECT_EQ(p.limit.pkt_burst_ns, 32000000u);
+  EXPECT_EQ(p.limit.egress_bytes_at, 0u) << "buckets start empty";
+
+  VmSpec burst = vm_from(std::string("{") + kBase + R"(, "limits": {"egress_mbit": 100, "burst_kb": 4096}})");
+  EXPECT_EQ(compile_vm(burst, HostSpec{}, {}, errs).limit.egress_burst_ns, uint64_t{4096 * 1024} * 80);
+
+  VmPlan none = compile_vm(vm_from(std::string("{") + kBase + "}"), HostSpec{}, {}, errs);
+  EXPECT_FALSE(none.vm.flags & VMFENCE_VM_F_RATE_LIMITED);
+  vmfence_limit zero{};
+  EXPECT_EQ(std::memcmp(&none.limit, &zero, sizeof(zero)), 0);
+}
+
 TEST(Compiler, TerminateSetsQuarantineAndThreshold) {
   std::vector<SpecError> errs;
   ViolationPolicy host;

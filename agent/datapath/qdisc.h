@@ -1,0 +1,20 @@
+// The fq root qdisc that paces a rate-limited VM's incoming traffic: the
+// to-VM program stamps each packet with its departure time (EDT) and fq on
+// the TAP holds it until then (README, "Rate limits"). vmfence's own fq
+// carries a fixed handle, so it never removes a qdisc it did not install.
+#pragma once
+
+#include <cstdint>
+
+#include "maps/status.h"
+
+namespace vmfence {
+
+constexpr uint32_t kPacingQdiscHandle = 0x766d0000;  // "vm":0
+
+// Install (or re-install) vmfence's fq as ifindex's root qdisc.
+Status install_pacing_qdisc(uint32_t ifindex);
+// Remove it again; absent (or another root qdisc) is success.
+Status remove_pacing_qdisc(uint32_t ifindex);
+
+}  // namespace vmfence
