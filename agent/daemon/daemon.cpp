@@ -240,8 +240,19 @@ void Daemon::shape(const VmSpec& vm, bool had_pacing) {
   auto inst = writer_->installed().find(vm.name);
   uint32_t ifindex = inst == writer_->installed().end() ? 0 : inst->second.ifindex;
   if (!ifindex || (!vm.rate.ingress_mbit && !had_pacing)) return;
-  Status s = vm.rate.ingress_mbit ? install_pacing_qdisc(ifindex) : remove_pacing_qdisc(ifindex);
-  if (!s) spdlog::warn("vm {}: {} (traffic to it is policed, not paced)", vm.name, s.message);
+  if (!vm.rate.ingress_mbit) {
+    if (auto s = remove_pacing_qdisc(ifindex); !s) spdlog::warn("vm {}: {}", vm.name, s.message);
+    return;
+  }
+  uint64_t rate = uint64_t{vm.rate.ingress_mbit} * 125000;  // bytes/s
+  uint64_t horizon = inst->second.plan.limit.ingress_burst_ns * rate / 1000000000ull;
+  std::string kind;
+  if (auto s = install_pacing_qdisc(ifindex, rate, static_cast<uint32_t>(std::min<uint64_t>(horizon, 1u << 30)), &kind);
+      !s)
+    spdlog::warn("vm {}: {} (traffic to it is policed, not paced)", vm.name, s.message);
+  else if (kind != "fq")
+    spdlog::info("vm {}: this kernel has no fq qdisc; traffic to it is shaped by {} on {}", vm.name, kind,
+                 vm.interface);
 }
 
 // Every interface with our programs gets the pre-filter or loses it, as

@@ -20,7 +20,7 @@ bool same_plan(const VmPlan& a, const VmPlan& b) {
   return a.interface == b.interface && std::memcmp(&a.vm, &b.vm, sizeof(a.vm)) == 0 && same_bytes(a.egress, b.egress) &&
          same_bytes(a.ingress, b.ingress) && same_bytes(a.gateways, b.gateways) &&
          same_bytes(a.host_addresses, b.host_addresses) && same_bytes(a.net_addresses, b.net_addresses) &&
-         a.flow_limit == b.flow_limit;
+         a.flow_limit == b.flow_limit && std::memcmp(&a.limit, &b.limit, sizeof(a.limit)) == 0;
 }
 
 bool addresses_overlap(const VmSpec& a, const VmSpec& b) {

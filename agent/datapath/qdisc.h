@@ -1,10 +1,11 @@
-// The fq root qdisc that paces a rate-limited VM's incoming traffic: the
-// to-VM program stamps each packet with its departure time (EDT) and fq on
-// the TAP holds it until then (README, "Rate limits"). vmfence's own fq
+// The root qdisc that paces a rate-limited VM's incoming traffic: the to-VM
+// program stamps each packet with its departure time (EDT) and fq on the TAP
+// holds it until then (README, "Rate limits"); tbf where the kernel has no fq. vmfence's own fq
 // carries a fixed handle, so it never removes a qdisc it did not install.
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "maps/status.h"
 
@@ -12,8 +13,10 @@ namespace vmfence {
 
 constexpr uint32_t kPacingQdiscHandle = 0x766d0000;  // "vm":0
 
-// Install (or re-install) vmfence's fq as ifindex's root qdisc.
-Status install_pacing_qdisc(uint32_t ifindex);
+// Install (or re-install) vmfence's fq as ifindex's root qdisc, or, on a
+// kernel without sch_fq, a tbf shaping at bytes_per_s whose queue holds
+// horizon_bytes. *kind: which ("fq", "tbf").
+Status install_pacing_qdisc(uint32_t ifindex, uint64_t bytes_per_s, uint32_t horizon_bytes, std::string* kind);
 // Remove it again; absent (or another root qdisc) is success.
 Status remove_pacing_qdisc(uint32_t ifindex);
 
