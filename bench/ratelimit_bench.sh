@@ -27,7 +27,8 @@
 # Env: VMFENCE (default <repo>/build/vmfence), ROUNDS (3), DURATION (5),
 #      LIMITS ("10 100 1000"), PPS (10000), STREAMS ("1 8"), CLIENT_CPU,
 #      SERVER_CPU, OUT_DIR (default: a new /tmp/ratelimit-bench.XXXXXX),
-#      KEEP=1 (keep lib.sh's work dir with the daemon log).
+#      KEEP=1 (keep lib.sh's work dir with the daemon log), BURST_KB (limits.burst_kb
+#      for the mbit configurations; default: vmfence's).
 # Needs root, iperf3, /usr/bin/python3.
 set -u
 . "$(dirname "$0")/../tests/e2e/lib.sh"
@@ -177,7 +178,7 @@ vm1_spec() { # LIMITS_JSON ("" = none)
 limits_of() { # CONFIG -> limits JSON
 	case $1 in
 	none) echo "" ;;
-	mbit*) echo "{ \"egress_mbit\": ${1#mbit}, \"ingress_mbit\": ${1#mbit} }" ;;
+	mbit*) echo "{ \"egress_mbit\": ${1#mbit}, \"ingress_mbit\": ${1#mbit}${BURST_KB:+, \"burst_kb\": $BURST_KB} }" ;;
 	pps*) echo "{ \"egress_pps\": ${1#pps}, \"ingress_pps\": ${1#pps} }" ;;
 	esac
 }

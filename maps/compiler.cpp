@@ -233,14 +233,13 @@ vmfence_limit compile_limits(const RateLimits& r) {
   auto byte_q16 = [](uint32_t mbit) { return mbit ? (uint64_t{8000} << 16) / mbit : 0; };
   auto pkt_ns = [&](uint32_t pps) { return pps ? kNsPerS / pps : 0; };
   // A bucket of `burst_kb`, or by default what lets a single TCP stream
-  // reach the rate through a drop-based policer (measured: 512 KB at
-  // 10 Mbit/s, 4 MB at 50-1000 Mbit/s; 100 ms of the rate gets ~50%): 640 ms
-  // of the rate within [512 KB, 4 MB], and 32 ms of it above 1 Gbit/s.
+  // reach the rate through a drop-based policer: half a second of the rate,
+  // at least 512 KB (measured, BENCHMARKS.md "Rate limits": 100 ms gets ~50%
+  // of 100 Mbit/s, 33 ms ~20% of 1 Gbit/s, 512 ms 98-100% at 10-1000 Mbit/s).
   auto burst_ns = [&](uint32_t mbit, uint64_t min_ns) -> uint64_t {
     if (!mbit) return 0;
     uint64_t bytes_per_s = uint64_t{mbit} * 125000;
-    uint64_t dflt =
-        std::max(std::clamp<uint64_t>(bytes_per_s * 64 / 100, 512 * 1024, 4 << 20), bytes_per_s * 32 / 1000);
+    uint64_t dflt = std::max<uint64_t>(bytes_per_s * 512 / 1000, 512 * 1024);
     uint64_t bytes = r.burst_kb ? uint64_t{r.burst_kb} * 1024 : dflt;
     return std::max(bytes * kNsPerS / bytes_per_s, min_ns);
   };

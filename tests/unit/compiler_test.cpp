@@ -170,10 +170,12 @@ TEST(Compiler, RateLimitsBecomeCostsAndBursts) {
   EXPECT_EQ(p.limit.ingress_byte_ns_q16 >> 16, 800u);
   EXPECT_EQ(p.limit.egress_pkt_ns, 20000u);
   EXPECT_EQ(p.limit.ingress_pkt_ns, 1000000u);
-  // Default burst: 640 ms of the rate within [512 KB, 4 MB]: 4 MB at
-  // 100 Mbit/s, 800 KB (640 ms) at 10 Mbit/s.
-  EXPECT_EQ(p.limit.egress_burst_ns, uint64_t{4 << 20} * 80);
-  EXPECT_EQ(p.limit.ingress_burst_ns, 640000000u);
+  // Default burst: 512 ms of the rate, at least 512 KB.
+  EXPECT_EQ(p.limit.egress_burst_ns, 512000000u);
+  EXPECT_EQ(p.limit.ingress_burst_ns, 512000000u);
+  VmSpec slow = vm_from(std::string("{") + kBase + R"(, "limits": {"egress_mbit": 1}})");
+  EXPECT_EQ(compile_vm(slow, HostSpec{}, {}, errs).limit.egress_burst_ns, uint64_t{512 * 1024} * 8000)
+      << "512 KB at 1 Mbit/s";
   // Packet buckets: 10 ms, at least 32 packets of the slower rate.
   EXPECT_EQ(p.limit.pkt_burst_ns, 32000000u);
   EXPECT_EQ(p.limit.egress_bytes_at, 0u) << "buckets start empty";
