@@ -212,6 +212,28 @@ for r in spoofed_ip egress_denied ingress_denied; do
 done
 expect_ok "alert: not quarantined" test "$(metric "vmfence_vm_quarantined{vm=\"${NAME[b]}\"}")" = 0
 
+section "rate-limited drops (VM b gets egress_pps 100 on a reload)"
+write_vm "${NAME[b]}" "{ \"name\": \"${NAME[b]}\", \"interface\": \"tap-b\", \"mac\": \"$(mac b)\",
+  \"addresses\": [\"${IP[b]}/32\"], \"gateway\": [\"10.41.0.1\"], \"egress\": $ALLOW,
+  \"on_violation\": { \"action\": \"alert\" }, \"mode\": \"conntrack\", \"limits\": { \"egress_pps\": 100 } }"
+expect_ok "b reloaded with its limit" vmf wait --vm "${NAME[b]}" --timeout 5
+for i in $(seq 30); do grep -q "reload (.*): 1 VMs changed" "$DLOG" && break; sleep 0.1; done
+RL="$D,direction=\"from_vm\",reason=\"rate_limited\"}"
+rl0=$(metric "$RL")
+# 2000 allowed datagrams as fast as the VM can send: the bucket (32) and
+# ~100/s pass, the rest is rate_limited.
+nsx b "$PY" -c '
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for i in range(2000):
+    s.sendto(b"x", (sys.argv[1], 51900))
+' "$CONS"
+expect_ok "rate_limited from_vm counted (>= 1000 of 2000)" wait_metric "$RL" $((rl0 + 1000))
+expect_ok "rate_limited: metrics = vmfence status" \
+	test "$(metric "$RL")" = "$(status_get "${NAME[b]}" drops.rate_limited)"
+expect_ok "rate-limited is no violation: b not quarantined" \
+	test "$(metric "vmfence_vm_quarantined{vm=\"${NAME[b]}\"}")" = 0
+
 section "quarantine and terminate actions (VMs a: ok, c: fails)"
 expect_ok "a: vmfence_vm_quarantined 0 before" grep -q "^vmfence_vm_quarantined{vm=\"${NAME[a]}\"} 0$" "$WORK/scrape1.txt"
 quick_udp a "$CONS" 51902 0.2
