@@ -1017,6 +1017,8 @@ static __always_inline int is_broadcast_or_multicast(struct __sk_buff *skb, cons
 	return (d[0] & d[1] & d[2] & d[3] & d[4] & d[5]) == 0xff;
 }
 
+/* The verdict on a packet from the VM (*vmp: its VM, once known); the
+ * program below adds the VM's rate limits to what this passes. */
 static __always_inline int from_vm_judge(struct __sk_buff *skb, struct pkt *p, struct vmfence_vm **vmp)
 {
 	struct vmfence_policy_value *v;
@@ -1263,6 +1265,7 @@ static __always_inline int sender_mac_in_group(const struct vmfence_vm *vm, cons
 	return o && o->group_id == vm->group_id;
 }
 
+/* The verdict on a packet to the VM, likewise. */
 static __always_inline int to_vm_judge(struct __sk_buff *skb, struct pkt *p, struct vmfence_vm **vmp)
 {
 	struct vmfence_flow_key fk;
