@@ -941,11 +941,16 @@ static __always_inline int from_vm_arp(struct __sk_buff *skb, const struct vmfen
 	return TC_ACT_UNSPEC;
 }
 
-/* Vouch for a packet the from_vm checks passed: it entered through the TAP of
- * the VM that owns its source address (see VMFENCE_MARK_FROM_VM). */
 /* --- rate limits (limits in a VM's spec) ----------------------------------- */
 
-/* A GCRA bucket's time after a packet of `cost` ns at `now`. */
+/* GCRA: a packet conforms when its bucket's time is at most `burst` ahead of
+ * now (whatever the packet's own cost, so a packet larger than the burst
+ * still passes an idle bucket); the time then moves on by its cost. */
+static __always_inline int bucket_full(__u64 at, __u64 now, __u64 burst)
+{
+	return at > now && at - now > burst;
+}
+
 static __always_inline __u64 bucket_after(__u64 at, __u64 now, __u64 cost)
 {
 	return (at > now ? at : now) + cost;
@@ -953,39 +958,50 @@ static __always_inline __u64 bucket_after(__u64 at, __u64 now, __u64 cost)
 
 /* Over the VM's limits in this direction? From the VM, bytes and packets are
  * policed; to the VM, packets are policed and bytes paced (EDT: the packet
- * is stamped with its departure time for the TAP's fq qdisc, and dropped
- * only beyond the horizon). A bucket moves only for a packet that passes. */
-static __always_inline int over_limit(struct __sk_buff *skb, const struct vmfence_vm *vm, __u8 dir)
+ * is stamped with its departure time for the TAP's pacing qdisc, and dropped
+ * only beyond the horizon). A bucket moves only for a packet that passes.
+ * A GSO packet counts as its segments, each with its own headers: the guest
+ * chooses gso_size, and a TAP leaves gso_segs 0. */
+static __always_inline int over_limit(struct __sk_buff *skb, const struct vmfence_vm *vm, const struct pkt *p,
+				      __u8 dir)
 {
 	__u32 slot = vm->slot;
 	struct vmfence_limit *l = bpf_map_lookup_elem(&vmfence_limits_v1, &slot);
-	__u64 now, segs, bytes, b, k, t = 0;
+	__u64 now, segs = 1, bytes, hdr, t = 0;
 	int over = 0, pace = 0;
 
 	if (!l || dry_run)
 		return 0;
 	now = bpf_ktime_get_ns();
-	segs = skb->gso_segs ? skb->gso_segs : 1;
 	bytes = skb->len > ETH_HLEN ? skb->len - ETH_HLEN : 0; /* IP (L3) bytes */
+	if (skb->gso_size) {
+		/* Headers up to the L4 payload, repeated in every segment. */
+		hdr = p->l4_off > ETH_HLEN ? p->l4_off - ETH_HLEN : 0;
+		hdr += p->proto == IPPROTO_TCP ? 20 : 8;
+		if (hdr < 1500 && bytes > hdr) {
+			segs = (bytes - hdr + skb->gso_size - 1) / skb->gso_size;
+			if (segs < 1)
+				segs = 1;
+			bytes += (segs - 1) * hdr;
+		}
+	}
 	bpf_spin_lock(&l->lock);
 	if (dir == VMFENCE_DIR_FROM_VM) {
-		b = bucket_after(l->egress_bytes_at, now, (bytes * l->egress_byte_ns_q16) >> 16);
-		k = bucket_after(l->egress_pkts_at, now, segs * l->egress_pkt_ns);
-		if ((l->egress_byte_ns_q16 && b - now > l->egress_burst_ns) ||
-		    (l->egress_pkt_ns && k - now > l->pkt_burst_ns)) {
+		if ((l->egress_byte_ns_q16 && bucket_full(l->egress_bytes_at, now, l->egress_burst_ns)) ||
+		    (l->egress_pkt_ns && bucket_full(l->egress_pkts_at, now, l->egress_pkt_burst_ns))) {
 			over = 1;
 		} else {
-			l->egress_bytes_at = b;
-			l->egress_pkts_at = k;
+			l->egress_bytes_at = bucket_after(l->egress_bytes_at, now, (bytes * l->egress_byte_ns_q16) >> 16);
+			l->egress_pkts_at = bucket_after(l->egress_pkts_at, now, segs * l->egress_pkt_ns);
 		}
 	} else {
-		k = bucket_after(l->ingress_pkts_at, now, segs * l->ingress_pkt_ns);
 		t = l->ingress_next_ns > now ? l->ingress_next_ns : now;
 		pace = l->ingress_byte_ns_q16 != 0;
-		if ((l->ingress_pkt_ns && k - now > l->pkt_burst_ns) || (pace && t - now > l->ingress_burst_ns)) {
+		if ((l->ingress_pkt_ns && bucket_full(l->ingress_pkts_at, now, l->ingress_pkt_burst_ns)) ||
+		    (pace && t - now > l->ingress_burst_ns)) {
 			over = 1;
 		} else {
-			l->ingress_pkts_at = k;
+			l->ingress_pkts_at = bucket_after(l->ingress_pkts_at, now, segs * l->ingress_pkt_ns);
 			if (pace)
 				l->ingress_next_ns = t + ((bytes * l->ingress_byte_ns_q16) >> 16);
 		}
@@ -996,6 +1012,8 @@ static __always_inline int over_limit(struct __sk_buff *skb, const struct vmfenc
 	return over;
 }
 
+/* Vouch for a packet the from_vm checks passed: it entered through the TAP of
+ * the VM that owns its source address (see VMFENCE_MARK_FROM_VM). */
 static __always_inline int pass_from_vm(struct __sk_buff *skb)
 {
 	skb->mark |= VMFENCE_MARK_FROM_VM;
@@ -1152,7 +1170,7 @@ int vmfence_from_vm(struct __sk_buff *skb)
 	int ret = from_vm_judge(skb, &p, &vm);
 
 	if (ret == TC_ACT_UNSPEC && vm && (vm->flags & VMFENCE_VM_F_RATE_LIMITED) &&
-	    over_limit(skb, vm, VMFENCE_DIR_FROM_VM))
+	    over_limit(skb, vm, &p, VMFENCE_DIR_FROM_VM))
 		return drop(skb, vm, &p, VMFENCE_REASON_RATE_LIMITED, VMFENCE_DIR_FROM_VM);
 	return ret;
 }
@@ -1344,7 +1362,7 @@ int vmfence_to_vm(struct __sk_buff *skb)
 	int ret = to_vm_judge(skb, &p, &vm);
 
 	if (ret == TC_ACT_UNSPEC && vm && (vm->flags & VMFENCE_VM_F_RATE_LIMITED) &&
-	    over_limit(skb, vm, VMFENCE_DIR_TO_VM))
+	    over_limit(skb, vm, &p, VMFENCE_DIR_TO_VM))
 		return drop(skb, vm, &p, VMFENCE_REASON_RATE_LIMITED, VMFENCE_DIR_TO_VM);
 	return ret;
 }
@@ -1441,7 +1459,7 @@ int vmfence_xdp_from_vm(struct xdp_md *ctx)
 		reason = VMFENCE_REASON_NO_POLICY;
 	else if (st && st->quarantined)
 		reason = VMFENCE_REASON_QUARANTINED;
-	else if (!mac_eq(p.smac, vm->mac))
+	else if (p.ethertype && !mac_eq(p.smac, vm->mac)) /* as tcx: not for ethertype 0 */
 		reason = VMFENCE_REASON_SPOOFED_MAC;
 	else if (judged && !vm_owns(vm, &p.saddr) && unowned_source_reason(vm, &p) == VMFENCE_REASON_SPOOFED_IP)
 		reason = VMFENCE_REASON_SPOOFED_IP;

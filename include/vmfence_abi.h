@@ -455,7 +455,8 @@ struct vmfence_limit {
 	__u64 ingress_pkt_ns;      /* ingress_pps; 0 = none                     */
 	__u64 egress_burst_ns;     /* byte bucket depth as time at the rate     */
 	__u64 ingress_burst_ns;    /* EDT drop horizon                          */
-	__u64 pkt_burst_ns;        /* packet buckets' depth                     */
+	__u64 egress_pkt_burst_ns; /* packet buckets' depth, per direction      */
+	__u64 ingress_pkt_burst_ns;
 	/* The datapath's: */
 	__u64 egress_bytes_at;
 	__u64 egress_pkts_at;

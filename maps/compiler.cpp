@@ -250,8 +250,9 @@ vmfence_limit compile_limits(const RateLimits& r) {
   l.egress_burst_ns = burst_ns(r.egress_mbit, 0);
   l.ingress_burst_ns = burst_ns(r.ingress_mbit, 0);
   // Packet buckets: 10 ms of the rate, at least 32 packets.
-  uint64_t slowest = std::max(l.egress_pkt_ns, l.ingress_pkt_ns);
-  if (slowest) l.pkt_burst_ns = std::max<uint64_t>(kNsPerS / 100, 32 * slowest);
+  auto pkt_burst = [&](uint64_t ns) { return ns ? std::max<uint64_t>(kNsPerS / 100, 32 * ns) : 0; };
+  l.egress_pkt_burst_ns = pkt_burst(l.egress_pkt_ns);
+  l.ingress_pkt_burst_ns = pkt_burst(l.ingress_pkt_ns);
   return l;
 }
 

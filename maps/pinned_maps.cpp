@@ -316,7 +316,10 @@ class PinnedBackend : public MapBackend {
     }
     if (map == MapId::state && key.size() == sizeof(uint32_t))
       sweep_memo_.erase(*reinterpret_cast<const uint32_t*>(key.data()));  // its flows_added restarts
-    if (bpf_map_update_elem(fd(map), key.data(), value.data(), BPF_ANY) != 0)
+    // Rate limits under the value's spin lock: the datapath never reads a
+    // half-written set of parameters.
+    uint64_t flags = map == MapId::limits ? BPF_F_LOCK : BPF_ANY;
+    if (bpf_map_update_elem(fd(map), key.data(), value.data(), flags) != 0)
       return Status::error(errno, std::string("update ") + map_id_name(map));
     return {};
   }

@@ -108,6 +108,7 @@ class Daemon {
   void retry_attaches();
   void prefilter(uint32_t ifindex);
   void shape(const VmSpec& vm, bool had_pacing);
+  void sweep_pacing();
   void sync_prefilter();
   void link_changed(bool added, uint32_t ifindex, const std::string& name);
   void links_resynced(const std::vector<LinkMonitor::Link>& links);
@@ -253,6 +254,24 @@ void Daemon::shape(const VmSpec& vm, bool had_pacing) {
   else if (kind != "fq")
     spdlog::info("vm {}: this kernel has no fq qdisc; traffic to it is shaped by {} on {}", vm.name, kind,
                  vm.interface);
+}
+
+// At start: pacing qdiscs a previous run left where no VM has ingress_mbit
+// any more (its limit or its spec went while no daemon ran).
+void Daemon::sweep_pacing() {
+  std::map<uint32_t, RootQdisc> roots;
+  if (auto s = root_qdiscs(roots); !s) {
+    spdlog::warn("pacing qdiscs: {}", s.message);
+    return;
+  }
+  std::set<uint32_t> paced;
+  for (const auto& vm : in_force_) {
+    auto inst = writer_->installed().find(vm.name);
+    if (vm.rate.ingress_mbit && inst != writer_->installed().end()) paced.insert(inst->second.ifindex);
+  }
+  for (const auto& [ifindex, q] : roots)
+    if (q.handle == kPacingQdiscHandle && !paced.count(ifindex))
+      if (auto s = remove_pacing_qdisc(ifindex); !s) spdlog::warn("{}", s.message);
 }
 
 // Every interface with our programs gets the pre-filter or loses it, as
@@ -617,6 +636,7 @@ bool Daemon::start() {
     return false;
   }
   sync_prefilter();
+  sweep_pacing();
   apply_nft();
   publish_state();
   spdlog::info("enforcing {} VMs from {} ({} files refused; maps pinned under {})", in_force_.size(), config_dir_,

@@ -1619,3 +1619,31 @@ TEST_F(DatapathRateLimits, NoLimitsNoEffect) {
   for (int i = 0; i < 500; ++i) ASSERT_EQ(w->run(true, ifindex, from_rl()).retval, kPass);
   EXPECT_EQ(w->counters(w->vm("rl").slot).drops[VMFENCE_REASON_RATE_LIMITED], 0u);
 }
+
+// A guest's GSO frame counts as its segments (a TAP leaves gso_segs 0 and
+// the guest picks gso_size): 1400 bytes of payload at gso_size 100 are 15
+// packets, so the 32-packet bucket passes 3 such frames, not 33.
+TEST_F(DatapathRateLimits, GsoFramesCountAsTheirSegments) {
+  auto w = world(R"({ "egress_pps": 1000 })");
+  ASSERT_TRUE(w);
+  uint32_t ifindex = w->vm("rl").ifindex;
+  Frame f = from_rl(1400);
+  int passed = 0;
+  for (int i = 0; i < 20; ++i) {
+    __sk_buff ctx{};
+    ctx.ifindex = ifindex;
+    ctx.gso_size = 100;
+    ctx.gso_segs = 0;
+    bpf_test_run_opts o{};
+    o.sz = sizeof(o);
+    o.data_in = f.bytes.data();
+    o.data_size_in = static_cast<uint32_t>(f.bytes.size());
+    o.ctx_in = &ctx;
+    o.ctx_size_in = sizeof(ctx);
+    o.repeat = 1;
+    ASSERT_EQ(bpf_prog_test_run_opts(w->dp().from_vm_prog_fd(), &o), 0) << std::strerror(errno);
+    passed += static_cast<int>(o.retval) == kPass;
+  }
+  EXPECT_GE(passed, 2);
+  EXPECT_LE(passed, 4) << "each frame is 15 packets of the 1000 pps limit";
+}

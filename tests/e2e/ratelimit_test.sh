@@ -486,8 +486,31 @@ expect_ok "vm1's spec removed: fq gone from vm1" poll no_fq vm1
 reload_vm1 "$LIM_D"
 expect_ok "vm1's spec back: fq on vm1 again" poll has_fq vm1
 expect_ok "no fq on vm2 at any time" no_fq vm2
+
+section "E: a rate change applies; another root qdisc stays; a restart removes a stale one"
+reload_vm1 "{ \"egress_mbit\": 20, \"ingress_mbit\": 20$BURST }"
+MBIT_WAS=$MBIT
+MBIT=20
+measure_limited "inet -> vm1 TCP (-R) after 50 -> 20 Mbit/s" vm1 -R
+MBIT=$MBIT_WAS
+# vm2's TAP gets a root qdisc of someone else's (libvirt's htb, say), then a limit.
+nsx hv tc qdisc add dev vm2 root handle 1: htb default 1
+mark_log
+write_vm_atomic vm2 "{ \"name\": \"vm2\", \"interface\": \"vm2\", \"mac\": \"02:00:00:00:00:02\",
+  \"addresses\": [\"10.0.0.2/32\"], \"gateway\": [\"10.0.0.0\"], \"mode\": \"filtered\",
+  \"egress\": [$RULES], \"limits\": { \"ingress_mbit\": $MBIT } }"
+expect_log "vm2: vmfence leaves a root qdisc that is not its own" "vm vm2: .*root qdisc of its own \\(htb\\)"
+expect_ok "vm2's htb is still its root qdisc" bash -c "nsx() { nsenter --net=/run/netns/$HV -- \"\$@\"; }; nsx tc qdisc show dev vm2 | grep -q '^qdisc htb 1: root'"
+nsx hv tc qdisc del dev vm2 root
 expect_no_log "no rate_limited violation logged at all" "violation vm=[^ ]+ reason=rate_limited"
 counters_match_log
+# vm1's limit goes while no daemon runs: the next start removes its qdisc.
+stop_daemon
+write_vm vm1 "$(vm1_spec "")"
+start_daemon
+expect_ok "a restart removes the pacing qdisc of a VM whose limit went meanwhile" poll no_fq vm1
+reload_vm1 "$LIM_D"
+expect_ok "and it comes back with the limit" poll has_fq vm1
 stop_daemon
 if _FQ_QUIET=1 has_fq vm1; then say "  after SIGTERM fq stays on vm1 (enforcement stays in the kernel)"; else say "  NOTE: after SIGTERM fq is gone from vm1"; fi
 expect_ok "vmfence down" vmf down --config "$CONF"

@@ -177,7 +177,8 @@ TEST(Compiler, RateLimitsBecomeCostsAndBursts) {
   EXPECT_EQ(compile_vm(slow, HostSpec{}, {}, errs).limit.egress_burst_ns, uint64_t{512 * 1024} * 8000)
       << "512 KB at 1 Mbit/s";
   // Packet buckets: 10 ms, at least 32 packets of the slower rate.
-  EXPECT_EQ(p.limit.pkt_burst_ns, 32000000u);
+  EXPECT_EQ(p.limit.egress_pkt_burst_ns, 10000000u) << "10 ms at 50,000 pps (500 packets)";
+  EXPECT_EQ(p.limit.ingress_pkt_burst_ns, 32000000u) << "32 packets at 1,000 pps";
   EXPECT_EQ(p.limit.egress_bytes_at, 0u) << "buckets start empty";
 
   VmSpec burst = vm_from(std::string("{") + kBase + R"(, "limits": {"egress_mbit": 100, "burst_kb": 4096}})");
