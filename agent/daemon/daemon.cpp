@@ -316,9 +316,6 @@ void Daemon::report(const std::vector<RejectedFile>& rejected) {
 
 // After a reconcile: attach what needs the programs, follow names.
 void Daemon::apply(ReconcileResult& r) {
-  std::set<std::string_view> paced;  // VMs whose TAP had the pacing qdisc
-  for (const auto& vm : in_force_)
-    if (vm.rate.ingress_mbit) paced.insert(vm.name);
   for (const auto& name : r.removed) {
     for (const auto& vm : in_force_)
       if (vm.name == name) {
@@ -333,8 +330,12 @@ void Daemon::apply(ReconcileResult& r) {
     spdlog::warn("vm {}: spec removed; its interface (if present) now drops everything", name);
   }
   std::set<std::string> had_pacing;
-  for (const auto& name : r.changed)
-    if (paced.count(name)) had_pacing.insert(name);
+  std::map<std::string, std::string> paced_on;  // changed VM -> the TAP it had
+  for (const auto& vm : in_force_)
+    if (vm.rate.ingress_mbit && std::find(r.changed.begin(), r.changed.end(), vm.name) != r.changed.end()) {
+      had_pacing.insert(vm.name);
+      paced_on[vm.name] = vm.interface;
+    }
   in_force_ = std::move(r.in_force);
   by_id_.clear();
   for (size_t i = 0; i < in_force_.size(); ++i) by_id_[name_id(in_force_[i].name)] = i;
@@ -346,6 +347,13 @@ void Daemon::apply(ReconcileResult& r) {
   // A removed VM's name is kept only while its interface drops in no_policy.
   std::erase_if(removed_, [&](const auto& kv) { return vm_on(kv.second.interface) != nullptr; });
   attach_missing(std::set<std::string_view>(r.changed.begin(), r.changed.end()));
+  // A VM that moved to another TAP leaves no pacing on the old one (first:
+  // another VM may have taken that TAP in this reload).
+  for (const auto& [name, tap] : paced_on) {
+    const VmSpec* vm = vm_by_id(name_id(name));
+    if (uint32_t ifindex = (!vm || vm->interface != tap) ? ifindex_of(tap) : 0)
+      if (auto s = remove_pacing_qdisc(ifindex); !s) spdlog::warn("vm {}: {}", name, s.message);
+  }
   for (const auto& name : r.changed)
     if (const VmSpec* vm = vm_by_id(name_id(name))) shape(*vm, had_pacing.count(name) != 0);
   for (uint32_t ifindex : r.blocked)
