@@ -364,7 +364,9 @@ not_less() {
 	for i in 0 1 2; do [ "${b[$i]}" -ge "${a[$i]}" ] 2>/dev/null || return 1; done
 }
 vm_clean() { # VM: no violation logged since the mark, no terminate, not quarantined
-	expect_no_log "$1: no violation logged" "violation vm=$1 reason=" "$HOST_MCAST"
+	# From the VM: a stray segment of a closed iperf3 connection toward it is
+	# reported as ingress_denied (to_vm), which is not the VM's doing.
+	expect_no_log "$1: no violation logged" "violation vm=$1 reason=[^ ]+ dir=from_vm" "$HOST_MCAST"
 	expect_ok "$1: the terminate command did not run" test ! -e "$(marker "$1")"
 	expect_ok "$1: not quarantined" test "$(st_get "$1" quarantined)" = 0
 }
