@@ -1192,16 +1192,18 @@ void run_step(World& w, const Step& s) {
   }
 }
 
-TEST_P(DatapathTest, Fixture) {
-  const Fixture& f = GetParam();
+// Every step of a fixture, in order, stopping at the first fatal failure.
+void run_fixture(World& w, const Fixture& f) {
   for (size_t i = 0; i < f.steps.size(); ++i) {
     const Step& s = f.steps[i];
     SCOPED_TRACE("step " + std::to_string(i + 1) + ": " + s.what);
-    run_step(*world_, s);
-    if (HasFatalFailure()) return;
-    if (s.check) s.check(*world_, s);
+    run_step(w, s);
+    if (::testing::Test::HasFatalFailure()) return;
+    if (s.check) s.check(w, s);
   }
 }
+
+TEST_P(DatapathTest, Fixture) { run_fixture(*world_, GetParam()); }
 
 INSTANTIATE_TEST_SUITE_P(Table, DatapathTest, ::testing::ValuesIn(fixtures()),
                          [](const ::testing::TestParamInfo<Fixture>& i) { return i.param.name; });
@@ -1217,16 +1219,7 @@ class DatapathPrefilterTest : public DatapathTest {
   }
 };
 
-TEST_P(DatapathPrefilterTest, Fixture) {
-  const Fixture& f = GetParam();
-  for (size_t i = 0; i < f.steps.size(); ++i) {
-    const Step& s = f.steps[i];
-    SCOPED_TRACE("step " + std::to_string(i + 1) + ": " + s.what);
-    run_step(*world_, s);
-    if (HasFatalFailure()) return;
-    if (s.check) s.check(*world_, s);
-  }
-}
+TEST_P(DatapathPrefilterTest, Fixture) { run_fixture(*world_, GetParam()); }
 
 INSTANTIATE_TEST_SUITE_P(Table, DatapathPrefilterTest, ::testing::ValuesIn(fixtures()),
                          [](const ::testing::TestParamInfo<Fixture>& i) { return i.param.name; });
