@@ -37,7 +37,32 @@ struct vmfence_policy_value vmfence_policy_value_btf_anchor __attribute__((unuse
 static __always_inline struct vmfence_config *vmfence_cfg(void)
 {
 	__u32 zero = 0;
-	return bpf_map_lookup_elem(&vmfence_config_v2, &zero);
+	return bpf_map_lookup_elem(&vmfence_config_v3, &zero);
+}
+
+/* host.json "fleet" configured: remote VMs are in the owner maps. */
+static __always_inline int fleet_on(void)
+{
+	struct vmfence_config *cfg = vmfence_cfg();
+
+	return cfg && (cfg->flags & VMFENCE_CFG_F_FLEET);
+}
+
+/* Did the packet enter the host on one of fleet.interfaces (the underlay
+ * toward the other hosts)? The only place a remote VM's address may come
+ * from. */
+static __always_inline int from_fleet_interface(struct __sk_buff *skb)
+{
+	struct vmfence_config *cfg = vmfence_cfg();
+	__u32 in = skb->ingress_ifindex;
+
+	if (!cfg || !in)
+		return 0;
+#pragma unroll
+	for (int i = 0; i < VMFENCE_MAX_FLEET_IFACES; i++)
+		if (i < cfg->fleet_ifaces && cfg->fleet_ifindex[i] == in)
+			return 1;
+	return 0;
 }
 
 /* A guest's own noise, its resource limits, and drops an outsider or a lost
@@ -184,7 +209,7 @@ static __always_inline int inline_v6_match(const struct vmfence_vm *vm, const un
  * prefix) the LPM trie. NULL when no VM owns it. */
 static __always_inline struct vmfence_owner *owner_of(const union addr16 *a)
 {
-	struct vmfence_owner *o = bpf_map_lookup_elem(&vmfence_owners_v1, a->b);
+	struct vmfence_owner *o = bpf_map_lookup_elem(&vmfence_owners_v2, a->b);
 	struct vmfence_config *cfg;
 
 	if (o)
@@ -193,7 +218,7 @@ static __always_inline struct vmfence_owner *owner_of(const union addr16 *a)
 	if (cfg && (cfg->flags & VMFENCE_CFG_F_OWNER_NETS)) {
 		struct vmfence_addr_key k = { .prefixlen = 128 };
 		__builtin_memcpy(k.addr, a->b, 16);
-		return bpf_map_lookup_elem(&vmfence_owner_nets_v1, &k);
+		return bpf_map_lookup_elem(&vmfence_owner_nets_v2, &k);
 	}
 	return NULL;
 }
@@ -207,7 +232,7 @@ static __always_inline int vm_owns(const struct vmfence_vm *vm, const union addr
 	if (!(vm->flags & VMFENCE_VM_F_MORE_ADDRS))
 		return 0;
 	o = owner_of(a);
-	return o && o->vm_id == vm->vm_id;
+	return o && o->vm_id == vm->vm_id && !(o->flags & VMFENCE_OWNER_F_REMOTE);
 }
 
 static __always_inline int is_gateway(const struct vmfence_vm *vm, const union addr16 *a)
@@ -602,7 +627,7 @@ static __always_inline int ll_usable(const struct vmfence_vm *vm, const union ad
 	struct vmfence_owner *o = owner_of(a);
 
 	if (o)
-		return o->vm_id == vm->vm_id;
+		return o->vm_id == vm->vm_id && !(o->flags & VMFENCE_OWNER_F_REMOTE);
 	return !is_gateway(vm, a);
 }
 
@@ -1114,7 +1139,9 @@ static __always_inline int from_vm_judge(struct __sk_buff *skb, struct pkt *p, s
 			goto allowed;
 	}
 	v = policy_lookup(&vmfence_egress_v2, vm, &p->daddr);
-	if (!v || (v->flags & VMFENCE_POLICY_F_VM_NET)) {
+	/* The tries mark local VM address space only: with a fleet, a remote
+	 * VM may own any destination, so its owner is always asked. */
+	if (!v || (v->flags & VMFENCE_POLICY_F_VM_NET) || fleet_on()) {
 		g = group_of_owner(vm, &p->daddr);
 		if (g < 0)
 			return drop(skb, vm, p, VMFENCE_REASON_CROSS_GROUP, VMFENCE_DIR_FROM_VM);
@@ -1177,10 +1204,11 @@ int vmfence_from_vm(struct __sk_buff *skb)
 
 /* --- host -> VM ------------------------------------------------------------- */
 
-/* A packet claiming a VM's address toward a VM: it must have entered through
- * that VM's TAP (the mark), must not claim the target itself, and must come
- * from the target's group. 0 (no VM's address, or trusted same group: *same
- * set) or a drop reason. */
+/* A packet claiming a VM's address toward a VM: a local VM's must have
+ * entered through that VM's TAP (the mark), a remote VM's (fleet) through a
+ * fleet interface; it must not claim the target itself, and must come from
+ * the target's group. 0 (no VM's address, or trusted same group: *same set)
+ * or a drop reason. */
 static __always_inline __u8 vm_source_reason(struct __sk_buff *skb, const struct vmfence_vm *vm,
 					     const union addr16 *src, int *same)
 {
@@ -1190,8 +1218,12 @@ static __always_inline __u8 vm_source_reason(struct __sk_buff *skb, const struct
 	*same = 0;
 	if (!o)
 		return 0;
-	if (o->vm_id == vm->vm_id || !(skb->mark & VMFENCE_MARK_FROM_VM))
+	if (o->flags & VMFENCE_OWNER_F_REMOTE) {
+		if (!from_fleet_interface(skb))
+			return VMFENCE_REASON_SPOOFED_IP;
+	} else if (o->vm_id == vm->vm_id || !(skb->mark & VMFENCE_MARK_FROM_VM)) {
 		return VMFENCE_REASON_SPOOFED_IP;
+	}
 	if (o->group_id != vm->group_id) {
 		/* Another tenant's broadcast, multicast or flooded unicast on a
 		 * shared bridge reaches every port: dropped, but it is the

@@ -42,8 +42,8 @@
  * bench/): grep for the old name.
  */
 #define VMFENCE_MAP_VMS_VERSION        1
-#define VMFENCE_MAP_OWNERS_VERSION     1
-#define VMFENCE_MAP_OWNER_NETS_VERSION 1
+#define VMFENCE_MAP_OWNERS_VERSION     2
+#define VMFENCE_MAP_OWNER_NETS_VERSION 2
 #define VMFENCE_MAP_EGRESS_VERSION     2
 #define VMFENCE_MAP_INGRESS_VERSION    2
 #define VMFENCE_MAP_GATEWAYS_VERSION   1
@@ -51,7 +51,7 @@
 #define VMFENCE_MAP_FRAGS_VERSION      2
 #define VMFENCE_MAP_COUNTERS_VERSION   3
 #define VMFENCE_MAP_STATE_VERSION      1
-#define VMFENCE_MAP_CONFIG_VERSION     2
+#define VMFENCE_MAP_CONFIG_VERSION     3
 #define VMFENCE_MAP_EVENTS_VERSION     1
 #define VMFENCE_MAP_LIMITS_VERSION     1
 
@@ -290,13 +290,25 @@ struct vmfence_addr_key {
 	__u8  addr[16];         /* network order, IPv4-mapped */
 };
 
+/* vmfence_owner.flags */
+#define VMFENCE_OWNER_F_REMOTE 0x1 /* a VM of another host (fleet): trusted as a
+				    * source only from a fleet interface */
+
+/* Remote VMs' vm_id: FNV-1a of "host/name", so it never names a local VM by
+ * accident; the flag, not the id, is what the datapath trusts. */
 struct vmfence_owner {
 	__u32 vm_id;
 	__u32 group_id;
+	__u32 flags;            /* VMFENCE_OWNER_F_* */
 };
 
 /* VMFENCE_MAP_CONFIG value (array, key 0). */
 #define VMFENCE_CFG_F_OWNER_NETS 0x1 /* VMFENCE_MAP_OWNER_NETS is not empty */
+/* host.json "fleet": remote VMs are in the owner maps, so a destination's
+ * owner is looked up for every packet (the egress tries' VMFENCE_POLICY_F_VM_NET
+ * marks only local VM address space). */
+#define VMFENCE_CFG_F_FLEET      0x2
+#define VMFENCE_MAX_FLEET_IFACES 8   /* fleet.interfaces */
 struct vmfence_config {
 	__u32 flags;            /* VMFENCE_CFG_F_*                        */
 	__u32 event_budget;     /* events per VM per budget window        */
@@ -304,7 +316,10 @@ struct vmfence_config {
 	__u32 tcp_timeout_s;    /* flow_timeouts; 0 = the default below   */
 	__u32 udp_timeout_s;
 	__u32 icmp_timeout_s;   /* ICMP and every other protocol          */
-	__u32 pad;
+	__u32 fleet_ifaces;     /* used entries of fleet_ifindex[]        */
+	/* fleet.interfaces present now: the only ones a packet claiming a
+	 * remote VM's address may arrive on (skb->ingress_ifindex). */
+	__u32 fleet_ifindex[VMFENCE_MAX_FLEET_IFACES];
 };
 /* vmfence_flow.flags */
 #define VMFENCE_FLOW_F_CLOSING    0x1 /* TCP FIN/RST seen: short linger     */

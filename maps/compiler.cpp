@@ -283,16 +283,7 @@ VmPlan compile_vm(const VmSpec& vm, const HostSpec& host, const std::vector<Cidr
     } else {
       v.flags |= VMFENCE_VM_F_MORE_ADDRS;
     }
-    if (a.mapped_prefix_len() == 128) {
-      vmfence_addr k{};
-      std::memcpy(k.addr, m.data(), 16);
-      plan.host_addresses.push_back(k);
-    } else {
-      vmfence_addr_key k{};
-      k.prefixlen = a.mapped_prefix_len();
-      std::memcpy(k.addr, m.data(), 16);
-      plan.net_addresses.push_back(k);
-    }
+    add_owner_key(a, plan.host_addresses, plan.net_addresses);
   }
   // Its EUI-64 link-local is its own (README "Link-local addresses").
   plan.host_addresses.push_back(eui64_link_local(vm.mac));
@@ -322,6 +313,20 @@ VmPlan compile_vm(const VmSpec& vm, const HostSpec& host, const std::vector<Cidr
   return plan;
 }
 
+void add_owner_key(const Cidr& a, std::vector<vmfence_addr>& hosts, std::vector<vmfence_addr_key>& nets) {
+  auto m = masked_addr(a);
+  if (a.mapped_prefix_len() == 128) {
+    vmfence_addr k{};
+    std::memcpy(k.addr, m.data(), 16);
+    hosts.push_back(k);
+  } else {
+    vmfence_addr_key k{};
+    k.prefixlen = a.mapped_prefix_len();
+    std::memcpy(k.addr, m.data(), 16);
+    nets.push_back(k);
+  }
+}
+
 vmfence_config datapath_config(const HostSpec& host, const std::vector<VmSpec>& vms) {
   vmfence_config cfg{};
   cfg.event_budget = VMFENCE_DEFAULT_EVENT_BUDGET;
@@ -329,6 +334,7 @@ vmfence_config datapath_config(const HostSpec& host, const std::vector<VmSpec>& 
   cfg.tcp_timeout_s = host.flow_timeouts.tcp_s;
   cfg.udp_timeout_s = host.flow_timeouts.udp_s;
   cfg.icmp_timeout_s = host.flow_timeouts.icmp_s;
+  if (host.fleet) cfg.flags |= VMFENCE_CFG_F_FLEET;
   for (const auto& vm : vms)
     for (const auto& a : vm.addresses)
       if (a.mapped_prefix_len() < 128) cfg.flags |= VMFENCE_CFG_F_OWNER_NETS;

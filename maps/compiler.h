@@ -60,6 +60,10 @@ VmPlan compile_vm(const VmSpec& vm, const HostSpec& host, const std::vector<Cidr
                   std::vector<SpecError>& errors);
 Plan compile(const Spec& spec);
 
+// The owner-map key of one VM address: a full-length one goes to owners, a
+// prefix to owner_nets.
+void add_owner_key(const Cidr& a, std::vector<vmfence_addr>& hosts, std::vector<vmfence_addr_key>& nets);
+
 // The datapath's global knobs for a set of VMs (flow timeouts, the event
 // budget; OWNER_NETS when a VM owns a prefix).
 vmfence_config datapath_config(const HostSpec& host, const std::vector<VmSpec>& vms);

@@ -47,7 +47,7 @@ bool contains_bytes(const std::vector<T>& list, const T& x) {
   return std::any_of(list.begin(), list.end(), [&](const T& y) { return std::memcmp(&x, &y, sizeof(T)) == 0; });
 }
 
-vmfence_owner owner_of(const VmPlan& plan) { return {plan.vm.vm_id, plan.vm.group_id}; }
+vmfence_owner owner_of(const VmPlan& plan) { return {plan.vm.vm_id, plan.vm.group_id, 0}; }
 
 constexpr MapId kCounted[] = {MapId::vms,    MapId::owners,  MapId::owner_nets,
                               MapId::egress, MapId::ingress, MapId::gateways};
@@ -90,8 +90,62 @@ Status MapWriter::adopt() {
     // Generations only grow: a flow cached under an old one is re-checked.
     next_policy_id_ = std::max(next_policy_id_, vm.policy_id + 1);
   }
+  // Remote VMs' entries stay until the fleet's first sync says otherwise.
+  auto adopt_remote = [&](MapId m, std::map<Bytes, vmfence_owner>& out) {
+    for (const Bytes& k : backend_->keys(m)) {
+      Bytes v;
+      if (!backend_->lookup(m, k, v)) continue;
+      auto o = from_bytes<vmfence_owner>(v);
+      if (o.flags & VMFENCE_OWNER_F_REMOTE) out[k] = o;
+    }
+  };
+  adopt_remote(MapId::owners, remote_.hosts);
+  adopt_remote(MapId::owner_nets, remote_.nets);
   recount();
   return {};
+}
+
+Status MapWriter::set_remote(const RemoteOwners& next) {
+  std::set<Bytes> local_hosts, local_nets;
+  for (const auto& [name, vm] : vms_) {
+    for (const auto& a : vm.plan.host_addresses) local_hosts.insert(to_bytes(a));
+    for (const auto& a : vm.plan.net_addresses) local_nets.insert(to_bytes(a));
+  }
+  Status first;
+  auto apply = [&](MapId m, const std::map<Bytes, vmfence_owner>& want, std::map<Bytes, vmfence_owner>& have,
+                   const std::set<Bytes>& local) {
+    // Gone first: a full owner_nets must not refuse a newcomer for lack of
+    // room the leavers still take.
+    for (auto it = have.begin(); it != have.end();) {
+      auto w = want.find(it->first);
+      if (w != want.end() && !local.count(it->first)) {
+        ++it;
+        continue;
+      }
+      Bytes v;
+      if (backend_->lookup(m, it->first, v) && (from_bytes<vmfence_owner>(v).flags & VMFENCE_OWNER_F_REMOTE))
+        erase_counted(m, it->first);
+      it = have.erase(it);
+    }
+    for (const auto& [k, o] : want) {
+      if (local.count(k)) continue;
+      vmfence_owner flagged = o;
+      flagged.flags |= VMFENCE_OWNER_F_REMOTE;
+      auto h = have.find(k);
+      if (h != have.end() && std::memcmp(&h->second, &flagged, sizeof flagged) == 0) continue;
+      Bytes v;
+      bool existed = backend_->lookup(m, k, v);
+      if (auto s = backend_->update(m, k, to_bytes(flagged)); !s) {
+        if (first.ok()) first = Status::error(s.err, std::string("write remote VM address to ") + map_id_name(m));
+        continue;
+      }
+      if (!existed) ++counts_[m];
+      have[k] = flagged;
+    }
+  };
+  apply(MapId::owners, next.hosts, remote_.hosts, local_hosts);
+  apply(MapId::owner_nets, next.nets, remote_.nets, local_nets);
+  return first;
 }
 
 uint32_t MapWriter::alloc_slot(uint32_t vm_id, bool& fresh) {
@@ -456,6 +510,8 @@ Status MapWriter::collect_garbage() {
     for (const auto& a : vm.plan.net_addresses) live_nets.insert(to_bytes(a));
     for (const auto& g : vm.plan.gateways) live_gws.insert(to_bytes(g));
   }
+  for (const auto& [k, o] : remote_.hosts) live_hosts.insert(k);
+  for (const auto& [k, o] : remote_.nets) live_nets.insert(k);
   backend_->prune_policies(live_policies, live_names);
   auto prune = [&](MapId m, const std::set<Bytes>& live) {
     for (const Bytes& k : backend_->keys(m))

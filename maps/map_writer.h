@@ -99,6 +99,20 @@ class MapWriter {
   // Interfaces a previous run had enforced, per VM id (adopt()).
   std::optional<uint32_t> adopted_ifindex(uint32_t vm_id) const;
 
+  // Remote VMs (host.json "fleet"): their addresses in the owner maps,
+  // flagged VMFENCE_OWNER_F_REMOTE, keyed like a local VM's (struct
+  // vmfence_addr in owners, vmfence_addr_key in owner_nets).
+  struct RemoteOwners {
+    std::map<Bytes, vmfence_owner> hosts, nets;
+    size_t size() const { return hosts.size() + nets.size(); }
+  };
+  // Make the remote entries exactly `next`: an entry a local VM holds is
+  // never touched (admission decided it is the local VM's), and an entry is
+  // removed only while it is still a remote one. adopt() took over the
+  // remote entries a previous run left pinned; collect_garbage() keeps them.
+  Status set_remote(const RemoteOwners& next);
+  const RemoteOwners& remote() const { return remote_; }
+
   // Kept for callers that predate blocking: same as forget_blocked.
   void forget_orphan(uint32_t ifindex) { forget_blocked(ifindex); }
   bool is_orphaned(uint32_t ifindex) const { return is_blocked(ifindex); }
@@ -123,6 +137,7 @@ class MapWriter {
   std::map<uint32_t, uint32_t> blocked_;     // ifindex -> slot (0: a rejected file's interface)
   std::map<uint32_t, uint32_t> blocked_vm_;  // ifindex -> vm_id of a removed VM still blocked there
   std::map<MapId, size_t> counts_;
+  RemoteOwners remote_;  // as written (or adopted)
   uint32_t next_free_slot_ = 1;
   uint32_t next_policy_id_ = 1;
 };

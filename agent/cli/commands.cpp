@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -22,6 +23,7 @@
 #include "agent/daemon/state_file.h"
 #include "agent/datapath/loader.h"
 #include "agent/events/events.h"
+#include "agent/fleet/fleet.h"
 #include "agent/nft/nft.h"
 #include "agent/spec/json.h"
 #include "maps/compiler.h"
@@ -33,6 +35,29 @@ namespace vmfence {
 
 namespace fs = std::filesystem;
 
+// Local VMs that an earlier claim of another host's VM beats (README
+// "Fleet"), asked of etcd; nullopt when the cluster cannot be asked.
+static std::optional<std::vector<SpecError>> fleet_conflicts(const FleetSpec& spec, const std::vector<VmSpec>& vms,
+                                                             std::string* why) {
+  fleet::EtcdClient client(fleet::etcd_options(spec));
+  fleet::RangeResult list;
+  if (auto s = client.range_prefix(fleet::vms_prefix(spec.prefix), 0, &list); !s) {
+    *why = s.message;
+    return std::nullopt;
+  }
+  fleet::Records records;
+  for (const auto& kv : list.kvs)
+    if (auto r = fleet::parse_record(spec.prefix, kv.key, kv.value, nullptr)) {
+      r->create_revision = kv.create_revision;
+      records[kv.key] = std::move(*r);
+    }
+  std::vector<const VmSpec*> local;
+  for (const auto& vm : vms) local.push_back(&vm);
+  std::vector<SpecError> out;
+  for (const auto& [name, l] : fleet::resolve(spec.host, local, records).local_losers) out.push_back(l.error);
+  return out;
+}
+
 int cmd_check(const std::string& config_dir) {
   SpecLoad load = load_spec(config_dir);
   Plan plan = compile(load.spec);
@@ -41,6 +66,19 @@ int cmd_check(const std::string& config_dir) {
   if (load.ok())
     for (const auto& e : plan.errors) std::fprintf(stderr, "%s\n", e.str().c_str());
   if (!load.ok() || !plan.ok()) return 1;
+  if (const auto& f = load.spec.host.fleet) {
+    std::string why;
+    auto conflicts = fleet_conflicts(*f, load.spec.vms, &why);
+    if (!conflicts) {
+      std::fprintf(stderr,
+                   "%s: fleet.etcd: the cluster could not be asked (%s); checked the local files only, not "
+                   "addresses other hosts' VMs claim\n",
+                   load.spec.host.file.c_str(), why.c_str());
+    } else {
+      for (const auto& e : *conflicts) std::fprintf(stderr, "%s\n", e.str().c_str());
+      if (!conflicts->empty()) return 1;
+    }
+  }
   std::printf("%s: OK (%zu VMs)\n", config_dir.c_str(), load.spec.vms.size());
   return 0;
 }
@@ -61,7 +99,8 @@ static pid_t running_agent() {
 }
 
 int cmd_down(const std::string& config_dir) {
-  (void)config_dir;  // everything vmfence owns is found under its pin dir and table
+  // Everything vmfence owns in the kernel is found under its pin dir and
+  // table; the config names the fleet whose records go too.
   std::string dir = pin_dir();
   if (pid_t pid = running_agent()) {
     std::printf("stopping agent (pid %d)\n", pid);
@@ -69,6 +108,19 @@ int cmd_down(const std::string& config_dir) {
     for (int i = 0; i < 500 && kill(pid, 0) == 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   int rc = 0;
+  std::vector<SpecError> host_errors;
+  std::ifstream host_in(config_dir + "/host.json");
+  std::string host_text((std::istreambuf_iterator<char>(host_in)), {});
+  HostSpec host = parse_host(config_dir + "/host.json", host_text, host_errors);
+  if (host.fleet) {
+    if (auto s = fleet::Fleet::withdraw(*host.fleet, run_dir()); !s) {
+      std::fprintf(stderr, "vmfence down: fleet: %s (this host's records expire with its lease, %u s)\n",
+                   s.message.c_str(), host.fleet->lease_s);
+      rc = 1;
+    } else {
+      std::printf("deleted host %s's records from etcd\n", host.fleet->host.c_str());
+    }
+  }
   for (uint32_t ifindex : Datapath::linked_ifindexes(dir)) {
     Datapath::detach(dir, ifindex);
     char name[IF_NAMESIZE] = "";
@@ -167,6 +219,70 @@ std::string rules_text(const char* dir, const PolicyRules& rules) {
 }
 
 }  // namespace
+
+// The fleet part of `status`: etcd's state, the age of the remote view and
+// the remote VMs (README "Fleet"). Nothing without a fleet.
+static void fleet_status(bool json, rj::PrettyWriter<rj::StringBuffer>& w, std::string& out) {
+  auto f = read_fleet_status(run_dir());
+  if (!f) return;
+  int64_t now_ns =
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+  double age = f->confirmed_ns ? std::max(0.0, (now_ns - f->confirmed_ns) / 1e9) : -1;
+  std::vector<const fleet::Record*> remote;
+  fleet::Records records = fleet::Fleet::load_saved_view(run_dir());
+  for (const auto& [key, r] : records)
+    if (r.host != f->host) remote.push_back(&r);
+  if (json) {
+    w.Key("fleet");
+    w.StartObject();
+    w.Key("host");
+    w.String(f->host.c_str());
+    w.Key("etcd_connected");
+    w.Bool(f->connected);
+    w.Key("synced");
+    w.Bool(f->synced);
+    w.Key("sync_age_seconds");
+    if (age < 0)
+      w.Null();
+    else
+      w.Double(std::round(age * 10) / 10);
+    w.Key("conflicts");
+    w.Uint64(f->conflicts);
+    w.Key("last_error");
+    w.String(f->error.c_str());
+    w.Key("remote_vms");
+    w.StartArray();
+    for (const auto* r : remote) {
+      w.StartObject();
+      w.Key("name");
+      w.String(r->name.c_str());
+      w.Key("host");
+      w.String(r->host.c_str());
+      w.Key("group");
+      w.String(r->group.c_str());
+      w.Key("addresses");
+      w.StartArray();
+      for (const auto& a : r->addresses) w.String(a.str().c_str());
+      w.EndArray();
+      w.Key("revision");
+      w.Int64(r->create_revision);
+      w.EndObject();
+    }
+    w.EndArray();
+    w.EndObject();
+    return;
+  }
+  out += fmt::format("fleet: host {}, etcd {}, remote view {}, {} remote VMs{}\n", f->host,
+                     f->connected ? "connected" : "UNREACHABLE (enforcing the last known view)",
+                     age < 0 ? std::string("never synced") : fmt::format("{:.1f} s old", age), remote.size(),
+                     f->conflicts ? fmt::format(", {} local VMs refused for a conflict", f->conflicts) : "");
+  if (!f->connected && !f->error.empty()) out += "  last error: " + f->error + "\n";
+  for (const auto* r : remote) {
+    std::string addrs;
+    for (const auto& a : r->addresses) addrs += (addrs.empty() ? "" : ",") + a.str();
+    out += fmt::format("  remote {:<20} host {:<16} group {:<16} {}\n", r->name, r->host, r->group, addrs);
+  }
+}
 
 int cmd_status(const StatusOptions& opt) {
   bool json = opt.json;
@@ -405,8 +521,9 @@ int cmd_status(const StatusOptions& opt) {
       out += fmt::format("  {:<24} {:>7} / {:<7} ({:.1f}%)\n", name, n, max, max ? 100.0 * n / max : 0.0);
     }
   });
+  if (json) w.EndObject();
+  if (opt.vm.empty()) fleet_status(json, w, out);
   if (json) {
-    w.EndObject();
     w.EndObject();
     out = std::string(buf.GetString()) + "\n";
   }

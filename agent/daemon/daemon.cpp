@@ -39,6 +39,7 @@
 #include "agent/events/events.h"
 #include "agent/events/journal.h"
 #include "agent/events/monitor_server.h"
+#include "agent/fleet/fleet.h"
 #include "agent/metrics/metrics.h"
 #include "agent/nft/nft.h"
 #include "agent/spec/spec.h"
@@ -50,6 +51,8 @@ namespace vmfence {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+constexpr uint64_t kFleetTag = 100;  // epoll tag of the fleet's wake fd (run() has the others)
 
 int64_t realtime_ns() {
   timespec ts{};
@@ -126,6 +129,27 @@ class Daemon {
   const VmSpec* vm_on(const std::string& ifname) const;
   const RejectedFile* rejected_on(const std::string& ifname) const;
   std::vector<VmSpec> previous_claims(const SpecFiles& files) const;
+  // The fleet (host.json "fleet"): refuse local VMs an earlier claim of
+  // another host's VM beats, before admission; the remote winners go to the
+  // owner maps after it (sync_remote). Returns the incumbents to admit
+  // against (`in_force_` unless a loser was among them: then `trimmed`).
+  const std::vector<VmSpec>& fleet_admit(SpecFiles& files, const std::vector<VmSpec>& incumbents,
+                                         std::vector<VmSpec>& trimmed);
+  void sync_remote();
+  void sync_fleet_config();
+  void on_fleet_wake();
+  void publish_fleet(bool force);
+
+  std::unique_ptr<fleet::Fleet> fleet_;
+  FleetSpec fleet_spec_;
+  bool fleet_started_ = false;         // run() started threads: a new Fleet starts at once
+  fleet::Fleet::Snapshot fleet_view_;  // the view admission and the maps follow
+  MapWriter::RemoteOwners fleet_remote_;
+  size_t fleet_remote_vms_ = 0;
+  size_t fleet_losers_ = 0;
+  Clock::time_point fleet_hold_until_{};  // a restart's pinned remote entries stay until the first sync or this
+  bool fleet_view_saved_ = true;
+  Clock::time_point fleet_saved_at_{};
 
   std::string config_dir_;
   HostSpec host_;
@@ -545,6 +569,109 @@ std::vector<VmSpec> Daemon::previous_claims(const SpecFiles& files) const {
   return out;
 }
 
+const std::vector<VmSpec>& Daemon::fleet_admit(SpecFiles& files, const std::vector<VmSpec>& incumbents,
+                                               std::vector<VmSpec>& trimmed) {
+  fleet_losers_ = 0;
+  if (!fleet_) return incumbents;
+  std::vector<const VmSpec*> local;
+  for (const auto& f : files.vms)
+    if (f.vm) local.push_back(&*f.vm);
+  fleet::Resolution res = fleet::resolve(host_.fleet->host, local, fleet_view_.records);
+  fleet_remote_ = fleet::remote_owners(res.remote);
+  fleet_remote_vms_ = res.remote.size();
+  fleet_losers_ = res.local_losers.size();
+  if (res.local_losers.empty()) return incumbents;
+  for (const auto& [name, l] : res.local_losers) spdlog::error("{}", l.error.str());
+  trimmed = incumbents;
+  fleet::refuse_losers(res, files, trimmed);
+  return trimmed;
+}
+
+// The remote winners into the owner maps, and the fleet interfaces into
+// the datapath config. After a restart, the remote entries the previous run
+// pinned stay as they are until the first full sync (or the hold times
+// out): an etcd that is away must not turn remote VMs into "outside".
+void Daemon::sync_remote() {
+  if (!fleet_) return;
+  if (fleet_view_.synced || Clock::now() >= fleet_hold_until_) {
+    if (auto s = writer_->set_remote(fleet_remote_); !s) spdlog::error("fleet: {}", s.message);
+  }
+  if (auto s = reconciler_->refresh_fleet_config(!writer_->remote().nets.empty()); !s)
+    spdlog::error("datapath config: {}", s.message);
+  std::vector<fleet::Record> mine;
+  mine.reserve(in_force_.size());
+  for (const auto& vm : in_force_) mine.push_back(fleet::local_record(host_.fleet->host, vm));
+  fleet_->publish(std::move(mine));
+  fleet_view_saved_ = false;
+}
+
+// host.json's fleet came, went or changed: a new client (the old one's
+// lease stays in etcd until it expires, like a SIGTERM).
+void Daemon::sync_fleet_config() {
+  bool same = fleet_ && host_.fleet && fleet_spec_ == *host_.fleet;
+  if (same || (!fleet_ && !host_.fleet)) return;
+  if (fleet_) {
+    spdlog::info("fleet: configuration changed; reconnecting");
+    fleet_.reset();
+  }
+  if (!host_.fleet) {
+    fleet_view_ = {};
+    fleet_remote_ = {};
+    fleet_remote_vms_ = 0;
+    if (writer_) (void)writer_->set_remote({});
+    if (metrics_) metrics_->set_fleet(std::nullopt);
+    return;
+  }
+  fleet_spec_ = *host_.fleet;
+  fleet_ = std::make_unique<fleet::Fleet>(fleet_spec_, run_dir());
+  fleet_view_ = fleet_->snapshot();
+  fleet_hold_until_ = Clock::now() + std::chrono::seconds(10 * fleet_spec_.lease_s);
+  if (fleet_started_) {
+    fleet_->start();
+    watch(fleet_->wake_fd(), kFleetTag);
+  }
+}
+
+void Daemon::on_fleet_wake() {
+  if (!fleet_) return;
+  fleet_->drain_wake();
+  fleet::Fleet::Snapshot snap = fleet_->snapshot();
+  bool changed = snap.generation != fleet_view_.generation || snap.synced != fleet_view_.synced;
+  fleet_view_ = std::move(snap);
+  publish_fleet(false);
+  if (!changed) return;
+  // Remote records change who wins a conflict and the owner maps: a full
+  // reload (the spec files come from the cache) decides both.
+  full_reload_ = true;
+  reload("fleet view changed");
+}
+
+// `vmfence status` and the metrics: the view's age every second, the view
+// itself (also what a restart starts from) when it changed, at most once a
+// second.
+void Daemon::publish_fleet(bool force) {
+  if (!fleet_) return;
+  auto st = fleet_->snapshot_status();
+  double age = st.confirmed_ns ? std::max(0.0, (realtime_ns() - st.confirmed_ns) / 1e9) : -1;
+  if (metrics_) metrics_->set_fleet(FleetMetrics{fleet_remote_vms_, age < 0 ? 0 : age});
+  FleetState f;
+  f.host = fleet_spec_.host;
+  f.connected = st.connected;
+  f.synced = st.synced;
+  f.confirmed_ns = st.confirmed_ns;
+  f.remote_vms = fleet_remote_vms_;
+  f.conflicts = fleet_losers_;
+  f.error = st.last_error;
+  (void)write_fleet_status(run_dir(), f);
+  auto now = Clock::now();
+  if (!fleet_view_saved_ && (force || now - fleet_saved_at_ >= std::chrono::seconds(1))) {
+    fleet_saved_at_ = now;
+    fleet_view_saved_ = true;
+    if (auto s = fleet::Fleet::save_view(run_dir(), fleet_spec_.prefix, fleet_view_); !s)
+      spdlog::warn("fleet: {}", s.message);
+  }
+}
+
 bool Daemon::start() {
   // One agent per pin dir: a second one would fight over the same maps.
   std::error_code ec;
@@ -619,12 +746,16 @@ bool Daemon::start() {
   for (const auto& f : files.vms)
     if (f.vm && writer_->adopted_ifindex(name_id(f.vm->name))) enforced.insert(f.vm->name);
   reserved_ = previous_claims(files);
+  sync_fleet_config();
+  std::vector<VmSpec> none;
+  fleet_admit(files, none, none);
   ReconcileResult r = reconciler_->reconcile(files, {}, enforced, reserved_);
   double reconcile_ms = ms();
   if (!fresh_maps)
     if (auto s = writer_->collect_garbage(); !s) spdlog::warn("garbage collection: {}", s.message);
   double collect_ms = ms();
   apply(r);
+  sync_remote();
   spdlog::info(
       "start: programs loaded in {:.0f} ms, previous state adopted in {:.0f} ms, {} VMs written in {:.0f} ms, "
       "leftovers collected in {:.0f} ms, interfaces and nftables in {:.0f} ms",
@@ -821,9 +952,13 @@ void Daemon::reload(const char* why) {
   listen_metrics();
   // A reserved claim lasts while only invalid files name its VM.
   std::erase_if(reserved_, [&](const VmSpec& vm) { return !only_broken_files_name(files, vm.name); });
-  ReconcileResult r = reconciler_->reconcile(files, in_force_, {}, reserved_);
+  sync_fleet_config();
+  std::vector<VmSpec> trimmed;
+  const std::vector<VmSpec>& incumbents = fleet_admit(files, in_force_, trimmed);
+  ReconcileResult r = reconciler_->reconcile(files, incumbents, {}, reserved_);
   double reconcile_ms = ms();
   apply(r);
+  sync_remote();
   if (prefiltered != host_.xdp_prefilter) sync_prefilter();
   double apply_ms = ms();
   apply_nft();
@@ -949,6 +1084,12 @@ int Daemon::run() {
   metrics_server_ = std::make_unique<MetricsServer>(metrics_);
   listen_metrics();
   if (!watch(inotify_.get(), kInotify) || !watch(links_->fd(), kLinks)) return 1;
+  // The fleet's threads start with signals blocked (SIGTERM is the loop's).
+  fleet_started_ = true;
+  if (fleet_) {
+    fleet_->start();
+    watch(fleet_->wake_fd(), kFleetTag);
+  }
 
   if (auto s = events_.open(dp_->maps().events.get()); !s)
     spdlog::error("{} (violations are still dropped and counted; the quarantine scan still terminates)", s.message);
@@ -1021,6 +1162,9 @@ int Daemon::run() {
         case kMonitor:
           monitor_.handle_ready();
           break;
+        case kFleetTag:
+          on_fleet_wake();
+          break;
         case kLinks:
           if (auto s = links_->handle_readable(); !s) spdlog::error("link monitor: {}", s.message);
           break;
@@ -1050,6 +1194,8 @@ int Daemon::run() {
             last_report = now;
             report_lost_events();
             act_on_quarantine();
+            if (fleet_ && !fleet_view_.synced) sync_remote();  // the restart hold may have run out
+            publish_fleet(false);
           }
           // Idle flows are already ignored by the datapath; this frees
           // their room in the VM's table.

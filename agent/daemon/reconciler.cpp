@@ -152,9 +152,12 @@ ReconcileResult Reconciler::reconcile(const SpecFiles& files, const std::vector<
   // Flags the new VMs need go in before their entries; flags only the old
   // VMs needed go after they are gone (below).
   const std::vector<Cidr> nets = vm_address_space(in_force);
-  vmfence_config before = datapath_config(host, in_force);
+  vmfence_config before = config_for(host, in_force);
   before.flags |= datapath_config(host, incumbents).flags;
-  if (auto s = writer_.write_config(before); !s) spdlog::error("datapath config: {}", s.message);
+  if (auto s = writer_.write_config(before); !s)
+    spdlog::error("datapath config: {}", s.message);
+  else
+    config_written_ = before;
 
   std::vector<Item> items;
   for (const auto& vm : in_force) {
@@ -275,10 +278,41 @@ ReconcileResult Reconciler::reconcile(const SpecFiles& files, const std::vector<
   nets_in_force_ = vm_address_space(r.in_force);
   admission_nets_ = all_nets;
 
-  vmfence_config after = datapath_config(host, r.in_force);
-  if (after.flags != before.flags)
-    if (auto s = writer_.write_config(after); !s) spdlog::error("datapath config: {}", s.message);
+  vmfence_config after = config_for(host, r.in_force);
+  if (std::memcmp(&after, &before, sizeof after) != 0) {
+    if (auto s = writer_.write_config(after); !s)
+      spdlog::error("datapath config: {}", s.message);
+    else
+      config_written_ = after;
+  }
   return r;
+}
+
+void Reconciler::add_fleet_part(const HostSpec& host, vmfence_config& cfg) const {
+  cfg.fleet_ifaces = 0;
+  std::memset(cfg.fleet_ifindex, 0, sizeof cfg.fleet_ifindex);
+  if (host.fleet)
+    for (const auto& name : host.fleet->interfaces)
+      if (uint32_t i = ifindex_of_(name); i && cfg.fleet_ifaces < VMFENCE_MAX_FLEET_IFACES)
+        cfg.fleet_ifindex[cfg.fleet_ifaces++] = i;
+  if (remote_nets_) cfg.flags |= VMFENCE_CFG_F_OWNER_NETS;
+}
+
+vmfence_config Reconciler::config_for(const HostSpec& host, const std::vector<VmSpec>& vms) const {
+  vmfence_config cfg = datapath_config(host, vms);
+  add_fleet_part(host, cfg);
+  return cfg;
+}
+
+Status Reconciler::refresh_fleet_config(bool remote_nets) {
+  remote_nets_ = remote_nets;
+  if (!reconciled_ || !config_written_) return {};
+  vmfence_config cfg = *config_written_;  // the VMs' part as the last reconcile wrote it
+  add_fleet_part(host_in_force_, cfg);
+  if (std::memcmp(&cfg, &*config_written_, sizeof cfg) == 0) return {};
+  if (auto s = writer_.write_config(cfg); !s) return s;
+  config_written_ = cfg;
+  return {};
 }
 
 }  // namespace vmfence

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -58,6 +59,12 @@ class Reconciler {
   // runs reconcile(), which also reports failures. *changed: maps written.
   bool update_in_place(const VmSpec& next, const VmSpec& current, const HostSpec& host, bool* changed);
 
+  // The fleet's part of the datapath config (host.json "fleet"): the
+  // fleet interfaces present now, and whether a remote VM owns a prefix.
+  // Rewrites the config when that changed (an underlay interface came or
+  // went, the remote view changed); reconcile() keeps it.
+  Status refresh_fleet_config(bool remote_nets);
+
  private:
   // compile_vm()'s verdict on a VM, kept while its spec, host.json and the VM
   // address space stay the same: a reload after one file changed compiles
@@ -72,8 +79,14 @@ class Reconciler {
   // *plan).
   Compiled& compiled(const VmSpec& vm, const HostSpec& host, const std::vector<Cidr>& nets, VmPlan* plan, bool* fresh);
 
+  // datapath_config() plus the fleet's part.
+  vmfence_config config_for(const HostSpec& host, const std::vector<VmSpec>& vms) const;
+  void add_fleet_part(const HostSpec& host, vmfence_config& cfg) const;
+
   MapWriter& writer_;
   IfindexOf ifindex_of_;
+  bool remote_nets_ = false;
+  std::optional<vmfence_config> config_written_;
   HostSpec compiled_host_;
   std::vector<Cidr> compiled_nets_;
   bool reconciled_ = false;

@@ -127,6 +127,53 @@ State read_state(const std::string& dir) {
   return out;
 }
 
+Status write_fleet_status(const std::string& dir, const FleetState& f) {
+  rj::StringBuffer buf;
+  rj::Writer<rj::StringBuffer> w(buf);
+  w.StartObject();
+  w.Key("host");
+  w.String(f.host.c_str());
+  w.Key("connected");
+  w.Bool(f.connected);
+  w.Key("synced");
+  w.Bool(f.synced);
+  w.Key("confirmed_ns");
+  w.Int64(f.confirmed_ns);
+  w.Key("remote_vms");
+  w.Uint64(f.remote_vms);
+  w.Key("conflicts");
+  w.Uint64(f.conflicts);
+  w.Key("error");
+  w.String(f.error.c_str());
+  w.EndObject();
+  std::string tmp = dir + "/.fleet.json.tmp", path = dir + "/fleet.json";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << buf.GetString() << "\n";
+    if (!out.flush()) return Status::error(EIO, "write " + tmp);
+  }
+  if (rename(tmp.c_str(), path.c_str()) != 0) return Status::error(errno, "rename " + path);
+  return {};
+}
+
+std::optional<FleetState> read_fleet_status(const std::string& dir) {
+  std::ifstream in(dir + "/fleet.json");
+  if (!in) return std::nullopt;
+  std::stringstream ss;
+  ss << in.rdbuf();
+  rj::Document d;
+  if (d.Parse(ss.str().c_str()).HasParseError() || !d.IsObject()) return std::nullopt;
+  FleetState f;
+  if (d.HasMember("host") && d["host"].IsString()) f.host = d["host"].GetString();
+  if (d.HasMember("error") && d["error"].IsString()) f.error = d["error"].GetString();
+  f.connected = d.HasMember("connected") && d["connected"].IsBool() && d["connected"].GetBool();
+  f.synced = d.HasMember("synced") && d["synced"].IsBool() && d["synced"].GetBool();
+  if (d.HasMember("confirmed_ns") && d["confirmed_ns"].IsInt64()) f.confirmed_ns = d["confirmed_ns"].GetInt64();
+  if (d.HasMember("remote_vms") && d["remote_vms"].IsUint64()) f.remote_vms = d["remote_vms"].GetUint64();
+  if (d.HasMember("conflicts") && d["conflicts"].IsUint64()) f.conflicts = d["conflicts"].GetUint64();
+  return f;
+}
+
 std::vector<StateVm> read_state_file(const std::string& dir, std::string* config_dir) {
   State s = read_state(dir);
   if (config_dir) *config_dir = s.config_dir;

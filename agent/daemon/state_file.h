@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -31,6 +32,20 @@ struct State {
   std::vector<StateVm> vms;
   std::vector<StateRejected> rejected;
 };
+
+// The fleet's state (RUN_DIR/fleet.json, every second): what `status` and
+// `explain` say about etcd. The remote VMs themselves are in
+// RUN_DIR/fleet-view.json (agent/fleet).
+struct FleetState {
+  std::string host;
+  bool connected = false, synced = false;
+  int64_t confirmed_ns = 0;  // CLOCK_REALTIME the remote view was last known current
+  uint64_t remote_vms = 0;   // remote VMs in force
+  uint64_t conflicts = 0;    // local VMs refused for an earlier remote claim
+  std::string error;         // etcd's last failure
+};
+Status write_fleet_status(const std::string& run_dir, const FleetState& f);
+std::optional<FleetState> read_fleet_status(const std::string& run_dir);
 
 // Atomic (temp file + rename).
 Status write_state_file(const std::string& run_dir, const State& state);

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -18,6 +19,7 @@
 #include <tuple>
 
 #include "agent/spec/json.h"
+#include "vmfence_abi.h"
 
 namespace vmfence {
 
@@ -707,6 +709,82 @@ std::optional<std::string> read_file(const std::string& path, std::string* why) 
   return text;
 }
 
+// host.json "fleet" (DESIGN.md): nullopt when it is not an object.
+std::optional<FleetSpec> parse_fleet(Ctx& c, const Value& v) {
+  if (!check_object(c, v, "fleet", {"etcd", "host", "prefix", "interfaces", "lease_s", "tls"})) return std::nullopt;
+  FleetSpec f;
+  char hostname[256] = "";
+  if (::gethostname(hostname, sizeof hostname - 1) == 0) f.host = hostname;
+  if (const Value* e = required(c, v, "fleet", "etcd")) {
+    for_each(c, *e, "fleet.etcd", [&](const Value& u, const std::string& up) {
+      auto url = get_string(c, u, up);
+      if (!url) return;
+      if (url->rfind("http://", 0) != 0 && url->rfind("https://", 0) != 0)
+        c.error(up, quote(*url) + ": an etcd client URL starts with http:// or https://");
+      else if (url->find_first_of(" \t\n") != std::string::npos || url->size() > 255)
+        c.error(up, quote(*url) + ": not a URL");
+      else
+        f.etcd.push_back(*url);
+    });
+    if (e->IsArray() && e->Empty()) c.error("fleet.etcd", "needs at least one endpoint");
+  }
+  // Host and prefix end up in etcd keys: no '/' in the host, and a prefix
+  // that is a directory of its own.
+  auto key_part = [](const std::string& s) {
+    return std::all_of(s.begin(), s.end(), [](char ch) {
+      return std::isalnum(static_cast<unsigned char>(ch)) || ch == '-' || ch == '_' || ch == '.';
+    });
+  };
+  if (const Value* h = member(v, "host"))
+    if (auto s = get_string(c, *h, "fleet.host")) {
+      if (s->empty() || s->size() > 253 || !key_part(*s))
+        c.error("fleet.host", quote(*s) + ": a host name (letters, digits, '-', '_', '.')");
+      else
+        f.host = *s;
+    }
+  if (f.host.empty() || !key_part(f.host))
+    c.error("fleet.host", "the hostname " + quote(f.host) + " cannot name this host in etcd: set fleet.host");
+  if (const Value* p = member(v, "prefix"))
+    if (auto s = get_string(c, *p, "fleet.prefix")) {
+      if (s->size() < 2 || s->front() != '/' || s->back() != '/')
+        c.error("fleet.prefix", quote(*s) + ": a key prefix starts and ends with '/'");
+      else
+        f.prefix = *s;
+    }
+  if (const Value* i = required(c, v, "fleet", "interfaces")) {
+    for_each(c, *i, "fleet.interfaces", [&](const Value& e, const std::string& ep) {
+      auto name = get_ifname(c, e, ep);
+      if (!name) return;
+      if (std::find(f.interfaces.begin(), f.interfaces.end(), *name) != f.interfaces.end())
+        c.error(ep, quote(*name) + " is listed twice");
+      else
+        f.interfaces.push_back(*name);
+    });
+    if (i->IsArray() && i->Empty()) c.error("fleet.interfaces", "needs the interface(s) toward the other hosts");
+    if (f.interfaces.size() > VMFENCE_MAX_FLEET_IFACES)
+      c.error("fleet.interfaces", "at most " + std::to_string(VMFENCE_MAX_FLEET_IFACES) + " interfaces");
+  }
+  if (const Value* l = member(v, "lease_s"))
+    if (auto n = get_uint(c, *l, "fleet.lease_s", FleetSpec::kMinLease, 3600)) f.lease_s = *n;
+  if (const Value* t = member(v, "tls"); t && check_object(c, *t, "fleet.tls", {"ca", "cert", "key"})) {
+    auto file = [&](const char* key, std::string& out) {
+      if (const Value* x = member(*t, key))
+        if (auto s = get_string(c, *x, field_path("fleet.tls", key))) {
+          if (s->empty() || s->front() != '/')
+            c.error(field_path("fleet.tls", key), quote(*s) + ": an absolute file path");
+          else
+            out = *s;
+        }
+    };
+    file("ca", f.tls_ca);
+    file("cert", f.tls_cert);
+    file("key", f.tls_key);
+    if (f.tls_cert.empty() != f.tls_key.empty())
+      c.error("fleet.tls", "a client certificate needs both \"cert\" and \"key\"");
+  }
+  return f;
+}
+
 }  // namespace
 
 // ---- documents -------------------------------------------------------------
@@ -717,8 +795,9 @@ HostSpec parse_host(const std::string& file, const std::string& json, std::vecto
   host.file = file;
   rj::Document doc;
   if (!parse_document(c, json, doc)) return host;
-  if (!check_object(c, doc, "",
-                    {"wan_interfaces", "nat", "imds", "on_violation", "flow_timeouts", "metrics", "xdp_prefilter"}))
+  if (!check_object(
+          c, doc, "",
+          {"wan_interfaces", "nat", "imds", "on_violation", "flow_timeouts", "metrics", "xdp_prefilter", "fleet"}))
     return host;
 
   if (const Value* v = member(doc, "wan_interfaces")) {
@@ -769,6 +848,7 @@ HostSpec parse_host(const std::string& file, const std::string& json, std::vecto
           c.error("metrics.listen", quote(*text) + ": " + why);
       }
   }
+  if (const Value* v = member(doc, "fleet")) host.fleet = parse_fleet(c, *v);
   if (const Value* v = member(doc, "on_violation")) {
     host.on_violation = merge(ViolationPolicy{}, parse_policy(c, *v, "on_violation", true));
     if (host.on_violation.action == Action::terminate && !can_terminate(host.on_violation))

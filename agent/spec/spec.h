@@ -134,6 +134,19 @@ struct ListenAddress {
 // "127.0.0.1:9727", "[::1]:9727" (an address, not a name; port 1-65535).
 std::optional<ListenAddress> parse_listen(const std::string& text, std::string* why = nullptr);
 
+// host.json "fleet": the hosts sharing VM address space through etcd
+// (README, "Fleet").
+struct FleetSpec {
+  static constexpr uint32_t kMinLease = 5;
+  std::vector<std::string> etcd;        // endpoint URLs, http:// or https://
+  std::string host;                     // this host's name; default: the hostname
+  std::string prefix = "/vmfence/";     // keys: PREFIX vms/HOST/VM
+  std::vector<std::string> interfaces;  // the underlay: remote VMs' packets arrive here
+  uint32_t lease_s = 30;
+  std::string tls_ca, tls_cert, tls_key;  // "tls": {"ca", "cert", "key"} (files)
+  bool operator==(const FleetSpec&) const = default;
+};
+
 struct HostSpec {
   std::string file;
   std::vector<std::string> wan_interfaces;
@@ -145,6 +158,7 @@ struct HostSpec {
   // Drop what a VM may not send (spoofed sources and MACs, quarantined and
   // no_policy VMs) at XDP on its TAP, before tcx: README, "XDP pre-filter".
   bool xdp_prefilter = false;
+  std::optional<FleetSpec> fleet;
   bool operator==(const HostSpec&) const = default;
 };
 
