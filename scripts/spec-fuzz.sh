@@ -37,7 +37,7 @@ cmake --build $B -j2
 rm -rf $B/seeds
 mkdir -p $B/seeds $B/corpus $B/artifacts
 n=0
-for dir in config/example config/examples/*/; do
+for dir in config/example config/examples/*/ config/examples/*/*/; do
   dir=${dir%/}
   [ -f "$dir/host.json" ] || continue
   n=$((n + 1))

@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <fstream>
@@ -962,9 +963,18 @@ TEST_F(LoadSpec, VmInheritsHostOnViolation) {
 TEST(Examples, EveryExampleLoadsWithoutErrors) {
   fs::path root = VMFENCE_SOURCE_DIR;
   std::vector<fs::path> dirs = {root / "config/example"};
-  for (const auto& entry : fs::directory_iterator(root / "config/examples"))
-    if (entry.is_directory()) dirs.push_back(entry.path());
-  EXPECT_GE(dirs.size(), 5u);
+  for (const auto& entry : fs::directory_iterator(root / "config/examples")) {
+    if (!entry.is_directory()) continue;
+    if (fs::exists(entry.path() / "host.json")) {
+      dirs.push_back(entry.path());
+      continue;
+    }
+    // A several-host example (fleet/): one config dir per host.
+    for (const auto& host : fs::directory_iterator(entry.path()))
+      if (host.is_directory() && fs::exists(host.path() / "host.json")) dirs.push_back(host.path());
+  }
+  EXPECT_GE(dirs.size(), 7u);
+  EXPECT_NE(std::find(dirs.begin(), dirs.end(), root / "config/examples/fleet/hv2"), dirs.end());
   for (const auto& dir : dirs) {
     SpecLoad load = load_spec(dir);
     EXPECT_TRUE(load.ok()) << dir << ":\n" << describe(load.errors);
