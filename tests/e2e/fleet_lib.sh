@@ -1,4 +1,5 @@
 # shellcheck shell=bash
+# shellcheck disable=SC2034  # DAEMON_PID (hv_do) is read by lib.sh; FLEET_RC by the tests
 # tests/e2e/fleet_lib.sh - two hypervisors and an etcd for the fleet tests.
 #
 # lib.sh assumes one hypervisor namespace ("$PFX-hv") and one daemon. This file
@@ -87,7 +88,7 @@ fleet_mark_logs() { local h; for h in "${FLEET_HOSTS[@]}"; do hv_do "$h" mark_lo
 _detach() {
 	local out=$1 fd; shift
 	(
-		for fd in /proc/$BASHPID/fd/*; do
+		for fd in /proc/"$BASHPID"/fd/*; do
 			fd=${fd##*/}
 			[ "$fd" -gt 2 ] 2>/dev/null && eval "exec $fd>&-" 2>/dev/null
 		done
@@ -98,18 +99,21 @@ _detach() {
 
 # _stop_group PID SIGNAL SECONDS: signal the process group PID, wait up to
 # SECONDS, then SIGKILL it; reaps PID (a child of this shell); rc in STOP_RC.
+# (The shell's stderr is /dev/null meanwhile: no "Killed" job notice.)
 _stop_group() {
 	local pid=$1 sig=$2 n=$(( $3 * 10 )) i
-	kill -"$sig" -- "-$pid" 2>/dev/null
-	for i in $(seq "$n"); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-	if kill -0 "$pid" 2>/dev/null; then
-		say "pid $pid still there $3 s after SIG$sig: SIGKILL to its process group"
-		kill -KILL -- "-$pid" 2>/dev/null
-	fi
-	{ wait "$pid"; } 2>/dev/null   # (also hides bash's "Killed" job notice)
-	STOP_RC=$?
-	# Anything left in the group (children of the daemon: actions) goes too.
-	kill -KILL -- "-$pid" 2>/dev/null
+	{
+		kill -"$sig" -- "-$pid"
+		for i in $(seq "$n"); do kill -0 "$pid" || break; sleep 0.1; done
+		if kill -0 "$pid"; then
+			say "pid $pid still there $3 s after SIG$sig: SIGKILL to its process group"
+			kill -KILL -- "-$pid"
+		fi
+		wait "$pid"
+		STOP_RC=$?
+		# Anything left in the group (children of the daemon: actions) goes too.
+		kill -KILL -- "-$pid"
+	} 2>/dev/null
 	return 0
 }
 
@@ -165,6 +169,7 @@ fleet_vm_del() {
 # etcd_start [TIMEOUT]: /usr/bin/etcd in netns etcd (own process group, data
 # dir $WORK/etcd: a restart finds its data), then wait until /health answers
 # from every host.
+# shellcheck disable=SC2120  # TIMEOUT is optional
 etcd_start() {
 	local to=${1:-20} h i ok
 	[ -z "$ETCD_PID" ] || fatal "etcd_start: etcd already running (pid $ETCD_PID)"
@@ -204,7 +209,7 @@ etcd_kill() {
 }
 
 # etcd_restart: start it again on the same data dir.
-etcd_restart() { etcd_kill; etcd_start; }
+etcd_restart() { etcd_kill; etcd_start "$@"; }
 
 # _etcd_post HOST PATH JSON: POST to HOST's etcd gateway, print the answer.
 _etcd_post() {
@@ -350,8 +355,8 @@ fleet_metric() {
 
 # wait_until SECONDS cmd...: poll cmd every 0.2 s until it succeeds (non-zero on timeout).
 wait_until() {
-	local n=$(( $1 * 5 )) i; shift
-	for i in $(seq "$n"); do
+	local n=$(( $1 * 5 )) _; shift
+	for _ in $(seq "$n"); do
 		"$@" && return 0
 		sleep 0.2
 	done
@@ -374,7 +379,7 @@ fleet_cleanup() {
 	done
 	if enforced && [ -x "$VMFENCE" ]; then
 		for h in "${FLEET_HOSTS[@]}"; do
-			[ -e "/run/netns/$FLEET_PFX-$h-hv" ] && [ -f "$WORK/$h/config/host.json" ] || continue
+			{ [ -e "/run/netns/$FLEET_PFX-$h-hv" ] && [ -f "$WORK/$h/config/host.json" ]; } || continue
 			timeout 20 nsenter --net="/run/netns/$FLEET_PFX-$h-hv" -- \
 				env VMFENCE_PIN_DIR="/sys/fs/bpf/vmfence-e2e-$FLEET_PFX-$h" VMFENCE_RUN_DIR="$WORK/$h/run" \
 				"$VMFENCE" down --config "$WORK/$h/config" </dev/null >>"$WORK/down.log" 2>&1 ||
