@@ -72,6 +72,10 @@ hv_do() {
 # vmfh HOST args...: the vmfence CLI for HOST (its namespace, pin and run dirs).
 vmfh() { local h=$1; shift; hv_do "$h" vmf "$@"; }
 
+# vmfq HOST args...: vmfh with its output appended to $WORK/cli.log (for
+# expect_ok checks whose output is not the point, e.g. wait, down).
+vmfq() { echo "--- $* ---" >>"$WORK/cli.log"; vmfh "$@" >>"$WORK/cli.log" 2>&1; }
+
 # fleet_conf HOST / fleet_log HOST: HOST's config dir and daemon log.
 fleet_conf() { echo "$WORK/$1/config"; }
 fleet_log() { echo "$WORK/$1/daemon.log"; }
@@ -235,8 +239,19 @@ for kv in json.load(sys.stdin).get("kvs", []):
                           base64.b64decode(kv.get("value", "")).decode()))'
 }
 
-# etcd_keys HOST PREFIX: the keys under PREFIX, one a line.
-etcd_keys() { etcd_range "$1" "$2" | cut -f1; }
+# etcd_keys HOST PREFIX: the keys under PREFIX, one a line (non-zero when
+# etcd does not answer).
+etcd_keys() {
+	local out
+	out=$(etcd_range "$1" "$2") || return 2
+	[ -z "$out" ] || printf '%s\n' "$out" | cut -f1
+}
+
+# etcd_none HOST PREFIX: etcd answers and holds no key under PREFIX.
+etcd_none() {
+	local out
+	out=$(etcd_keys "$1" "$2") && [ -z "$out" ]
+}
 
 # etcd_put HOST KEY VALUE
 etcd_put() {
@@ -353,14 +368,24 @@ fleet_metric() {
 		awk -v s="$2" 'index($0, s " ") == 1 { print $2; exit }'
 }
 
-# wait_until SECONDS cmd...: poll cmd every 0.2 s until it succeeds (non-zero on timeout).
+# metric_is HOST SERIES VALUE: HOST exposes SERIES with the numeric value VALUE.
+metric_is() {
+	local v
+	v=$(fleet_metric "$1" "$2")
+	[ -n "$v" ] && awk -v a="$v" -v b="$3" 'BEGIN { exit !(a + 0 == b + 0) }'
+}
+
+# wait_until SECONDS cmd...: poll cmd every 0.2 s until it succeeds (non-zero
+# on timeout); WAITED_MS = how long it took.
 wait_until() {
-	local n=$(( $1 * 5 )) _; shift
+	local n=$(( $1 * 5 )) _ t0=${EPOCHREALTIME/./} rc=1; shift
 	for _ in $(seq "$n"); do
-		"$@" && return 0
+		"$@" && { rc=0; break; }
 		sleep 0.2
 	done
-	"$@"
+	[ "$rc" = 0 ] || { "$@"; rc=$?; }
+	WAITED_MS=$(( (${EPOCHREALTIME/./} - t0) / 1000 ))
+	return $rc
 }
 
 # ------------------------------------------------------------- cleanup -------
