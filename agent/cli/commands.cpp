@@ -648,8 +648,23 @@ static std::string rule_text(const char* field, size_t i, const Rule& r) {
   return s + "}";
 }
 
-Explanation explain_spec(const Spec& spec, const VmSpec& vm, const Target& t) {
+Explanation explain_spec(const Spec& spec, const VmSpec& vm, const Target& t, const std::vector<RemoteVm>& remote) {
   Explanation x;
+  // A remote VM (fleet) decides by group like a local one: the datapath
+  // looks up the owner of every destination when a fleet is configured.
+  for (const auto& other : remote)
+    for (const auto& a : other.addresses)
+      if (a.family == t.addr.family && a.contains(t.addr)) {
+        if (other.group == vm.group) {
+          x.allowed = true;
+          x.rule = fmt::format("same group '{}' ({} on host {})", vm.group, other.name, other.host);
+        } else {
+          x.reason = "cross_group";
+          x.rule = fmt::format("{} is {} on host {} of group '{}', {} is in group '{}'", t.addr.str(), other.name,
+                               other.host, other.group, vm.name, vm.group);
+        }
+        return x;
+      }
   for (const auto& other : spec.vms)
     for (const auto& a : other.addresses)
       if (a.family == t.addr.family && a.contains(t.addr)) {
@@ -801,7 +816,12 @@ int cmd_explain(const std::string& config_dir, const std::string& vm_name, const
     std::fprintf(stderr, "vmfence explain: no VM named '%s' in %s/vms.d\n", vm_name.c_str(), config_dir.c_str());
     return 2;
   }
-  Explanation x = explain_spec(load.spec, *vm, *t);
+  // Remote VMs as the running agent last saw them (RUN_DIR/fleet-view.json).
+  std::vector<RemoteVm> remote;
+  if (const auto& f = load.spec.host.fleet)
+    for (const auto& [key, r] : fleet::Fleet::load_saved_view(run_dir()))
+      if (r.host != f->host) remote.push_back({r.name, r.host, r.group, r.addresses});
+  Explanation x = explain_spec(load.spec, *vm, *t, remote);
   std::string target = t->addr.str();
   target = target.substr(0, target.find('/'));
   std::printf("%s -> %s%s/%s: %s", vm->name.c_str(), target.c_str(),

@@ -43,6 +43,11 @@ struct Explanation {
   std::string reason;  // drop reason name when denied
   std::string rule;    // "egress[1] {to 0.0.0.0/0 tcp 80,443}", "same group 'mesh' (vm2)", ...
 };
-Explanation explain_spec(const Spec& spec, const VmSpec& vm, const Target& t);
+// A VM of another host (fleet), as `explain` sees it.
+struct RemoteVm {
+  std::string name, host, group;
+  std::vector<Cidr> addresses;
+};
+Explanation explain_spec(const Spec& spec, const VmSpec& vm, const Target& t, const std::vector<RemoteVm>& remote = {});
 
 }  // namespace vmfence
