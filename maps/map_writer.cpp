@@ -273,10 +273,17 @@ Status MapWriter::stage(const VmPlan& plan, uint32_t ifindex, VmChange& c) {
       return fail(s, "write ingress policy entry");
   // 2. Addresses (overwriting a previous owner in one update) and gateways.
   Bytes owner = to_bytes(owner_of(plan));
-  for (const auto& a : plan.host_addresses)
+  // A local VM's address overwrites a remote entry (admission gave it the
+  // address): the remote set forgets it, so set_remote() writes it again if
+  // it is ever the remote VM's once more.
+  for (const auto& a : plan.host_addresses) {
     if (auto s = put(c, MapId::owners, to_bytes(a), owner, true); !s) return fail(s, "write address owner");
-  for (const auto& a : plan.net_addresses)
+    remote_.hosts.erase(to_bytes(a));
+  }
+  for (const auto& a : plan.net_addresses) {
     if (auto s = put(c, MapId::owner_nets, to_bytes(a), owner, true); !s) return fail(s, "write address prefix owner");
+    remote_.nets.erase(to_bytes(a));
+  }
   uint8_t one = 1;
   for (const auto& g : plan.gateways)
     if (auto s = put(c, MapId::gateways, to_bytes(g), to_bytes(one), true); !s) return fail(s, "write gateway");

@@ -147,6 +147,8 @@ class Daemon {
   MapWriter::RemoteOwners fleet_remote_;
   size_t fleet_remote_vms_ = 0;
   size_t fleet_losers_ = 0;
+  std::vector<std::string> fleet_refused_;  // remote records on our own addresses (logged once)
+  Clock::time_point started_at_ = Clock::now();
   Clock::time_point fleet_hold_until_{};  // a restart's pinned remote entries stay until the first sync or this
   bool fleet_view_saved_ = true;
   Clock::time_point fleet_saved_at_{};
@@ -576,8 +578,21 @@ const std::vector<VmSpec>& Daemon::fleet_admit(SpecFiles& files, const std::vect
   std::vector<const VmSpec*> local;
   for (const auto& f : files.vms)
     if (f.vm) local.push_back(&*f.vm);
-  fleet::Resolution res = fleet::resolve(host_.fleet->host, local, fleet_view_.records);
-  fleet_remote_ = fleet::remote_owners(res.remote);
+  // This host's own addresses no remote VM may take, and the groups that
+  // are a local VM's own name (isolated: a remote VM never joins one).
+  std::vector<Cidr> reserved;
+  std::set<std::string> isolated;
+  if (host_.imds) reserved.push_back(host_.imds->address);
+  for (const VmSpec* vm : local) {
+    reserved.insert(reserved.end(), vm->gateway.begin(), vm->gateway.end());
+    if (vm->group.empty() || vm->group == vm->name) isolated.insert(vm->name);
+  }
+  fleet::Resolution res = fleet::resolve(host_.fleet->host, local, fleet_view_.records, reserved);
+  if (res.remote_refused != fleet_refused_) {
+    for (const auto& why : res.remote_refused) spdlog::warn("fleet: {}", why);
+    fleet_refused_ = res.remote_refused;
+  }
+  fleet_remote_ = fleet::remote_owners(res.remote, isolated);
   fleet_remote_vms_ = res.remote.size();
   fleet_losers_ = res.local_losers.size();
   if (res.local_losers.empty()) return incumbents;
@@ -593,11 +608,16 @@ const std::vector<VmSpec>& Daemon::fleet_admit(SpecFiles& files, const std::vect
 // out): an etcd that is away must not turn remote VMs into "outside".
 void Daemon::sync_remote() {
   if (!fleet_) return;
+  // The datapath looks at owner_nets only with the flag: set before a
+  // remote prefix goes in, cleared after the last one went.
+  auto config = [&](bool nets) {
+    if (auto s = reconciler_->refresh_fleet_config(nets); !s) spdlog::error("datapath config: {}", s.message);
+  };
+  config(!writer_->remote().nets.empty() || !fleet_remote_.nets.empty());
   if (fleet_view_.synced || Clock::now() >= fleet_hold_until_) {
     if (auto s = writer_->set_remote(fleet_remote_); !s) spdlog::error("fleet: {}", s.message);
   }
-  if (auto s = reconciler_->refresh_fleet_config(!writer_->remote().nets.empty()); !s)
-    spdlog::error("datapath config: {}", s.message);
+  config(!writer_->remote().nets.empty());
   std::vector<fleet::Record> mine;
   mine.reserve(in_force_.size());
   for (const auto& vm : in_force_) mine.push_back(fleet::local_record(host_.fleet->host, vm));
@@ -609,7 +629,16 @@ void Daemon::sync_remote() {
 // lease stays in etcd until it expires, like a SIGTERM).
 void Daemon::sync_fleet_config() {
   bool same = fleet_ && host_.fleet && fleet_spec_ == *host_.fleet;
-  if (same || (!fleet_ && !host_.fleet)) return;
+  if (same) return;
+  if (!fleet_ && !host_.fleet) {
+    // A previous run's remote entries (its fleet is gone from host.json).
+    if (writer_ && writer_->remote().size()) {
+      spdlog::info("fleet: not configured; removing {} remote VM addresses a previous run left",
+                   writer_->remote().size());
+      (void)writer_->set_remote({});
+    }
+    return;
+  }
   if (fleet_) {
     spdlog::info("fleet: configuration changed; reconnecting");
     fleet_.reset();
@@ -641,9 +670,13 @@ void Daemon::on_fleet_wake() {
   publish_fleet(false);
   if (!changed) return;
   // Remote records change who wins a conflict and the owner maps: a full
-  // reload (the spec files come from the cache) decides both.
+  // reload (the spec files come from the cache) decides both, once for a
+  // burst of changes.
   full_reload_ = true;
-  reload("fleet view changed");
+  if (!reload_pending_) {
+    reload_pending_ = true;
+    reload_at_ = Clock::now() + std::chrono::milliseconds(20);
+  }
 }
 
 // `vmfence status` and the metrics: the view's age every second, the view
@@ -653,7 +686,9 @@ void Daemon::publish_fleet(bool force) {
   if (!fleet_) return;
   auto st = fleet_->snapshot_status();
   double age = st.confirmed_ns ? std::max(0.0, (realtime_ns() - st.confirmed_ns) / 1e9) : -1;
-  if (metrics_) metrics_->set_fleet(FleetMetrics{fleet_remote_vms_, age < 0 ? 0 : age});
+  // Never in sync: as old as this agent (an alert on the age fires).
+  double since_start = std::chrono::duration<double>(Clock::now() - started_at_).count();
+  if (metrics_) metrics_->set_fleet(FleetMetrics{fleet_remote_vms_, age < 0 ? since_start : age});
   FleetState f;
   f.host = fleet_spec_.host;
   f.connected = st.connected;
@@ -784,6 +819,11 @@ bool Daemon::start() {
 }
 
 void Daemon::link_changed(bool added, uint32_t ifindex, const std::string& name) {
+  // An underlay interface came or went: the datapath's list of where remote
+  // VMs' packets may arrive follows it.
+  if (host_.fleet && std::count(host_.fleet->interfaces.begin(), host_.fleet->interfaces.end(), name))
+    if (auto s = reconciler_->refresh_fleet_config(!writer_->remote().nets.empty()); !s)
+      spdlog::error("datapath config: {}", s.message);
   if (const VmSpec* vm = vm_on(name)) {
     auto it = writer_->installed().find(vm->name);
     if (it == writer_->installed().end()) return;
@@ -1136,7 +1176,7 @@ int Daemon::run() {
     }
     if (reload_pending_ && Clock::now() >= reload_at_) {
       reload_pending_ = false;
-      reload("spec files changed");
+      reload(fleet_ && changed_files_.empty() ? "fleet view or spec files changed" : "spec files changed");
     }
     for (int i = 0; i < n; ++i) {
       switch (evs[i].data.u64) {

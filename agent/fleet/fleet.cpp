@@ -66,8 +66,11 @@ Fleet::Fleet(FleetSpec spec, std::string run_dir)
 }
 
 Fleet::~Fleet() {
-  stop_ = true;
-  restart_watch_ = true;
+  {
+    std::lock_guard<std::mutex> lock(mu_);  // no lost wakeup for a thread about to wait
+    stop_ = true;
+  }
+  restart_watch_ = true;  // after stop_: a sync thread that reset it sees stop_ next
   cv_.notify_all();
   if (sync_thread_.joinable()) sync_thread_.join();
   if (lease_thread_.joinable()) lease_thread_.join();
@@ -179,6 +182,7 @@ void Fleet::sync_loop() {
     set_connected(true, "");
     notify();
     restart_watch_ = false;
+    if (stop_) return;  // read after the reset: a stop that came before it is seen here
     std::string why;
     WatchEnd end = client_.watch_prefix(
         prefix, list.revision + 1,
@@ -276,8 +280,14 @@ bool Fleet::write_records() {
     by_key[key] = &r;
   }
   for (const auto& [key, value] : want) {
-    if (written_.count(key) && written_[key] == value) continue;
     auto o = own.find(key);
+    // Put before, and the view agrees (or has not caught up yet: a put is
+    // in the view within a watch round trip): nothing to do. A record that
+    // went from etcd anyway (deleted by hand, a lease mix-up) is put again.
+    if (written_.count(key) && written_[key] == value &&
+        (!synced || (o != own.end() && record_json(o->second) == value) ||
+         Clock::now() - put_at_[key] < std::chrono::seconds(2)))
+      continue;
     if (o != own.end() && o->second.lease == lease_ && record_json(o->second) == value) {
       written_[key] = value;  // already there (a restart that kept its lease)
       continue;
@@ -297,6 +307,7 @@ bool Fleet::write_records() {
       return false;
     }
     written_[key] = value;
+    put_at_[key] = Clock::now();
   }
   std::vector<std::string> gone;
   for (const auto& [key, value] : written_)
@@ -340,7 +351,9 @@ void Fleet::lease_loop() {
     }
     {
       std::lock_guard<std::mutex> lock(mu_);
-      dirty = dirty || wanted_changed_;
+      // The view changed: this host's records may be missing or stale.
+      dirty = dirty || wanted_changed_ || view_.generation != written_gen_;
+      written_gen_ = view_.generation;
     }
     if (ok && dirty) {
       ok = write_records();

@@ -91,6 +91,8 @@ class Fleet {
   std::map<std::string, std::string> written_;  // key -> value put under lease_
   std::chrono::steady_clock::time_point next_keepalive_{};
   bool synced_seen_ = false;
+  uint64_t written_gen_ = 0;                                             // view generation write_records saw
+  std::map<std::string, std::chrono::steady_clock::time_point> put_at_;  // key -> when it was put
 };
 
 }  // namespace vmfence::fleet

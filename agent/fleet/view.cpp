@@ -68,6 +68,12 @@ std::optional<Record> parse_record(const std::string& prefix, const std::string&
     std::string w;
     auto c = a.IsString() ? parse_cidr(a.GetString(), &w) : std::nullopt;
     if (!c) return fail("address: " + (w.empty() ? std::string("not a string") : w));
+    // A record is another host's word: held to what a local spec may claim,
+    // so one bad record cannot own the world (::/0), multicast or the link.
+    if (auto bad = remote_address_problem(*c)) return fail("address " + c->str() + " " + *bad);
+    for (const auto& prev : r.addresses)
+      if (prev.family == c->family && prev.overlaps(*c))
+        return fail("addresses " + prev.str() + " and " + c->str() + " overlap");
     r.addresses.push_back(*c);
   }
   return r;
@@ -155,7 +161,8 @@ class WonIndex {
 
 }  // namespace
 
-Resolution resolve(const std::string& self, const std::vector<const VmSpec*>& local, const Records& records) {
+Resolution resolve(const std::string& self, const std::vector<const VmSpec*>& local, const Records& records,
+                   const std::vector<Cidr>& reserved) {
   constexpr int64_t kUnpublished = std::numeric_limits<int64_t>::max();
   std::vector<Claim> claims;
   std::map<std::string, const Record*> own;  // this host's records, by VM name
@@ -179,6 +186,18 @@ Resolution resolve(const std::string& self, const std::vector<const VmSpec*>& lo
   Resolution out;
   WonIndex won;
   for (const auto& c : claims) {
+    if (c.record) {
+      const Cidr* mine = nullptr;
+      const Cidr* its = nullptr;
+      for (const auto& a : *c.addresses)
+        for (const auto& r : reserved)
+          if (!mine && a.family == r.family && a.overlaps(r)) mine = &r, its = &a;
+      if (mine) {
+        out.remote_refused.push_back("VM \"" + *c.name + "\" of host \"" + *c.host + "\" claims " + its->str() +
+                                     ", this host's own " + mine->str() + " (a gateway or IMDS): ignored here");
+        continue;
+      }
+    }
     size_t index = 0;
     Cidr theirs;
     const Claim* w = won.beaten_by(c, &index, &theirs);
@@ -198,12 +217,14 @@ Resolution resolve(const std::string& self, const std::vector<const VmSpec*>& lo
   return out;
 }
 
-MapWriter::RemoteOwners remote_owners(const std::vector<const Record*>& remote) {
+MapWriter::RemoteOwners remote_owners(const std::vector<const Record*>& remote,
+                                      const std::set<std::string>& local_isolated) {
   MapWriter::RemoteOwners out;
   for (const Record* r : remote) {
     vmfence_owner o{};
     o.vm_id = remote_vm_id(r->host, r->name);
-    o.group_id = name_id(r->group);
+    bool isolated = r->group == r->name || local_isolated.count(r->group);
+    o.group_id = isolated ? name_id("isolated:" + r->host + "/" + r->name) : name_id(r->group);
     o.flags = VMFENCE_OWNER_F_REMOTE;
     std::vector<vmfence_addr> hosts;
     std::vector<vmfence_addr_key> nets;

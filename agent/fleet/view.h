@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <map>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -48,6 +49,7 @@ struct Loser {
 struct Resolution {
   std::map<std::string, Loser> local_losers;  // by VM name
   std::vector<const Record*> remote;          // remote claims in force (winners), by key order
+  std::vector<std::string> remote_refused;    // remote records on this host's own addresses (why, to log)
 };
 
 // Decide overlapping claims: the earlier create_revision wins, across hosts.
@@ -56,10 +58,17 @@ struct Resolution {
 // they come after every published claim (not published yet, or claiming
 // more than was published). A loser claims nothing, so it blocks nobody.
 // Records of this host (`self`) only give local VMs their revisions.
-Resolution resolve(const std::string& self, const std::vector<const VmSpec*>& local, const Records& records);
+// `reserved`: this host's own addresses a remote VM may never take (the
+// local VMs' gateways, IMDS): a record claiming one is not in force here.
+Resolution resolve(const std::string& self, const std::vector<const VmSpec*>& local, const Records& records,
+                   const std::vector<Cidr>& reserved = {});
 
-// The owner-map entries of the remote claims in force.
-MapWriter::RemoteOwners remote_owners(const std::vector<const Record*>& remote);
+// The owner-map entries of the remote claims in force. A remote VM whose
+// group is its own name (the default: isolated), or the name of a local VM
+// isolated that way, gets a group of its own: VM names are only unique per
+// host, so "web" on two hosts must not become one group.
+MapWriter::RemoteOwners remote_owners(const std::vector<const Record*>& remote,
+                                      const std::set<std::string>& local_isolated = {});
 
 // Refuse the losers: their files read as invalid (the reason as the error)
 // and they are no incumbents, so admission refuses them and their

@@ -502,6 +502,18 @@ std::optional<std::string> reserved_overlap(const Cidr& c) {
   return std::nullopt;
 }
 
+}  // namespace
+
+std::optional<std::string> remote_address_problem(const Cidr& c) {
+  if (auto why = reserved_overlap(c)) return why;
+  // What only the host's own link may hold: never a remote VM's.
+  static const Cidr kLinkLocal6 = *parse_cidr("fe80::/10"), kLinkLocal4 = *parse_cidr("169.254.0.0/16");
+  if (c.overlaps(kLinkLocal6) || c.overlaps(kLinkLocal4)) return std::string("overlaps link-local addresses");
+  return std::nullopt;
+}
+
+namespace {
+
 std::optional<PortRange> parse_port_entry(Ctx& c, const std::string& s, const std::string& path) {
   auto number = [](std::string_view t) -> std::optional<unsigned long> {
     if (t.empty() || t.size() > 5 || !std::all_of(t.begin(), t.end(), [](char ch) { return ch >= '0' && ch <= '9'; }))

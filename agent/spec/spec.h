@@ -263,4 +263,8 @@ void validate_vms(const std::vector<VmSpec>& vms, std::vector<SpecError>& errors
 // Stable 32-bit ids (FNV-1a) for VM and group names; the compiler checks collisions.
 uint32_t name_id(const std::string& name);
 
+// Why another host's VM may not hold this address (fleet records are checked
+// like local specs, and link-local ranges are the local link's): nullopt = ok.
+std::optional<std::string> remote_address_problem(const Cidr& c);
+
 }  // namespace vmfence

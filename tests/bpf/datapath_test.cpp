@@ -25,6 +25,7 @@
 #include <functional>
 #include <optional>
 
+#include "agent/fleet/view.h"
 #include "maps/reasons.h"
 #include "tests/bpf/harness.h"
 #include "tests/bpf/packet.h"
@@ -1639,4 +1640,123 @@ TEST_F(DatapathRateLimits, GsoFramesCountAsTheirSegments) {
   }
   EXPECT_GE(passed, 2);
   EXPECT_LE(passed, 4) << "each frame is 15 packets of the 1000 pps limit";
+}
+
+// Fleet (README "Fleet"): remote VMs in the owner maps, flagged REMOTE, and
+// the fleet interfaces in the config. Each hostile packet is first shown
+// passing without the fleet's entries (the same world before set_remote),
+// then dropped with them.
+class DatapathFleet : public ::testing::Test {
+ protected:
+  static constexpr uint32_t kUnderlay = 4242;  // fleet.interfaces' ifindex (skb_iif only)
+  static constexpr uint32_t kWan = 4243;
+  void SetUp() override {
+    VMFENCE_REQUIRE_KERNEL();
+    std::string error;
+    // a1 may send anything anywhere and take anything in: only the group
+    // can stop it (the bypass a fleet must not open).
+    w_ = World::create(kHostJson, {R"({ "name": "a1", "interface": "vft-a1", "mac": "02:00:00:00:0a:01",
+                             "addresses": ["10.1.0.2/32"], "group": "tenant-a",
+                             "egress": [ { "to": "0.0.0.0/0", "proto": "any" } ],
+                             "ingress": [ { "from": "0.0.0.0/0", "proto": "any" } ] })"},
+                       error);
+    ASSERT_TRUE(w_) << error;
+    ifindex_ = w_->vm("a1").ifindex;
+    slot_ = w_->vm("a1").slot;
+  }
+  void join_fleet() {
+    a2_ = {"hv2", "a2", "tenant-a", {*parse_cidr("10.2.0.2/32")}, 10, 0};
+    b2_ = {"hv2", "b2", "tenant-b", {*parse_cidr("10.2.0.3/32"), *parse_cidr("10.2.8.0/24")}, 11, 0};
+    ASSERT_TRUE(w_->writer().set_remote(fleet::remote_owners({&a2_, &b2_})).ok());
+    vmfence_config cfg{};
+    cfg.event_budget = VMFENCE_DEFAULT_EVENT_BUDGET;
+    cfg.budget_window_ns = VMFENCE_DEFAULT_BUDGET_WINDOW_NS;
+    cfg.flags = VMFENCE_CFG_F_FLEET | VMFENCE_CFG_F_OWNER_NETS;
+    cfg.fleet_ifaces = 1;
+    cfg.fleet_ifindex[0] = kUnderlay;
+    ASSERT_TRUE(w_->writer().write_config(cfg).ok());
+  }
+  static Frame from_a1(const char* src, const char* dst) {
+    return Packet().eth(mac("02:00:00:00:0a:01"), kGwMac).ipv4(ip(src), ip(dst)).tcp(40000, 22, SYN).build();
+  }
+  static Frame to_a1(const char* src) {
+    return Packet().eth(kGwMac, mac("02:00:00:00:0a:01")).ipv4(ip(src), ip("10.1.0.2")).tcp(40000, 22, SYN).build();
+  }
+  int from(const Frame& f) { return w_->run(true, ifindex_, f).retval; }
+  int to(const Frame& f, uint32_t arrived_on) {
+    return test_run(w_->dp().to_vm_prog_fd(), ifindex_, f.bytes, 1, 0, arrived_on).retval;
+  }
+  uint64_t drops(uint8_t reason) { return w_->counters(slot_).drops[reason]; }
+
+  std::unique_ptr<World> w_;
+  uint32_t ifindex_ = 0, slot_ = 0;
+  fleet::Record a2_, b2_;
+};
+
+TEST_F(DatapathFleet, AnotherTenantsRemoteVmIsCrossGroupWhateverTheRules) {
+  // Without the fleet: a1's egress 0.0.0.0/0 lets it reach hv2's VMs.
+  EXPECT_EQ(from(from_a1("10.1.0.2", "10.2.0.3")), kPass);
+  EXPECT_EQ(from(from_a1("10.1.0.2", "10.2.8.77")), kPass);
+  join_fleet();
+  EXPECT_EQ(from(from_a1("10.1.0.2", "10.2.0.3")), kDrop);
+  EXPECT_EQ(from(from_a1("10.1.0.2", "10.2.8.77")), kDrop) << "a remote VM's prefix";
+  EXPECT_EQ(drops(VMFENCE_REASON_CROSS_GROUP), 2u);
+  EXPECT_EQ(from(from_a1("10.1.0.2", "10.2.0.2")), kPass) << "its own tenant on the other host";
+  EXPECT_EQ(from(from_a1("10.1.0.2", "93.184.216.34")), kPass) << "the outside still by its rules";
+}
+
+TEST_F(DatapathFleet, ARemoteAddressIsBelievedOnlyFromTheUnderlay) {
+  // Without the fleet: a1's ingress 0.0.0.0/0 takes a2's address from anywhere.
+  EXPECT_EQ(to(to_a1("10.2.0.2"), kWan), kPass);
+  join_fleet();
+  EXPECT_EQ(to(to_a1("10.2.0.2"), kUnderlay), kPass) << "a2, same tenant, from the underlay";
+  EXPECT_EQ(to(to_a1("10.2.0.2"), kWan), kDrop) << "a2's address from the WAN";
+  EXPECT_EQ(to(to_a1("10.2.0.2"), 0), kDrop) << "a2's address from the host itself";
+  EXPECT_EQ(drops(VMFENCE_REASON_SPOOFED_IP), 2u);
+  EXPECT_EQ(to(to_a1("10.2.0.3"), kUnderlay), kDrop) << "b2, another tenant, from the underlay";
+  EXPECT_EQ(drops(VMFENCE_REASON_CROSS_GROUP), 1u);
+  EXPECT_EQ(to(to_a1("198.51.100.7"), kUnderlay), kPass) << "no VM's address: a1's ingress rules";
+}
+
+TEST_F(DatapathFleet, AGuestCannotClaimARemoteVmsAddress) {
+  join_fleet();
+  // a1's own TAP, a2's address: the remote entry is never a1's.
+  EXPECT_EQ(from(from_a1("10.2.0.2", "93.184.216.34")), kDrop);
+  EXPECT_EQ(drops(VMFENCE_REASON_SPOOFED_IP), 1u);
+  ASSERT_FALSE(w_->take_events().empty()) << "a violation, reported";
+}
+
+TEST_F(DatapathFleet, TheUnderlayCannotClaimALocalVmsAddress) {
+  std::string error;
+  auto w = World::create(kHostJson,
+                         {R"({ "name": "a1", "interface": "vft-a1", "mac": "02:00:00:00:0a:01",
+                               "addresses": ["10.1.0.2/32"], "group": "tenant-a",
+                               "ingress": [ { "from": "0.0.0.0/0", "proto": "any" } ] })",
+                          R"({ "name": "a3", "interface": "vft-a3", "mac": "02:00:00:00:0a:03",
+                               "addresses": ["10.1.0.3/32"], "group": "tenant-a" })"},
+                         error);
+  ASSERT_TRUE(w) << error;
+  // a3's address arriving on the underlay, toward a1 (a3's own packets carry
+  // the mark a3's TAP sets; this one does not).
+  Frame f =
+      Packet().eth(kGwMac, mac("02:00:00:00:0a:01")).ipv4(ip("10.1.0.3"), ip("10.1.0.2")).tcp(40000, 22, SYN).build();
+  uint32_t a1 = w->vm("a1").ifindex;
+  EXPECT_EQ(test_run(w->dp().to_vm_prog_fd(), a1, f.bytes, 1, 0, kUnderlay).retval, kDrop);
+  EXPECT_EQ(w->counters(w->vm("a1").slot).drops[VMFENCE_REASON_SPOOFED_IP], 1u);
+  EXPECT_EQ(test_run(w->dp().to_vm_prog_fd(), a1, f.bytes, 1, VMFENCE_MARK_FROM_VM, w->vm("a3").ifindex).retval, kPass)
+      << "control: the same packet as a3's TAP passed it";
+}
+
+TEST_F(DatapathFleet, RemoteEntriesGoWithTheViewAndNeverTakeALocalVmsAddress) {
+  join_fleet();
+  // A remote record claiming a1's own address (a conflict admission lost for
+  // hv2): the local entry stays a1's.
+  fleet::Record evil{"hv3", "evil", "tenant-b", {*parse_cidr("10.1.0.2/32")}, 1, 0};
+  ASSERT_TRUE(w_->writer().set_remote(fleet::remote_owners({&a2_, &b2_, &evil})).ok());
+  EXPECT_EQ(from(from_a1("10.1.0.2", "93.184.216.34")), kPass) << "a1 still owns its address";
+  // The view empties (leases expired): hv2's addresses are the outside again.
+  ASSERT_TRUE(w_->writer().set_remote({}).ok());
+  EXPECT_EQ(from(from_a1("10.1.0.2", "10.2.0.3")), kPass);
+  EXPECT_TRUE(w_->writer().remote().hosts.empty());
+  EXPECT_EQ(from(from_a1("10.1.0.2", "93.184.216.34")), kPass) << "and a1 kept its own";
 }

@@ -99,12 +99,14 @@ struct RunResult {
 
 // Run a TC program on one frame as if it came through `ifindex`.
 // `mark`: skb->mark as the hook would see it (VMFENCE_MARK_FROM_VM on a
-// packet another VM's from_vm passed).
+// packet another VM's from_vm passed). `ingress_ifindex`: the interface a
+// forwarded packet entered the host on (skb->skb_iif).
 inline RunResult test_run(int prog_fd, uint32_t ifindex, const std::vector<uint8_t>& frame, int repeat = 1,
-                          uint32_t mark = 0) {
+                          uint32_t mark = 0, uint32_t ingress_ifindex = 0) {
   __sk_buff ctx{};
   ctx.ifindex = ifindex;
   ctx.mark = mark;
+  ctx.ingress_ifindex = ingress_ifindex;
   bpf_test_run_opts o{};
   o.sz = sizeof(o);
   o.data_in = frame.data();

@@ -154,3 +154,50 @@ TEST(FleetRefuse, LosersReadAsInvalidFilesAndAreNoIncumbents) {
 
 }  // namespace
 }  // namespace vmfence::fleet
+
+namespace vmfence::fleet {
+namespace {
+
+// One bad record must not own the world: records are held to what a local
+// spec may claim (attacker review, finding 1).
+TEST(FleetRecord, RefusesWhatNoLocalSpecMayClaim) {
+  for (const char* bad : {"::/0", "0.0.0.0/0", "ff00::/8", "224.0.0.0/4", "fe80::/10", "fe80::1/128",
+                          "169.254.169.254/32", "::ffff:10.1.0.2/128", "127.0.0.1/32"}) {
+    Record r = rec("hvx", "x", "g", {"10.9.0.1/32"}, 0);
+    r.addresses.push_back(cidr(bad));
+    std::string why;
+    EXPECT_FALSE(parse_record("/vmfence/", record_key("/vmfence/", "hvx", "x"), record_json(r), &why)) << bad;
+    EXPECT_NE(why.find("address"), std::string::npos) << why;
+  }
+}
+
+TEST(FleetResolve, ARemoteRecordOnThisHostsGatewayOrImdsIsIgnored) {
+  VmSpec a = vm("a1", {"10.1.0.2/32"});
+  auto res = resolve("hv1", {&a}, records({rec("hv2", "gw", "g", {"10.1.0.1/32"}, 1)}),
+                     {cidr("10.1.0.1/32"), cidr("169.254.169.254/32")});
+  EXPECT_TRUE(res.remote.empty());
+  ASSERT_EQ(res.remote_refused.size(), 1u);
+  EXPECT_NE(res.remote_refused[0].find("\"gw\" of host \"hv2\""), std::string::npos) << res.remote_refused[0];
+  EXPECT_TRUE(res.local_losers.empty());
+}
+
+// VM names are unique per host only: "web" (its own group by default) on
+// two hosts, or a remote VM naming a local isolated VM as its group, never
+// make one group (attacker review, finding 4).
+TEST(FleetOwners, DefaultGroupsStayIsolatedAcrossHosts) {
+  Record web = rec("hv2", "web", "web", {"10.2.0.9/32"}, 1);
+  Record joiner = rec("hv2", "j", "db", {"10.2.0.8/32"}, 2);
+  Record tenant = rec("hv2", "t", "tenant-a", {"10.2.0.7/32"}, 3);
+  auto owners = remote_owners({&web, &joiner, &tenant}, {"db"});
+  auto group_of = [&](const char* a) {
+    vmfence_addr k{};
+    std::memcpy(k.addr, masked_addr(cidr(a)).data(), 16);
+    return owners.hosts.at(to_bytes(k)).group_id;
+  };
+  EXPECT_NE(group_of("10.2.0.9/32"), name_id("web"));
+  EXPECT_NE(group_of("10.2.0.8/32"), name_id("db"));
+  EXPECT_EQ(group_of("10.2.0.7/32"), name_id("tenant-a")) << "a named group spans hosts";
+}
+
+}  // namespace
+}  // namespace vmfence::fleet
