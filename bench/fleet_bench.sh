@@ -120,17 +120,20 @@ pub list --etcd "$URL_PUB" --reps "$LIST_REPS" | tee "$WORK/list.txt" || fatal "
 
 # ------------------------------------------------------------- 2 full sync ---
 section "2: full sync from scratch, $SYNC_REPS times (want $WANT owner keys)"
-SYNC_MS=() UP_MS=() LOAD_MS=() FLEET_MS=()
+SYNC_MS=() UP_MS=() LOAD_MS=() FLEET_MS=() SYNC_BYTES=()
 for rep in $(seq "$SYNC_REPS"); do
 	rm -rf -- "$HPIN" "$HRUN" && mkdir -p "$HRUN"
 	: >"$WORK/hv1/daemon.log"
 	"$PUBLISHER" count --pin "$HPIN" --want "$WANT" --timeout 60 >"$WORK/count.$rep" 2>&1 &
 	cpid=$!
+	b_sync=$(ctr e-hv1)
 	t0=$(date +%s%N)
 	_detach "$WORK/hv1/daemon.log" nsenter --net="/run/netns/$H1" -- \
 		env VMFENCE_PIN_DIR="$HPIN" VMFENCE_RUN_DIR="$HRUN" "$VMFENCE" run --config "$WORK/hv1/config"
 	FLEET_PID[hv1]=$DETACHED_PID
 	wait "$cpid" || { tail -n 30 "$WORK/hv1/daemon.log"; fatal "rep $rep: owner map never held $WANT keys"; }
+	a_sync=$(ctr e-hv1)
+	SYNC_BYTES+=("$(per "$b_sync" "$a_sync" 1 | awk '{print $2}')")
 	read -r t1 n <"$WORK/count.$rep"
 	ms=$(( (t1 - t0) / 1000000 ))
 	SYNC_MS+=("$ms")
@@ -179,7 +182,7 @@ ts1=$(date +%s%N)
 if [ -n "${PERF_PID:-}" ]; then
 	kill -INT "$PERF_PID"; wait "$PERF_PID"
 	perf report -i "$WORK/perf.data" --no-children --sort dso,symbol --percent-limit 1.5 --stdio 2>/dev/null |
-		grep -E '^ +[0-9.]+%' | head -25 | tee "$WORK/perf.txt"
+		grep -E '^ +[0-9.]+%' | sed -E 's/ +- +- *$//; s/\(.{60}.*$/(...)/' | cut -c1-150 | head -25 | tee "$WORK/perf.txt"
 fi
 PROP_PUB=$(per "$b_pub" "$a_pub" $((SAMPLES * 2)))
 PROP_HV=$(per "$b_hv" "$a_hv" $((SAMPLES * 2)))
@@ -233,6 +236,7 @@ echo "| library: list + parse + resolve + remote_owners | ${tot#p50=} p50 ($(gre
 echo "| full sync, daemon exec -> $WANT keys in owner map | $(med "${SYNC_MS[@]}"); raw ${SYNC_MS[*]} |"
 echo "| of which daemon start (exec -> \"enforcing\" line) | $(med "${UP_MS[@]}"); BPF programs loaded in ${LOAD_MS[*]} ms |"
 echo "| of which fleet (\"enforcing\" -> all keys in map) | $(med "${FLEET_MS[@]}"); raw ${FLEET_MS[*]} |"
+echo "| etcd -> daemon bytes during a full sync (list + lease) | ${SYNC_BYTES[*]} B |"
 echo "| propagation add (put -> key in map) | $(awk '/^add/ {print $3, $4, $6, $7}' "$WORK/prop.txt") |"
 echo "| propagation delete (del -> key gone) | $(awk '/^del/ {print $3, $4, $6, $7}' "$WORK/prop.txt") |"
 echo "| of which the put / delete call (etcd commit) | $(awk '/^rpc/ {print $3, $4, $6, $7}' "$WORK/prop.txt") |"
