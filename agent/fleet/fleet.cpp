@@ -118,16 +118,17 @@ void Fleet::publish(std::vector<Record> mine) {
 }
 
 void Fleet::set_connected(bool ok, const std::string& why) {
-  bool changed;
+  bool changed, failed_before;
   {
     std::lock_guard<std::mutex> lock(mu_);
     changed = view_.connected != ok;
+    failed_before = !view_.last_error.empty();  // never cleared: was etcd ever unreachable
     view_.connected = ok;
     if (!ok) view_.last_error = why;
   }
   if (changed) {
     if (ok)
-      spdlog::info("fleet: etcd reachable again");
+      spdlog::info(failed_before ? "fleet: etcd reachable again" : "fleet: etcd reachable");
     else
       spdlog::warn("fleet: etcd unreachable ({}); enforcing the last known view", why);
     notify();
