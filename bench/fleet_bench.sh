@@ -46,6 +46,7 @@ GAP_MS=${GAP_MS:-30}
 PUBLISHER=${PUBLISHER:-$(cd "$(dirname "$0")/.." && pwd)/build/vmfence_fleet_publisher}
 [ -x "$PUBLISHER" ] || { echo "FAIL: $PUBLISHER missing (cmake --build build --target vmfence_fleet_publisher)"; exit 1; }
 
+# shellcheck disable=SC2034  # read by fleet_lib.sh
 FLEET_HOSTS=(hv1)
 e2e_init fleetbench
 fleet_init
@@ -79,10 +80,10 @@ ip -n "$E" addr add 192.0.2.1/30 dev e-hv1
 ip -n "$E" addr add 192.0.2.9/30 dev e-pub
 ip -n "$H1" addr add 192.0.2.2/30 dev etcd0
 ip -n "$P" addr add 192.0.2.10/30 dev etcd0
-for l in "$E e-hv1" "$E e-pub" "$H1 etcd0" "$P etcd0"; do
-	set -- $l
-	ip -n "$1" link set "$2" up
-done
+ip -n "$E" link set e-hv1 up
+ip -n "$E" link set e-pub up
+ip -n "$H1" link set etcd0 up
+ip -n "$P" link set etcd0 up
 ip -n "$H1" link add ul0 type veth peer name ul0p || fatal "veth ul0"
 ip -n "$H1" link set ul0 up
 ip -n "$H1" link set ul0p up
@@ -215,11 +216,10 @@ for i in $(seq "$WATCHERS"); do
 	WATCHER_PIDS+=("$DETACHED_PID")
 done
 sleep 1
-b_pub=$(ctr e-pub) b_hv=$(ctr e-hv1)
+b_hv=$(ctr e-hv1)
 pub propagate --etcd "$URL_PUB" --pin "$HPIN" --samples "$FANOUT_SAMPLES" --gap-ms "$GAP_MS" >"$WORK/fanout.txt" ||
 	fatal "fan-out propagation failed"
-a_pub=$(ctr e-pub) a_hv=$(ctr e-hv1)
-FAN_PUB=$(per "$b_pub" "$a_pub" $((FANOUT_SAMPLES * 2)))
+a_hv=$(ctr e-hv1)
 FAN_HV=$(per "$b_hv" "$a_hv" $((FANOUT_SAMPLES * 2 * (WATCHERS + 1))))
 for p in "${WATCHER_PIDS[@]}"; do _stop_group "$p" TERM 3; done
 WATCHER_PIDS=()
@@ -241,8 +241,8 @@ echo "| propagation add (put -> key in map) | $(awk '/^add/ {print $3, $4, $6, $
 echo "| propagation delete (del -> key gone) | $(awk '/^del/ {print $3, $4, $6, $7}' "$WORK/prop.txt") |"
 echo "| of which the put / delete call (etcd commit) | $(awk '/^rpc/ {print $3, $4, $6, $7}' "$WORK/prop.txt") |"
 echo "| daemon full reloads / fleet wake | $RELOADS for $((SAMPLES * 2)) changes; $(grep -E 'apply\+set_remote|resolve' "$WORK/reload_profile.txt" | tr -s ' ' | paste -sd';') |"
-set -- $PROP_PUB; echo "| publisher <-> etcd per change (put or del) | $1 B to etcd, $2 B back ($3 / $4 packets) |"
-set -- $PROP_HV; echo "| etcd -> daemon watch per change | $2 B ($4 packets), $1 B back (ACKs) |"
-set -- $FAN_HV; echo "| etcd -> each of $((WATCHERS + 1)) watchers per change | $2 B ($4 packets), $1 B back |"
-set -- $IDLE; echo "| idle daemon <-> etcd | $1 B/s in, $2 B/s out (keepalive, progress) |"
+read -r -a x <<<"$PROP_PUB"; set -- "${x[@]}"; echo "| publisher <-> etcd per change (put or del) | $1 B to etcd, $2 B back ($3 / $4 packets) |"
+read -r -a x <<<"$PROP_HV"; set -- "${x[@]}"; echo "| etcd -> daemon watch per change | $2 B ($4 packets), $1 B back (ACKs) |"
+read -r -a x <<<"$FAN_HV"; set -- "${x[@]}"; echo "| etcd -> each of $((WATCHERS + 1)) watchers per change | $2 B ($4 packets), $1 B back |"
+read -r -a x <<<"$IDLE"; set -- "${x[@]}"; echo "| idle daemon <-> etcd | $1 B/s in, $2 B/s out (keepalive, progress) |"
 echo "| vmfence_fleet_remote_vms after sync | $REMOTE_METRIC |"

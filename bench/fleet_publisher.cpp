@@ -113,8 +113,8 @@ void stats(const char* what, std::vector<double> v) {
   if (v.empty()) return;
   std::sort(v.begin(), v.end());
   auto q = [&](double p) { return v[std::min(v.size() - 1, size_t(p * (v.size() - 1) + 0.5))]; };
-  std::printf("%s n=%zu min=%.1f p50=%.1f p90=%.1f p99=%.1f max=%.1f ms\n", what, v.size(), v.front(), q(0.5),
-              q(0.9), q(0.99), v.back());
+  std::printf("%s n=%zu min=%.1f p50=%.1f p90=%.1f p99=%.1f max=%.1f ms\n", what, v.size(), v.front(), q(0.5), q(0.9),
+              q(0.99), v.back());
 }
 
 int cmd_populate() {
@@ -145,8 +145,7 @@ int cmd_populate() {
       }
     });
   for (auto& t : ts) t.join();
-  std::printf("populate: %d hosts x %d VMs in %.2f s (%d failures)\n", hosts, vms, (now_ns() - t0) / 1e9,
-              fails.load());
+  std::printf("populate: %d hosts x %d VMs in %.2f s (%d failures)\n", hosts, vms, (now_ns() - t0) / 1e9, fails.load());
   return fails ? 1 : 0;
 }
 
@@ -248,13 +247,19 @@ int cmd_propagate() {
     if (auto s = c.put(key, record_json(r), lease); !s) die(s.message);
     rpc.push_back((now_ns() - t0) / 1e6);
     double a = spin(k, true, t0);
-    if (a < 0) ++lost; else add.push_back(a);
+    if (a < 0)
+      ++lost;
+    else
+      add.push_back(a);
     usleep(gap * 1000);
     t0 = now_ns();
     if (auto s = c.del(key); !s) die(s.message);
     rpc.push_back((now_ns() - t0) / 1e6);
     double d = spin(k, false, t0);
-    if (d < 0) ++lost; else del.push_back(d);
+    if (d < 0)
+      ++lost;
+    else
+      del.push_back(d);
     usleep(gap * 1000);
   }
   (void)c.revoke(lease);
@@ -276,8 +281,7 @@ int cmd_watch() {
   while (!g_stop) {
     std::string why;
     c.watch_prefix(
-        vms_prefix(prefix), 0, [&](const std::vector<WatchEvent>& ev, int64_t) { events += ev.size(); }, &g_stop,
-        &why);
+        vms_prefix(prefix), 0, [&](const std::vector<WatchEvent>& ev, int64_t) { events += ev.size(); }, &g_stop, &why);
     if (!g_stop) usleep(200000);
   }
   std::printf("watch: %ld events\n", events);
