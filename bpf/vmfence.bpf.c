@@ -1218,10 +1218,13 @@ static __always_inline __u8 vm_source_reason(struct __sk_buff *skb, const struct
 	*same = 0;
 	if (!o)
 		return 0;
+	/* A packet off the wire never carries the mark: one that arrives on a
+	 * fleet interface with it was a local guest's, decapsulated on this
+	 * host (a tunnel endpoint a VM can reach), whatever it claims. */
 	if (o->flags & VMFENCE_OWNER_F_REMOTE) {
-		if (!from_fleet_interface(skb))
+		if (!from_fleet_interface(skb) || (skb->mark & VMFENCE_MARK_FROM_VM))
 			return VMFENCE_REASON_SPOOFED_IP;
-	} else if (o->vm_id == vm->vm_id || !(skb->mark & VMFENCE_MARK_FROM_VM)) {
+	} else if (o->vm_id == vm->vm_id || !(skb->mark & VMFENCE_MARK_FROM_VM) || from_fleet_interface(skb)) {
 		return VMFENCE_REASON_SPOOFED_IP;
 	}
 	if (o->group_id != vm->group_id) {

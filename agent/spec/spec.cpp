@@ -861,6 +861,12 @@ HostSpec parse_host(const std::string& file, const std::string& json, std::vecto
       }
   }
   if (const Value* v = member(doc, "fleet")) host.fleet = parse_fleet(c, *v);
+  // The underlay is trusted with remote VMs' addresses; the WAN never is.
+  if (host.fleet)
+    for (size_t i = 0; i < host.fleet->interfaces.size(); ++i)
+      if (std::count(host.wan_interfaces.begin(), host.wan_interfaces.end(), host.fleet->interfaces[i]))
+        c.error("fleet.interfaces[" + std::to_string(i) + "]",
+                quote(host.fleet->interfaces[i]) + " is also in wan_interfaces: the underlay must not be the WAN");
   if (const Value* v = member(doc, "on_violation")) {
     host.on_violation = merge(ViolationPolicy{}, parse_policy(c, *v, "on_violation", true));
     if (host.on_violation.action == Action::terminate && !can_terminate(host.on_violation))

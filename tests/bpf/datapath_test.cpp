@@ -1745,6 +1745,28 @@ TEST_F(DatapathFleet, TheUnderlayCannotClaimALocalVmsAddress) {
   EXPECT_EQ(w->counters(w->vm("a1").slot).drops[VMFENCE_REASON_SPOOFED_IP], 1u);
   EXPECT_EQ(test_run(w->dp().to_vm_prog_fd(), a1, f.bytes, 1, VMFENCE_MARK_FROM_VM, w->vm("a3").ifindex).retval, kPass)
       << "control: the same packet as a3's TAP passed it";
+  // ... but not when a guest's packet was decapsulated off the underlay
+  // with a3's source (the mark survives a decap in the same netns).
+  vmfence_config cfg{};
+  cfg.event_budget = VMFENCE_DEFAULT_EVENT_BUDGET;
+  cfg.flags = VMFENCE_CFG_F_FLEET;
+  cfg.fleet_ifaces = 1;
+  cfg.fleet_ifindex[0] = kUnderlay;
+  ASSERT_TRUE(w->writer().write_config(cfg).ok());
+  EXPECT_EQ(test_run(w->dp().to_vm_prog_fd(), a1, f.bytes, 1, VMFENCE_MARK_FROM_VM, kUnderlay).retval, kDrop);
+}
+
+// A guest that reaches a tunnel endpoint on its own host (VXLAN on the
+// underlay) gets its inner packet decapsulated there with its TAP's mark
+// still on it (same netns): arriving on the underlay does not make it a
+// remote VM's, nor a local VM's.
+TEST_F(DatapathFleet, ALocalGuestsDecapsulatedPacketIsNoRemoteVmsNorALocalOnes) {
+  join_fleet();
+  EXPECT_EQ(to(to_a1("10.2.0.2"), kUnderlay), kPass) << "control: off the wire";
+  EXPECT_EQ(
+      test_run(w_->dp().to_vm_prog_fd(), ifindex_, to_a1("10.2.0.2").bytes, 1, VMFENCE_MARK_FROM_VM, kUnderlay).retval,
+      kDrop);
+  EXPECT_EQ(drops(VMFENCE_REASON_SPOOFED_IP), 1u);
 }
 
 TEST_F(DatapathFleet, RemoteEntriesGoWithTheViewAndNeverTakeALocalVmsAddress) {
