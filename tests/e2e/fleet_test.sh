@@ -31,7 +31,9 @@
 #   3 spoofing: a1 sends as a2 -> spoofed_ip (from_vm); the WAN sends as a2 to
 #     a1 -> spoofed_ip (to_vm)
 #   4 etcd killed: traffic and isolation continue; a3 added / a4 removed on hv2
-#     meanwhile; after etcd's restart hv1 learns both; etcd_connected follows
+#     meanwhile; hv1's agent restarted meanwhile keeps enforcing its last view
+#     (pinned remote entries, saved view); after etcd's restart hv1 learns both;
+#     etcd_connected follows
 #   5 SIGTERM on hv2's agent: its records live until the lease ends, then go;
 #     hv2's pinned datapath still drops b2->a1
 #   6 `vmfence down` on hv2 deletes its records at once
@@ -334,6 +336,20 @@ if enforced; then
 fi
 expect_ok "a3 -> a2 tcp/22 (local, same group)" tcp_probe hv2-a3 10.2.0.2 22
 expect_blocked "b2 -> a3 tcp/22 (local, other tenant)" tcp_probe hv2-b2 10.2.0.4 22
+# A restart while etcd is down keeps what the previous run knew: the remote
+# entries it pinned (until the first full sync) and its saved view.
+if enforced; then
+	fleet_stop hv1
+	fleet_start hv1
+	expect_ok "hv1 restarted with etcd down: still lists b2@hv2 (its saved view)" has_remote hv1 b2@hv2
+	hv_do hv1 mark_log
+fi
+expect_blocked "hv1 restarted with etcd down: a1 -> b2 tcp/22 still blocked" tcp_probe hv1-a1 10.2.0.3 22
+if enforced; then
+	hv_do hv1 expect_log "... as cross_group on hv1 (the pinned remote entry)" \
+		"$(violation_re a1 cross_group 'dir=from_vm src=10\.1\.0\.2 dst=10\.2\.0\.3 ')"
+fi
+expect_ok "hv1 restarted with etcd down: a1 -> a2 tcp/22 still works" tcp_probe hv1-a1 10.2.0.2 22
 etcd_start
 if enforced; then
 	wait_until 15 eval 'has_remote hv1 a3@hv2 && lacks_remote hv1 a4@hv2'
