@@ -314,9 +314,30 @@ bool Fleet::write_records() {
   for (const auto& [key, value] : written_)
     if (!want.count(key)) gone.push_back(key);
   // The previous run's records of VMs that are gone, once the view is whole.
+  // A record under a live lease that is not ours is another agent's that
+  // calls itself this host (two machines with one fleet.host): left alone,
+  // and said once, rather than deleting each other's records.
   if (synced)
-    for (const auto& [key, r] : own)
-      if (!want.count(key) && !written_.count(key)) gone.push_back(key);
+    for (const auto& [key, r] : own) {
+      if (want.count(key) || written_.count(key)) continue;
+      if (r.lease && r.lease != lease_) {
+        int64_t ttl = 0;
+        if (auto s = client_.lease_ttl(r.lease, &ttl); !s) {
+          set_connected(false, s.message);
+          return false;
+        }
+        if (ttl > 0) {
+          if (foreign_warned_.insert(key).second)
+            spdlog::error(
+                "fleet: {} is under a live lease ({:x}) not this agent's: another machine with fleet.host \"{}\" "
+                "(set a distinct host on each), or a previous run whose lease was not re-adopted (it expires); "
+                "leaving it alone",
+                key, r.lease, spec_.host);
+          continue;
+        }
+      }
+      gone.push_back(key);
+    }
   for (const auto& key : gone) {
     if (auto s = client_.del(key); !s) {
       set_connected(false, s.message);

@@ -19,6 +19,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -91,7 +92,8 @@ class Fleet {
   std::map<std::string, std::string> written_;  // key -> value put under lease_
   std::chrono::steady_clock::time_point next_keepalive_{};
   bool synced_seen_ = false;
-  uint64_t written_gen_ = 0;                                             // view generation write_records saw
+  std::set<std::string> foreign_warned_;  // own-host keys under another live agent's lease (logged once)
+  uint64_t written_gen_ = 0;              // view generation write_records saw
   std::map<std::string, std::chrono::steady_clock::time_point> put_at_;  // key -> when it was put
 };
 

@@ -1129,10 +1129,16 @@ VmFile read_vm_file(const std::string& path, const SpecFileCache::FileId& id, co
       f.errors.push_back({path, "interface", quote(vm.interface) + " is a WAN interface in " + host.file});
     if (vm.imds && host_ok && !host.imds)  // a broken imds block is reported already
       f.errors.push_back({path, "imds", "needs \"imds\" (the metadata address) in " + host.file});
+    if (host.fleet && std::count(host.fleet->interfaces.begin(), host.fleet->interfaces.end(), vm.interface))
+      f.errors.push_back(
+          {path, "interface", quote(vm.interface) + " is the fleet's underlay (fleet.interfaces) in " + host.file});
     if (!f.errors.empty()) f.vm.reset();
   }
-  // Never no_policy on a WAN interface: that would cut the host off.
+  // Never no_policy on a WAN or underlay interface: that would cut the host
+  // off the world or the fleet.
   if (std::find(wan.begin(), wan.end(), f.interface) != wan.end()) f.interface.clear();
+  if (host.fleet && std::count(host.fleet->interfaces.begin(), host.fleet->interfaces.end(), f.interface))
+    f.interface.clear();
   return f;
 }
 

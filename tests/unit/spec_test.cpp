@@ -944,6 +944,20 @@ TEST_F(LoadSpec, ChecksAgainstHost) {
   EXPECT_NE(load.errors[1].message.find("needs \"imds\""), std::string::npos);
 }
 
+// The underlay carries other hosts' VMs: no VM may sit on it, and a refused
+// file naming it never turns it into no_policy.
+TEST_F(LoadSpec, AVmOnTheFleetUnderlayIsRefused) {
+  write("host.json", R"({"fleet": {"etcd": ["http://192.0.2.1:2379"], "host": "hv1", "interfaces": ["vm-vm1"]}})");
+  write("vms.d/vm1.json", vm_json({}));
+  SpecLoad load = load_spec(dir_);
+  ASSERT_EQ(load.errors.size(), 1u) << describe(load.errors);
+  EXPECT_EQ(load.errors[0].path, "interface");
+  EXPECT_NE(load.errors[0].message.find("fleet's underlay"), std::string::npos);
+  SpecFiles files = read_spec_files(dir_);
+  ASSERT_EQ(files.vms.size(), 1u);
+  EXPECT_EQ(files.vms[0].interface, "") << "never blocked (no_policy) on the underlay";
+}
+
 TEST_F(LoadSpec, BrokenHostImdsIsReportedOnce) {
   write("host.json", R"({"imds": {"address": "169.254.169.254", "port": 0}})");
   write("vms.d/vm1.json", vm_json({{"imds", "true"}}));
