@@ -50,7 +50,9 @@ TEST(FleetRecord, JsonRoundTripAndKeyMustMatch) {
 
 TEST(FleetResolve, EarlierRemoteClaimBeatsAnUnpublishedLocalVm) {
   VmSpec x = vm("x2", {"10.2.0.9/32", "10.1.0.2/32"});
-  auto res = resolve("hv2", {&x}, records({rec("hv1", "a1", "tenant-a", {"10.1.0.2/32"}, 7)}));
+  // Resolution points into the records: they outlive it.
+  const Records recs = records({rec("hv1", "a1", "tenant-a", {"10.1.0.2/32"}, 7)});
+  auto res = resolve("hv2", {&x}, recs);
   ASSERT_EQ(res.local_losers.count("x2"), 1u);
   const SpecError& e = res.local_losers.at("x2").error;
   EXPECT_EQ(e.file, x.file);
@@ -62,8 +64,9 @@ TEST(FleetResolve, EarlierRemoteClaimBeatsAnUnpublishedLocalVm) {
 
 TEST(FleetResolve, LocalVmPublishedFirstWinsAndTheLaterRemoteIsNotInForce) {
   VmSpec a = vm("a1", {"10.1.0.2/32"});
-  auto res = resolve("hv1", {&a},
-                     records({rec("hv1", "a1", "a1", {"10.1.0.2/32"}, 5), rec("hv2", "x2", "x2", {"10.1.0.2/32"}, 9)}));
+  const Records recs =
+      records({rec("hv1", "a1", "a1", {"10.1.0.2/32"}, 5), rec("hv2", "x2", "x2", {"10.1.0.2/32"}, 9)});
+  auto res = resolve("hv1", {&a}, recs);
   EXPECT_TRUE(res.local_losers.empty());
   EXPECT_TRUE(res.remote.empty());  // x2 loses: its own host refuses it
 }
@@ -72,8 +75,9 @@ TEST(FleetResolve, ANewAddressIsANewClaim) {
   // a1's record was published before x2's, but without 10.1.0.3: that claim
   // is a new one and comes after x2's.
   VmSpec a = vm("a1", {"10.1.0.2/32", "10.1.0.3/32"});
-  auto res = resolve("hv1", {&a},
-                     records({rec("hv1", "a1", "a1", {"10.1.0.2/32"}, 5), rec("hv2", "x2", "x2", {"10.1.0.3/32"}, 9)}));
+  const Records recs =
+      records({rec("hv1", "a1", "a1", {"10.1.0.2/32"}, 5), rec("hv2", "x2", "x2", {"10.1.0.3/32"}, 9)});
+  auto res = resolve("hv1", {&a}, recs);
   EXPECT_EQ(res.local_losers.count("a1"), 1u);
 }
 
@@ -82,9 +86,9 @@ TEST(FleetResolve, PrefixesConflictBothWaysAndALoserBlocksNobody) {
   // both and loses; hv4's host address inside the /16 but outside the /24
   // (rev 6) then wins: the /16 that lost claims nothing.
   VmSpec local = vm("l", {"10.9.0.5/32"});
-  auto res = resolve("hv1", {&local},
-                     records({rec("hv2", "n24", "g", {"10.9.0.0/24"}, 3), rec("hv3", "n16", "g", {"10.9.0.0/16"}, 4),
-                              rec("hv4", "h", "g", {"10.9.7.1/32"}, 6)}));
+  const Records recs = records({rec("hv2", "n24", "g", {"10.9.0.0/24"}, 3), rec("hv3", "n16", "g", {"10.9.0.0/16"}, 4),
+                                rec("hv4", "h", "g", {"10.9.7.1/32"}, 6)});
+  auto res = resolve("hv1", {&local}, recs);
   EXPECT_EQ(res.local_losers.count("l"), 1u);
   std::vector<std::string> in_force;
   for (const Record* r : res.remote) in_force.push_back(r->name);
@@ -99,7 +103,9 @@ TEST(FleetResolve, SameHostOverlapsAreAdmissionsNotTheFleets) {
 
 TEST(FleetResolve, IPv6AndIPv4DoNotMix) {
   VmSpec a = vm("a", {"fec0::1/128"});
-  auto res = resolve("hv1", {&a}, records({rec("hv2", "r", "g", {"10.0.0.0/8"}, 1)}));
+  // Resolution points into the records: they outlive it.
+  const Records recs = records({rec("hv2", "r", "g", {"10.0.0.0/8"}, 1)});
+  auto res = resolve("hv1", {&a}, recs);
   EXPECT_TRUE(res.local_losers.empty());
   EXPECT_EQ(res.remote.size(), 1u);
 }
@@ -144,7 +150,9 @@ TEST(FleetRefuse, LosersReadAsInvalidFilesAndAreNoIncumbents) {
   f.vm->interface = "tap-x2";
   files.vms.push_back(f);
   std::vector<VmSpec> incumbents{*f.vm};
-  auto res = resolve("hv2", {&*files.vms[0].vm}, records({rec("hv1", "a1", "a1", {"10.1.0.2/32"}, 2)}));
+  // Resolution points into the records: they outlive it.
+  const Records recs = records({rec("hv1", "a1", "a1", {"10.1.0.2/32"}, 2)});
+  auto res = resolve("hv2", {&*files.vms[0].vm}, recs);
   EXPECT_EQ(refuse_losers(res, files, incumbents), 1u);
   EXPECT_FALSE(files.vms[0].vm);
   EXPECT_EQ(files.vms[0].interface, "tap-x2");  // its interface drops everything
@@ -173,8 +181,9 @@ TEST(FleetRecord, RefusesWhatNoLocalSpecMayClaim) {
 
 TEST(FleetResolve, ARemoteRecordOnThisHostsGatewayOrImdsIsIgnored) {
   VmSpec a = vm("a1", {"10.1.0.2/32"});
-  auto res = resolve("hv1", {&a}, records({rec("hv2", "gw", "g", {"10.1.0.1/32"}, 1)}),
-                     {cidr("10.1.0.1/32"), cidr("169.254.169.254/32")});
+  // Resolution points into the records: they outlive it.
+  const Records recs = records({rec("hv2", "gw", "g", {"10.1.0.1/32"}, 1)});
+  auto res = resolve("hv1", {&a}, recs, {cidr("10.1.0.1/32"), cidr("169.254.169.254/32")});
   EXPECT_TRUE(res.remote.empty());
   ASSERT_EQ(res.remote_refused.size(), 1u);
   EXPECT_NE(res.remote_refused[0].find("\"gw\" of host \"hv2\""), std::string::npos) << res.remote_refused[0];
