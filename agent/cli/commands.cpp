@@ -47,10 +47,7 @@ static std::optional<std::vector<SpecError>> fleet_conflicts(const FleetSpec& sp
   }
   fleet::Records records;
   for (const auto& kv : list.kvs)
-    if (auto r = fleet::parse_record(spec.prefix, kv.key, kv.value, nullptr)) {
-      r->create_revision = kv.create_revision;
-      records[kv.key] = std::move(*r);
-    }
+    if (auto r = fleet::record_from(spec.prefix, kv)) records[kv.key] = std::move(*r);
   std::vector<const VmSpec*> local;
   for (const auto& vm : vms) local.push_back(&vm);
   std::vector<SpecError> out;

@@ -70,10 +70,15 @@ Status write_state_file(const std::string& dir, const State& state) {
 
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
-  std::string tmp = dir + "/.vms.json.tmp", path = dir + "/vms.json";
+  return write_file_atomic(dir + "/vms.json", buf.GetString());
+}
+
+Status write_file_atomic(const std::string& path, const std::string& text) {
+  std::filesystem::path p(path);
+  std::string tmp = (p.parent_path() / ("." + p.filename().string() + ".tmp")).string();
   {
     std::ofstream f(tmp, std::ios::trunc);
-    f << buf.GetString() << "\n";
+    f << text << "\n";
     if (!f.flush()) return Status::error(EIO, "write " + tmp);
   }
   if (rename(tmp.c_str(), path.c_str()) != 0) return Status::error(errno, "rename " + path);
@@ -146,14 +151,7 @@ Status write_fleet_status(const std::string& dir, const FleetState& f) {
   w.Key("error");
   w.String(f.error.c_str());
   w.EndObject();
-  std::string tmp = dir + "/.fleet.json.tmp", path = dir + "/fleet.json";
-  {
-    std::ofstream out(tmp, std::ios::trunc);
-    out << buf.GetString() << "\n";
-    if (!out.flush()) return Status::error(EIO, "write " + tmp);
-  }
-  if (rename(tmp.c_str(), path.c_str()) != 0) return Status::error(errno, "rename " + path);
-  return {};
+  return write_file_atomic(dir + "/fleet.json", buf.GetString());
 }
 
 std::optional<FleetState> read_fleet_status(const std::string& dir) {

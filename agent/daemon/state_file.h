@@ -47,6 +47,10 @@ struct FleetState {
 Status write_fleet_status(const std::string& run_dir, const FleetState& f);
 std::optional<FleetState> read_fleet_status(const std::string& run_dir);
 
+// Replace the file at path with text (and a newline) in one step: a reader
+// sees the old or the new file, never half of one (temp file + rename).
+Status write_file_atomic(const std::string& path, const std::string& text);
+
 // Atomic (temp file + rename).
 Status write_state_file(const std::string& run_dir, const State& state);
 // Empty when the file is absent or unreadable.

@@ -11,6 +11,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "agent/daemon/state_file.h"
 #include "agent/spec/json.h"
 
 namespace vmfence::fleet {
@@ -36,16 +37,23 @@ int64_t read_saved_lease(const std::string& run_dir) {
 }
 
 void save_lease(const std::string& run_dir, int64_t id) {
-  std::string tmp = lease_file(run_dir) + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::trunc);
-    out << id << "\n";
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, lease_file(run_dir), ec);
+  if (auto s = write_file_atomic(lease_file(run_dir), std::to_string(id)); !s)
+    spdlog::warn("fleet: {} (a restart will not re-adopt this lease)", s.message);
 }
 
 }  // namespace
+
+std::optional<Record> record_from(const std::string& prefix, const KeyValue& kv) {
+  std::string why;
+  auto r = parse_record(prefix, kv.key, kv.value, &why);
+  if (!r) {
+    spdlog::warn("fleet: ignoring {}", why);
+    return std::nullopt;
+  }
+  r->create_revision = kv.create_revision;
+  r->lease = kv.lease;
+  return r;
+}
 
 EtcdOptions etcd_options(const FleetSpec& spec) {
   EtcdOptions o;
@@ -160,17 +168,8 @@ void Fleet::sync_loop() {
       continue;
     }
     Records fresh;
-    for (const auto& kv : list.kvs) {
-      std::string why;
-      auto r = parse_record(spec_.prefix, kv.key, kv.value, &why);
-      if (!r) {
-        spdlog::warn("fleet: ignoring {}", why);
-        continue;
-      }
-      r->create_revision = kv.create_revision;
-      r->lease = kv.lease;
-      fresh[kv.key] = std::move(*r);
-    }
+    for (const auto& kv : list.kvs)
+      if (auto r = record_from(spec_.prefix, kv)) fresh[kv.key] = std::move(*r);
     {
       std::lock_guard<std::mutex> lock(mu_);
       // A re-list replaces the view: what is gone is pruned exactly here.
@@ -196,15 +195,11 @@ void Fleet::sync_loop() {
               changed |= view_.records.erase(e.kv.key) != 0;
               continue;
             }
-            std::string w;
-            auto r = parse_record(spec_.prefix, e.kv.key, e.kv.value, &w);
+            auto r = record_from(spec_.prefix, e.kv);
             if (!r) {
-              spdlog::warn("fleet: ignoring {}", w);
               changed |= view_.records.erase(e.kv.key) != 0;
               continue;
             }
-            r->create_revision = e.kv.create_revision;
-            r->lease = e.kv.lease;
             view_.records[e.kv.key] = std::move(*r);
             changed = true;
           }
@@ -452,16 +447,7 @@ Status Fleet::save_view(const std::string& run_dir, const std::string& prefix, c
   }
   w.EndArray();
   w.EndObject();
-  std::string tmp = view_file(run_dir) + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::trunc);
-    out << buf.GetString() << "\n";
-    if (!out) return Status::error(EIO, "write " + tmp);
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, view_file(run_dir), ec);
-  if (ec) return Status::error(ec.value(), "rename " + tmp);
-  return {};
+  return write_file_atomic(view_file(run_dir), buf.GetString());
 }
 
 Status Fleet::withdraw(const FleetSpec& spec, const std::string& run_dir) {

@@ -19,6 +19,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -31,6 +32,10 @@
 namespace vmfence::fleet {
 
 EtcdOptions etcd_options(const FleetSpec& spec);
+
+// A listed or watched key as a record (with its revision and lease);
+// nullopt, logged, when it is none.
+std::optional<Record> record_from(const std::string& prefix, const KeyValue& kv);
 
 class Fleet {
  public:
